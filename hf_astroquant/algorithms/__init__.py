@@ -1,0 +1,7 @@
+"""Pure tensor math: quantization grids and the layer solvers. No transformers imports here."""
+
+from .grid import dequantize, fit_grid, quantize
+from .gptq import LayerQuantResult, gptq_quantize
+from .rtn import rtn_quantize
+
+__all__ = ["LayerQuantResult", "dequantize", "fit_grid", "gptq_quantize", "quantize", "rtn_quantize"]

@@ -1,0 +1,205 @@
+"""`AstroQuantConfig`: every option of the plugin, validated on construction.
+
+The config is what transformers stores in ``config.json`` under ``quantization_config``;
+``to_dict()`` is JSON-safe and leaves calibration data (texts, token windows, tokenizer) out.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+QUANT_METHOD = "astroquant"
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_METHODS = ("rtn", "gptq")
+CHECKPOINT_FORMAT = "astroquant_v1"  # GPTQ int32 layout, true (not minus-one) zero points
+
+# Keys that `to_dict()` emits besides the constructor options; accepted back by `__init__`.
+_RECORD_KEYS = ("quant_method", "checkpoint_format", "calibration", "quantized_modules")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"AstroQuantConfig: {name}={value!r} is not valid; allowed: {allowed}")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(name, value, "True or False")
+
+
+def _check_int(name: str, value: Any, minimum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(name, value, f"an integer{'' if minimum is None else f' >= {minimum}'}")
+    if minimum is not None and value < minimum:
+        _fail(name, value, f"an integer >= {minimum}")
+
+
+class AstroQuantConfig(QuantizationConfigMixin):
+    """Configuration of an hf_astroquant quantization run (or of a pre-quantized checkpoint).
+
+    Args:
+        bits: weight bit width, one of 2, 3, 4, 8.
+        group_size: input columns sharing one scale/zero; -1 means one group per output channel.
+            A size that does not divide ``in_features`` leaves a shorter last group.
+        sym: symmetric grid (zero point fixed at 2^(bits-1)) instead of asymmetric min/max.
+        desc_act: act-order: quantize columns by descending Hessian diagonal; the column to group
+            map is recorded in ``g_idx``.
+        static_groups: with ``desc_act``, fix every group's scale/zero up front on the original
+            weights, so groups stay contiguous in the original column order.
+        damp_percent: Hessian damping, as a fraction of the mean of its diagonal.
+        true_sequential: quantize the Linears of a block in execution order, each seeing inputs
+            from the already-quantized Linears before it; False uses one full-precision pass.
+        method: "rtn" (round to nearest, data-free) or "gptq".
+        mse: search a per-group clipping range that minimizes the rounding error (GPTQ's `mse`
+            grid option) instead of plain min/max.
+        dataset: calibration data: a list of strings, token-id windows (list of lists or a 2-D
+            tensor, used as given), a local text file path, a `datasets.Dataset` with a text
+            column, or the names "wikitext2" / "c4" (downloaded through `datasets`).
+        tokenizer: a tokenizer (or a name/path for `AutoTokenizer`) for text calibration data.
+        n_samples: number of calibration windows drawn from text data.
+        seqlen: tokens per calibration window.
+        seed: seed for drawing calibration windows.
+        modules_to_not_convert: modules left in full precision: a full name, a dotted fragment of
+            one ("mlp.down_proj", "layers.0.self_attn") or a regex; the output embedding
+            (lm_head) is always kept.
+        block_size: lazy-batch width of the GPTQ solver (columns updated together).
+        calibration_batch_size: windows per forward pass during calibration; None picks the
+            largest that fits a memory budget (one pass over everything when it fits).
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = 128,
+        sym: bool = False,
+        desc_act: bool = False,
+        static_groups: bool = False,
+        damp_percent: float = 0.01,
+        true_sequential: bool = True,
+        method: str = "gptq",
+        mse: bool = False,
+        dataset: Any = None,
+        tokenizer: Any = None,
+        n_samples: int = 128,
+        seqlen: int = 2048,
+        seed: int = 0,
+        modules_to_not_convert: list[str] | None = None,
+        block_size: int = 128,
+        calibration_batch_size: int | None = None,
+        **kwargs: Any,
+    ):
+        unknown = sorted(set(kwargs) - set(_RECORD_KEYS))
+        if unknown:
+            raise TypeError(
+                f"AstroQuantConfig got unknown option(s) {unknown}; known options: "
+                f"{sorted(self._option_names())}"
+            )
+        quant_method = kwargs.get("quant_method", QUANT_METHOD)
+        if quant_method != QUANT_METHOD:
+            _fail("quant_method", quant_method, repr(QUANT_METHOD))
+        self.quant_method = QUANT_METHOD
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+        self.desc_act = desc_act
+        self.static_groups = static_groups
+        self.damp_percent = damp_percent
+        self.true_sequential = true_sequential
+        self.method = method
+        self.mse = mse
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.n_samples = n_samples
+        self.seqlen = seqlen
+        self.seed = seed
+        self.modules_to_not_convert = modules_to_not_convert
+        self.block_size = block_size
+        self.calibration_batch_size = calibration_batch_size
+        self.checkpoint_format = kwargs.get("checkpoint_format", CHECKPOINT_FORMAT)
+        # Filled in after calibration: what data was used, which modules were packed.
+        self.calibration = kwargs.get("calibration")
+        self.quantized_modules = kwargs.get("quantized_modules")
+        self.post_init()
+
+    @staticmethod
+    def _option_names() -> list[str]:
+        import inspect
+
+        return [p for p in inspect.signature(AstroQuantConfig.__init__).parameters if p not in ("self", "kwargs")]
+
+    def post_init(self) -> None:
+        """Validate every option; raise ValueError naming the bad value and what is allowed."""
+        if type(self.bits) is not int or self.bits not in SUPPORTED_BITS:
+            _fail("bits", self.bits, ", ".join(map(str, SUPPORTED_BITS)))
+        _check_int("group_size", self.group_size)
+        if self.group_size != -1 and self.group_size < 1:
+            _fail("group_size", self.group_size, "-1 (one group per output channel) or a positive integer")
+        for name in ("sym", "desc_act", "static_groups", "true_sequential", "mse"):
+            _check_bool(name, getattr(self, name))
+        if isinstance(self.damp_percent, bool) or not isinstance(self.damp_percent, (int, float)):
+            _fail("damp_percent", self.damp_percent, "a number in (0, 1]")
+        if not 0 < self.damp_percent <= 1:
+            _fail("damp_percent", self.damp_percent, "a number in (0, 1]")
+        self.damp_percent = float(self.damp_percent)
+        if self.method not in SUPPORTED_METHODS:
+            _fail("method", self.method, ", ".join(repr(m) for m in SUPPORTED_METHODS))
+        _check_int("n_samples", self.n_samples, 1)
+        _check_int("seqlen", self.seqlen, 1)
+        _check_int("seed", self.seed, 0)
+        _check_int("block_size", self.block_size, 1)
+        if self.calibration_batch_size is not None:
+            _check_int("calibration_batch_size", self.calibration_batch_size, 1)
+        mtnc = self.modules_to_not_convert
+        if mtnc is not None:
+            if isinstance(mtnc, str) or not isinstance(mtnc, (list, tuple)) or not all(isinstance(m, str) for m in mtnc):
+                _fail("modules_to_not_convert", mtnc, "None or a list of module names/patterns (strings)")
+            self.modules_to_not_convert = list(mtnc)
+        if self.checkpoint_format != CHECKPOINT_FORMAT:
+            _fail("checkpoint_format", self.checkpoint_format, repr(CHECKPOINT_FORMAT))
+        if self.dataset is not None:
+            _check_dataset_type(self.dataset)
+
+    @property
+    def needs_calibration_data(self) -> bool:
+        return self.method != "rtn"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict for config.json: options and records, never the calibration data."""
+        out: dict[str, Any] = {"quant_method": QUANT_METHOD}
+        for name in self._option_names():
+            if name in ("dataset", "tokenizer"):
+                continue
+            out[name] = getattr(self, name)
+        for name in _RECORD_KEYS:
+            out[name] = getattr(self, name)
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        default = AstroQuantConfig().to_dict()
+        return {k: v for k, v in self.to_dict().items() if k == "quant_method" or default.get(k) != v}
+
+    def __repr__(self) -> str:
+        return f"AstroQuantConfig({self.to_json_string(use_diff=False).strip()})"
+
+
+def _check_dataset_type(dataset: Any) -> None:
+    """Shallow type check at construction time; the contents are checked when calibration runs."""
+    import torch
+
+    if isinstance(dataset, (str, os.PathLike, torch.Tensor, list, tuple)):
+        return
+    try:
+        import datasets
+
+        if isinstance(dataset, datasets.Dataset):
+            return
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        pass
+    _fail(
+        "dataset",
+        type(dataset).__name__,
+        "a list of strings, a list of token-id lists, a 2-D tensor of token ids, a text file path, "
+        "a datasets.Dataset with a text column, or one of 'wikitext2', 'c4'",
+    )

@@ -1,0 +1,68 @@
+"""Perplexity by the GPTQ protocol: non-overlapping windows of `seqlen` tokens over one long
+token sequence, mean next-token NLL over all predicted positions, exp."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def perplexity(model, token_ids: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
+               progress: bool = True) -> float:
+    """exp(mean NLL) of `model` over `token_ids` (1-D) cut into windows of `seqlen` tokens."""
+    ids = token_ids.reshape(-1)
+    n_windows = ids.numel() // seqlen
+    if max_windows is not None:
+        n_windows = min(n_windows, max_windows)
+    if n_windows == 0:
+        raise ValueError(f"{ids.numel()} tokens are fewer than one window of seqlen={seqlen}")
+    device = model.get_input_embeddings().weight.device
+    total_nll, total_tokens = 0.0, 0
+    for i in tqdm(range(n_windows), desc="perplexity", unit="window", disable=not progress):
+        window = ids[i * seqlen:(i + 1) * seqlen].unsqueeze(0).to(device)
+        logits = model(input_ids=window, use_cache=False).logits.float()
+        nll = F.cross_entropy(logits[0, :-1], window[0, 1:], reduction="sum")
+        total_nll += float(nll)
+        total_tokens += seqlen - 1
+    return math.exp(total_nll / total_tokens)
+
+
+def stdlib_docs_text(part: int = 0, parts: int = 2) -> str:
+    """English prose that ships with every Python: docstrings of standard-library modules.
+
+    Modules are split into `parts` disjoint shares (by sorted name) so that one share can
+    calibrate and another evaluate; for offline smoke tests and demos, not for reported numbers.
+    """
+    import importlib
+    import inspect
+    import pkgutil
+    import sys
+    import warnings
+
+    names = sorted(n for n in getattr(sys, "stdlib_module_names", ()) if not n.startswith("_"))
+    available = {m.name for m in pkgutil.iter_modules()}
+    chunks = []
+    for name in names[part::parts]:
+        if name not in available and name not in sys.builtin_module_names:
+            continue
+        if name in ("antigravity", "this", "idlelib", "turtledemo", "tkinter", "turtle", "ensurepip", "venv"):
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module = importlib.import_module(name)
+        except Exception:  # platform-specific modules
+            continue
+        doc = inspect.getdoc(module)
+        if doc:
+            chunks.append(doc)
+        for _, obj in sorted(vars(module).items()):
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and getattr(obj, "__module__", None) == name:
+                d = inspect.getdoc(obj)
+                if d and len(d) > 200:
+                    chunks.append(d)
+    return "\n\n".join(chunks)

@@ -1,0 +1,4 @@
+from .packing import pack_cols, pack_rows, packed_rows, unpack_cols, unpack_rows
+from .quant_linear import QuantLinear
+
+__all__ = ["QuantLinear", "pack_cols", "pack_rows", "packed_rows", "unpack_cols", "unpack_rows"]

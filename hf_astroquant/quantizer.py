@@ -1,0 +1,103 @@
+"""`AstroQuantizer`: the transformers HfQuantizer glue. No math here.
+
+Calibration path (`pre_quantized=False`): transformers loads the full-precision model, then
+`_process_model_after_weight_loading` runs the block-by-block pipeline and swaps each quantized
+Linear for a `QuantLinear`. Pre-quantized path: `_process_model_before_weight_loading` swaps the
+Linears named in the checkpoint's config on the meta model, so the packed tensors load by name.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from .config import AstroQuantConfig
+from .modules import QuantLinear
+from .pipeline import quantize_model, set_submodule
+
+logger = logging.getLogger("hf_astroquant")
+
+
+class AstroQuantizer(HfQuantizer):
+    requires_calibration = False
+
+    def __init__(self, quantization_config: AstroQuantConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.modules_to_not_convert: list[str] = []
+        self.report = None
+
+    def validate_environment(self, *args, **kwargs):
+        device_map = kwargs.get("device_map")
+        if not self.pre_quantized:
+            cfg = self.quantization_config
+            if cfg.needs_calibration_data and cfg.dataset is None:
+                raise ValueError(
+                    f"AstroQuantConfig(method={cfg.method!r}) needs calibration data: pass dataset=... "
+                    "(texts, token windows, a text file, a datasets.Dataset, or 'wikitext2'/'c4')"
+                )
+            if isinstance(device_map, dict) and {"disk"} & {str(v) for v in device_map.values()}:
+                raise ValueError("astroquant calibration does not support disk offload; use more memory "
+                                 "or a device_map without 'disk'")
+
+    def update_dtype(self, dtype):
+        return dtype if dtype is not None else torch.float32
+
+    def _should_convert(self, name: str) -> bool:
+        """False when a pattern matches the name the transformers way, or as a dotted fragment of it
+        ("layers.1.self_attn" excludes "model.layers.1.self_attn.q_proj")."""
+        if not should_convert_module(name, self.modules_to_not_convert):
+            return False
+        dotted = f".{name}."
+        return not any(f".{p}." in dotted for p in self.modules_to_not_convert)
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        cfg = self.quantization_config
+        self.modules_to_not_convert = self.get_modules_to_not_convert(
+            model, cfg.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None), add_default_skips=True
+        )
+        if not self.pre_quantized:
+            return
+        names = cfg.quantized_modules
+        if names is None:  # older or hand-written configs: every Linear not excluded
+            names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and self._should_convert(n)]
+        modules = dict(model.named_modules())
+        missing = [n for n in names if not isinstance(modules.get(n), nn.Linear)]
+        if missing:
+            raise ValueError(
+                f"this astroquant checkpoint quantized modules that the model does not have as Linear layers: "
+                f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
+            )
+        for name in names:
+            linear = modules[name]
+            set_submodule(model, name, QuantLinear(
+                linear.in_features, linear.out_features, cfg.bits, cfg.group_size, linear.bias is not None,
+                dtype=linear.weight.dtype, device=linear.weight.device,
+            ))
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        cfg = self.quantization_config
+        if not self.pre_quantized:
+            self.report = quantize_model(model, cfg, self._should_convert)
+            quantized = sorted(n for n, m in model.named_modules() if isinstance(m, QuantLinear))
+            cfg.quantized_modules = quantized
+            cfg.modules_to_not_convert = sorted(set(self.modules_to_not_convert) | set(self.report.skipped))
+            cfg.calibration = self.report.calibration or None
+            model.config.quantization_config = cfg
+            logger.info("astroquant: quantized %d Linear layers in %.1f s", len(quantized), self.report.seconds)
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                for buf in module.buffers():
+                    buf.requires_grad_(False)
+        return model
+
+    def is_serializable(self, safe_serialization=None):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+

@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+
+from hf_astroquant import AstroQuantConfig
+
+
+def test_defaults_and_quant_method():
+    cfg = AstroQuantConfig()
+    assert cfg.quant_method == "astroquant" and cfg.bits == 4 and cfg.method == "gptq"
+    d = cfg.to_dict()
+    assert d["quant_method"] == "astroquant"
+    json.dumps(d)
+
+
+@pytest.mark.parametrize("name,value", [
+    ("bits", 2), ("bits", 3), ("bits", 8), ("group_size", -1), ("group_size", 1), ("group_size", 96),
+    ("sym", True), ("desc_act", True), ("static_groups", True), ("damp_percent", 0.1), ("damp_percent", 1),
+    ("true_sequential", False), ("method", "rtn"), ("mse", True), ("n_samples", 1), ("seqlen", 16),
+    ("seed", 7), ("modules_to_not_convert", ["mlp.down_proj"]), ("block_size", 1), ("calibration_batch_size", 3),
+])
+def test_every_option_is_kept_and_round_trips_through_json(name, value):
+    cfg = AstroQuantConfig(**{name: value})
+    assert getattr(cfg, name) == value
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert d[name] == value
+    again = AstroQuantConfig.from_dict(d)
+    assert getattr(again, name) == value
+    assert again.to_dict() == d
+
+
+@pytest.mark.parametrize("name,value,allowed", [
+    ("bits", 5, "2, 3, 4, 8"), ("bits", "4", "2, 3, 4, 8"), ("bits", True, "2, 3, 4, 8"), ("bits", 4.0, "2, 3, 4, 8"),
+    ("group_size", 0, "-1"), ("group_size", -2, "-1"), ("group_size", 64.0, "integer"),
+    ("sym", 1, "True or False"), ("desc_act", "yes", "True or False"), ("static_groups", None, "True or False"),
+    ("true_sequential", 0, "True or False"), ("mse", "no", "True or False"),
+    ("damp_percent", 0, r"\(0, 1\]"), ("damp_percent", -0.1, r"\(0, 1\]"), ("damp_percent", 1.5, r"\(0, 1\]"),
+    ("damp_percent", "0.01", r"\(0, 1\]"),
+    ("method", "awq", "'rtn', 'gptq'"), ("method", None, "'rtn', 'gptq'"),
+    ("n_samples", 0, ">= 1"), ("n_samples", 2.5, "integer"), ("seqlen", 0, ">= 1"), ("seed", -1, ">= 0"),
+    ("block_size", 0, ">= 1"), ("calibration_batch_size", 0, ">= 1"),
+    ("modules_to_not_convert", "lm_head", "list of module names"), ("modules_to_not_convert", [1], "list"),
+    ("dataset", 12, "list of strings"), ("dataset", {"text": "a"}, "list of strings"),
+])
+def test_bad_values_name_the_value_and_what_is_allowed(name, value, allowed):
+    with pytest.raises(ValueError, match=allowed) as info:
+        AstroQuantConfig(**{name: value})
+    assert name in str(info.value)
+
+
+def test_unknown_option_is_an_error_naming_it():
+    with pytest.raises(TypeError, match="bit"):
+        AstroQuantConfig(bit=4)
+
+
+def test_to_dict_leaves_calibration_data_out():
+    cfg = AstroQuantConfig(dataset=["some text"], tokenizer=object())
+    d = cfg.to_dict()
+    assert "dataset" not in d and "tokenizer" not in d
+    json.dumps(d)
+    cfg = AstroQuantConfig(dataset=torch.zeros(2, 8, dtype=torch.long))
+    assert "dataset" not in cfg.to_dict()
+
+
+def test_records_round_trip():
+    d = AstroQuantConfig().to_dict()
+    d.update(quantized_modules=["model.layers.0.mlp.up_proj"], calibration={"source": "x", "n_samples": 1})
+    cfg = AstroQuantConfig.from_dict(d)
+    assert cfg.quantized_modules == ["model.layers.0.mlp.up_proj"] and cfg.calibration["source"] == "x"
+    with pytest.raises(ValueError, match="checkpoint_format"):
+        AstroQuantConfig(checkpoint_format="gptq")
+    with pytest.raises(ValueError, match="quant_method"):
+        AstroQuantConfig(quant_method="gptq")
+
+
+def test_repr_and_diff_dict():
+    cfg = AstroQuantConfig(bits=3)
+    assert "bits" in cfg.to_diff_dict() and "group_size" not in cfg.to_diff_dict()
+    assert "AstroQuantConfig" in repr(cfg)
+
+
+def test_registration_is_idempotent():
+    """Importing twice, reloading, or registering again keeps one working registration."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, hf_astroquant\n"
+        "importlib.reload(hf_astroquant); hf_astroquant._register()\n"
+        "from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING as C, AUTO_QUANTIZER_MAPPING as Q\n"
+        "assert Q['astroquant'] is hf_astroquant.AstroQuantizer\n"
+        "assert C['astroquant'] is hf_astroquant.AstroQuantConfig\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"

@@ -1,0 +1,174 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_astroquant
+from hf_astroquant import AstroQuantConfig, QuantLinear
+from hf_astroquant.pipeline import find_blocks, quantize_model
+from tiny import CharTokenizer, calib_ids, save_tiny, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    save_tiny(path)
+    return str(path)
+
+
+def _quantize(path, **kw):
+    kw.setdefault("dataset", calib_ids())
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=AstroQuantConfig(**kw))
+
+
+def _rel_logit_error(a, b, ids):
+    with torch.no_grad():
+        la, lb = a(ids).logits, b(ids).logits
+    return float((la - lb).norm() / lb.norm())
+
+
+def test_both_streams_match_the_models_hidden_states():
+    model = tiny_llama(layers=3)
+    data = calib_ids(8, 32)
+    with torch.no_grad():
+        hidden = model(data, output_hidden_states=True).hidden_states
+    seen = {}
+    quantize_model(model, AstroQuantConfig(bits=8, group_size=32, dataset=data), lambda n: True, stream_fp=True,
+                   on_block=lambda i, fp, q: seen.__setitem__(i, (fp[0].clone(), q[0].clone())))
+    for i in range(3):
+        assert torch.equal(seen[i][0], hidden[i])  # the full-precision stream is exact
+    assert torch.equal(seen[0][1], hidden[0])  # nothing quantized before block 0
+    assert 0 < (seen[2][1] - hidden[2]).abs().max() < 0.05  # later: the quantized prefix's drift
+
+
+def test_quantized_model_is_close_to_full_precision_and_gptq_beats_rtn_on_calibration(tiny_dir):
+    fp = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    data = calib_ids()
+    gptq = _quantize(tiny_dir, bits=3, group_size=32, dataset=data)
+    rtn = _quantize(tiny_dir, bits=3, group_size=32, method="rtn")
+    assert sum(isinstance(m, QuantLinear) for m in gptq.modules()) == 14
+    assert not isinstance(gptq.lm_head, QuantLinear)
+    e_gptq, e_rtn = _rel_logit_error(gptq, fp, data), _rel_logit_error(rtn, fp, data)
+    assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
+
+
+def test_one_pass_and_batched_calibration_agree(tiny_dir):
+    data = calib_ids(12, 32)
+    one = _quantize(tiny_dir, bits=4, group_size=32, dataset=data)
+    batched = _quantize(tiny_dir, bits=4, group_size=32, dataset=data, calibration_batch_size=5)
+    e1, e2 = one.hf_quantizer.report.layer_errors, batched.hf_quantizer.report.layer_errors
+    assert e1.keys() == e2.keys() and len(e1) == 14
+    for name in e1:
+        assert e1[name] == pytest.approx(e2[name], rel=1e-3)
+
+
+def _record_hessians(monkeypatch):
+    import hf_astroquant.pipeline as pipeline
+
+    seen = {}
+    real = pipeline.gptq_quantize
+
+    def spy(W, H, **kw):
+        seen[len(seen)] = H.clone()
+        return real(W, H, **kw)
+
+    monkeypatch.setattr(pipeline, "gptq_quantize", spy)
+    return seen
+
+
+@pytest.mark.parametrize("batch", [None, 5])
+def test_true_sequential_feeds_quantized_outputs_to_later_linears(tiny_dir, monkeypatch, batch):
+    data = calib_ids(10, 32)
+    fp = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    captured = {}
+    attn = fp.model.layers[0].self_attn
+    attn.o_proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("o", a[0].reshape(-1, 64).clone()))
+    with torch.no_grad():
+        fp(data)
+    h_fp = 2 * captured["o"].t() @ captured["o"] / captured["o"].shape[0]
+    hs = {}
+    for seq in (True, False):
+        seen = _record_hessians(monkeypatch)
+        _quantize(tiny_dir, bits=2, group_size=32, dataset=data, true_sequential=seq, calibration_batch_size=batch)
+        hs[seq] = seen[3]  # q, k, v, then o_proj
+    assert torch.allclose(hs[False], h_fp, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(hs[True], h_fp, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(bits=2, group_size=32), dict(bits=3, group_size=-1), dict(bits=8, group_size=16),
+    dict(bits=4, group_size=48), dict(bits=4, group_size=32, sym=True), dict(bits=4, group_size=32, desc_act=True),
+    dict(bits=4, group_size=32, desc_act=True, static_groups=True), dict(bits=4, group_size=32, mse=True),
+    dict(bits=4, group_size=32, damp_percent=0.1), dict(bits=4, group_size=32, block_size=8),
+    dict(bits=4, group_size=32, true_sequential=False), dict(bits=4, method="rtn", group_size=32),
+    dict(bits=4, group_size=32, calibration_batch_size=3),
+])
+def test_every_option_end_to_end(tiny_dir, kw):
+    fp = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model = _quantize(tiny_dir, **kw)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 14 and all(m.bits == kw["bits"] for m in layers)
+    limit = {2: 0.9, 3: 0.6, 4: 0.3, 8: 0.02}[kw["bits"]]
+    assert _rel_logit_error(model, fp, calib_ids(4, 32, seed=9)) < limit
+    saved = model.config.quantization_config.to_dict()
+    for k, v in kw.items():
+        assert saved[k] == v
+    if kw.get("desc_act") and not kw.get("static_groups"):
+        g = model.model.layers[0].mlp.down_proj.g_idx
+        assert not torch.equal(g, torch.arange(128, dtype=torch.int32) // 32)
+
+
+def test_text_calibration_with_tokenizer_seed_and_sizes(tiny_dir):
+    text = "".join(chr(32 + (i * 7919) % 90) for i in range(5000))
+    model = _quantize(tiny_dir, bits=4, group_size=32, dataset=[text], tokenizer=CharTokenizer(),
+                      n_samples=6, seqlen=40, seed=3)
+    rec = model.config.quantization_config.calibration
+    assert rec == {"source": "1 texts", "n_samples": 6, "seqlen": 40, "seed": 3}
+
+
+def test_modules_to_not_convert(tiny_dir):
+    model = _quantize(tiny_dir, bits=4, group_size=32, modules_to_not_convert=["mlp.down_proj", "layers.1.self_attn"])
+    names = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert "model.layers.0.self_attn.q_proj" in names
+    assert not any("down_proj" in n or "layers.1.self_attn" in n for n in names)
+    assert len(names) == 14 - 2 - 4
+    assert set(model.config.quantization_config.quantized_modules) == names
+
+
+def test_missing_calibration_data_is_a_clear_error(tiny_dir):
+    with pytest.raises(ValueError, match="needs calibration data"):
+        AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=AstroQuantConfig(method="gptq"))
+
+
+def test_nan_weights_are_named(tmp_path):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="layers.1.mlp.up_proj contain NaN"):
+        _quantize(str(tmp_path), bits=4, group_size=32, method="rtn")
+
+
+def test_nan_activations_are_named(tmp_path):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].post_attention_layernorm.weight[3] = float("inf")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="calibration inputs of model.layers.0.mlp.gate_proj contain NaN"):
+        _quantize(str(tmp_path), bits=4, group_size=32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_calibrate_in_fp32(tmp_path, dtype):
+    save_tiny(tmp_path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), dtype=dtype, quantization_config=AstroQuantConfig(bits=4, group_size=32, dataset=calib_ids()))
+    layer = model.model.layers[0].mlp.up_proj
+    assert isinstance(layer, QuantLinear) and layer.scales.dtype == torch.float16
+    with torch.no_grad():
+        logits = model(calib_ids(2, 16)).logits
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
+
+
+def test_find_blocks_error_names_the_model():
+    with pytest.raises(ValueError, match="cannot find the decoder blocks of Linear"):
+        find_blocks(torch.nn.Linear(2, 2))

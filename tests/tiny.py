@@ -1,0 +1,45 @@
+"""A tiny random Llama, built in the test, saved as an ordinary checkpoint."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB = 128
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, inter: int = 128, dtype=torch.float32, bias=False):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, attention_bias=bias,
+                      mlp_bias=bias, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    # widen the weight distribution a little so quantization error is visible but bounded
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    return model
+
+
+def save_tiny(path, **kw):
+    model = tiny_llama(**kw)
+    model.save_pretrained(path)
+    return model
+
+
+def calib_ids(n=16, seqlen=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    # a little structure (repeated n-grams) so that activations are correlated like text
+    base = torch.randint(0, VOCAB, (n, seqlen // 4), generator=g)
+    return base.repeat_interleave(4, dim=1) % VOCAB
+
+
+class CharTokenizer:
+    """Stand-in tokenizer: one token per character."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False, verbose=False):
+        class Out:
+            pass
+
+        out = Out()
+        out.input_ids = torch.tensor([[ord(c) % VOCAB for c in text]])
+        return out
