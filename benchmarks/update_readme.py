@@ -27,7 +27,7 @@ def describe(r: dict) -> str:
         return "full precision (fp32)"
     if r["tool"] != "hf_astroquant":
         return f"{r['tool']} (actorder {r.get('actorder', 'none')})"
-    name = {"rtn": "round-to-nearest", "gptq": "GPTQ"}[r["method"]]
+    name = {"rtn": "round-to-nearest", "gptq": "GPTQ"}[r.get("method", "gptq")]
     extras = [k for k in ("desc_act", "static_groups", "mse") if r.get(k)]
     return f"hf_astroquant {name}" + (f" ({', '.join(extras)})" if extras else "")
 

@@ -17,8 +17,8 @@ For each decoder block, in order:
 from __future__ import annotations
 
 import logging
-import math
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -115,6 +115,17 @@ class _NonFiniteInput(Exception):
     pass
 
 
+@contextmanager
+def _pre_hooks(modules, hook, with_kwargs: bool = False):
+    """Forward pre-hooks on `modules` for the duration of a `with` block."""
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=with_kwargs) for m in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _run_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = block(x, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -131,16 +142,13 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list
         kwargs_list.append(kw)
         raise _StopForward
 
-    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
     device = model.get_input_embeddings().weight.device
-    try:
+    with _pre_hooks([first_block], grab, with_kwargs=True):
         for batch in batches:
             try:
                 model(input_ids=batch.to(device), use_cache=False)
             except _StopForward:
                 pass
-    finally:
-        handle.remove()
     return inputs, kwargs_list
 
 
@@ -182,15 +190,6 @@ def _calibrate_block(
     targets that no forward pass reached."""
     done: set[str] = set()
     names = {mod: name for name, mod in targets.items()}
-    handles = []
-
-    def install(hook):
-        for mod in targets.values():
-            handles.append(mod.register_forward_pre_hook(hook))
-
-    def remove():
-        while handles:
-            handles.pop().remove()
 
     def input_hessian(name, x):
         try:
@@ -210,12 +209,9 @@ def _calibrate_block(
             solver(name, module, *shared["h"])
             done.add(name)
 
-        install(solve_now)
-        try:
+        with _pre_hooks(targets.values(), solve_now):
             outputs = [_run_block(block, batches[0], kwargs_list[0])]
-        finally:
-            remove()
-            shared.clear()
+        shared.clear()
     else:
         stages = _stage_hessians(targets, names, batches, kwargs_list, block, done, input_hessian, true_sequential)
         for members, (h_sum, n_tokens) in stages:
@@ -261,14 +257,11 @@ def _stage_hessians(targets, names, batches, kwargs_list, block, done, input_hes
                 acc[0] = h if acc[0] is None else acc[0].add_(h)
                 acc[1] += n
 
-            handles = [m.register_forward_pre_hook(hook) for m in targets.values()]
-            try:
-                _run_block(block, x, kw)
-            except _StopForward:
-                pass
-            finally:
-                for h in handles:
-                    h.remove()
+            with _pre_hooks(targets.values(), hook):
+                try:
+                    _run_block(block, x, kw)
+                except _StopForward:
+                    pass
         if not groups:
             return
         for members, (h_sum, n) in zip(groups, sums):
