@@ -172,3 +172,14 @@ def test_half_precision_models_calibrate_in_fp32(tmp_path, dtype):
 def test_find_blocks_error_names_the_model():
     with pytest.raises(ValueError, match="cannot find the decoder blocks of Linear"):
         find_blocks(torch.nn.Linear(2, 2))
+
+
+def test_per_layer_errors_are_logged_at_debug_level(tiny_dir, caplog):
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="hf_astroquant"):
+        model = _quantize(tiny_dir, bits=4, group_size=32)
+    lines = [r.getMessage() for r in caplog.records if "relative reconstruction error" in r.getMessage()]
+    assert len(lines) == 14 and lines[0].startswith("model.layers.0.self_attn.q_proj")
+    errors = model.hf_quantizer.report.layer_errors
+    assert all(0 < e < 0.1 for e in errors.values())
