@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--method", default="gptq")
+    ap.add_argument("--mse", action="store_true", help="add the clipping search (better at 3 bits, ~15 % slower)")
     ap.add_argument("--out", default="smollm2-astroquant")
     args = ap.parse_args()
 
@@ -47,7 +48,7 @@ def main() -> None:
     ppl_fp = perplexity(fp, eval_ids, seqlen, n_windows)
     del fp
     cfg = hf_astroquant.AstroQuantConfig(bits=args.bits, group_size=args.group_size, sym=False, method=args.method,
-                                         desc_act=True, static_groups=True, dataset=calib, tokenizer=tok,
+                                         desc_act=True, static_groups=True, mse=args.mse, dataset=calib, tokenizer=tok,
                                          n_samples=64, seqlen=512)
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, quantization_config=cfg)
