@@ -41,9 +41,9 @@ def _grid_from_range(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: boo
     return scale, zero
 
 
-def _shrink_error(w, xmin, xmax, shrinks, bits, sym, norm):
-    """Σ|w − ŵ|^norm per row for each shrink factor: shape (len(shrinks), ..., rows)."""
-    p = shrinks.view(-1, *([1] * xmin.dim()))
+def _shrink_error(w, xmin, xmax, p, bits, sym, norm):
+    """Σ|w − ŵ|^norm per row for the range shrunk by `p` (shape (candidates, ..., rows) or
+    broadcastable to it); returns (errors, scales, zeros), each (candidates, ..., rows)."""
     s, z = _grid_from_range(p * xmin, p * xmax, bits, sym)
     S, Z = s[..., None], z[..., None]
     err = torch.div(w, S)  # in place from here on: this tensor is the big one
@@ -74,16 +74,14 @@ def fit_grid(
     step = 5
     coarse = 1 - torch.arange(0, int(maxshrink * grid) + 1, step, device=w.device, dtype=torch.float32) / grid
     chunk = max(1, (1 << 24) // max(1, w.numel()))
-    errs = torch.cat([_shrink_error(w, xmin, xmax, coarse[i:i + chunk], bits, sym, norm)[0]
+    as_candidates = (-1,) + (1,) * xmin.dim()
+    errs = torch.cat([_shrink_error(w, xmin, xmax, coarse[i:i + chunk].view(as_candidates), bits, sym, norm)[0]
                       for i in range(0, len(coarse), chunk)])
     best_p = coarse[errs.argmin(dim=0)]  # (..., rows)
     best = torch.full_like(scale, float("inf"))
     for k in range(-(step - 1), step):
         p = (best_p - k / grid).clamp(min=1 - maxshrink, max=1.0)
-        s, z = _grid_from_range(p * xmin, p * xmax, bits, sym)
-        err = torch.div(w, s[..., None])
-        err.round_().add_(z[..., None]).clamp_(0, 2**bits - 1).sub_(z[..., None]).mul_(s[..., None]).sub_(w)
-        err = err.abs_().pow_(norm).sum(dim=-1)
+        err, s, z = (t[0] for t in _shrink_error(w, xmin, xmax, p[None], bits, sym, norm))
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, s, scale)
