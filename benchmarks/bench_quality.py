@@ -36,6 +36,17 @@ ROWS = {
     "gptq-w4-plain": dict(bits=4),
     "gptq-w3-plain": dict(bits=3),
 }
+# The asymmetric-calibration ablation (issue 3): every solver on the recommended grid settings
+# (act-order, static groups, clipping search), alone, with the target interpolation, and with
+# the bounded rounding search; 4 and 3 bits at group 64, 2 bits at group 32.
+RECOMMENDED = dict(desc_act=True, static_groups=True, mse=True)
+VARIANTS = {"": {}, "-interp": dict(asym_alpha="auto"), "-beam": dict(rounding="beam", beam_width=4)}
+for _bits, _group in ((4, 64), (3, 64), (2, 32)):
+    for _method in ("gptq", "gptaq", "rescomp"):
+        for _suffix, _extra in VARIANTS.items():
+            ROWS.setdefault(f"{_method}{_suffix}-w{_bits}", dict(bits=_bits, group_size=_group, method=_method,
+                                                                  **RECOMMENDED, **_extra))
+    ROWS.setdefault(f"rtn-w{_bits}", dict(bits=_bits, group_size=_group, method="rtn"))
 
 
 def packed_ratio(model, out_dir: str) -> float:
@@ -73,6 +84,11 @@ def run_row(name: str, ckpt: str, windows: torch.Tensor, test_ids: torch.Tensor,
         row.update(opts)
         row["from_pretrained_seconds"] = round(time.perf_counter() - start, 1)
         row["quant_seconds"] = round(model.hf_quantizer.report.seconds, 1)
+        report = model.hf_quantizer.report
+        if report.asym_alpha:
+            alphas = sorted(report.asym_alpha.values())
+            row["asym_alpha_median"] = round(alphas[len(alphas) // 2], 3)
+        row["fp_stream_gib"] = round(report.fp_stream_bytes / 2**30, 3)
         with tempfile.TemporaryDirectory() as d:
             row["checkpoint_ratio_vs_fp16"] = round(packed_ratio(model, d), 4)
     row["ppl"] = round(perplexity(model, test_ids, 2048, n_windows), 2)

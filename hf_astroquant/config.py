@@ -13,7 +13,9 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 QUANT_METHOD = "astroquant"
 SUPPORTED_BITS = (2, 3, 4, 8)
-SUPPORTED_METHODS = ("rtn", "gptq")
+SUPPORTED_METHODS = ("rtn", "gptq", "gptaq", "rescomp")
+SUPPORTED_ROUNDING = ("gptq", "successive", "beam")
+ASYM_ALPHA_CHOICES = ("auto", "projected")
 CHECKPOINT_FORMAT = "astroquant_v1"  # GPTQ int32 layout, true (not minus-one) zero points
 
 # Keys that `to_dict()` emits besides the constructor options; accepted back by `__init__`.
@@ -51,7 +53,21 @@ class AstroQuantConfig(QuantizationConfigMixin):
         damp_percent: Hessian damping, as a fraction of the mean of its diagonal.
         true_sequential: quantize the Linears of a block in execution order, each seeing inputs
             from the already-quantized Linears before it; False uses one full-precision pass.
-        method: "rtn" (round to nearest, data-free) or "gptq".
+        method: "rtn" (round to nearest, data-free), "gptq", "gptaq" (asymmetric calibration: the
+            quantized layer fed the quantized model's inputs is fitted to the full-precision
+            output) or "rescomp" (GPTAQ plus the compensation-aware residual that pulls every step
+            back toward the original weights). gptaq/rescomp carry the full-precision stream.
+        alpha: step scale of GPTAQ's P-term and ResComp's R-term (0.25 in the reference code).
+        asym_alpha: interpolation between the symmetric (0) and asymmetric (1) targets,
+            X_α = X + α·ΔX: None (0 for gptq, 1 for gptaq/rescomp), a number in [0, 1], "auto"
+            (per layer, the closed form α* clamped to [0, 1]) or "projected" (per layer, the share
+            of the mismatch W·ΔX that the layer can reach). Any value other than None/0 carries
+            the full-precision stream, with every method.
+        rounding: "gptq" (greedy column sweep), "beam" (bounded search: `beam_width` partial
+            solutions per output row, every grid level a candidate; grids fitted up front) or
+            "successive" (Cholesky-of-H reverse-order decoding toward the (shifted) target;
+            method "gptq" only; grids fitted up front).
+        beam_width: K, the partial solutions kept per row with rounding="beam" (1 = greedy).
         mse: search a per-group clipping range that minimizes the rounding error (GPTQ's `mse`
             grid option) instead of plain min/max.
         dataset: calibration data: a list of strings, token-id windows (list of lists or a 2-D
@@ -80,6 +96,10 @@ class AstroQuantConfig(QuantizationConfigMixin):
         true_sequential: bool = True,
         method: str = "gptq",
         mse: bool = False,
+        alpha: float = 0.25,
+        asym_alpha: float | str | None = None,
+        rounding: str = "gptq",
+        beam_width: int = 4,
         dataset: Any = None,
         tokenizer: Any = None,
         n_samples: int = 128,
@@ -109,6 +129,10 @@ class AstroQuantConfig(QuantizationConfigMixin):
         self.true_sequential = true_sequential
         self.method = method
         self.mse = mse
+        self.alpha = alpha
+        self.asym_alpha = asym_alpha
+        self.rounding = rounding
+        self.beam_width = beam_width
         self.dataset = dataset
         self.tokenizer = tokenizer
         self.n_samples = n_samples
@@ -145,6 +169,26 @@ class AstroQuantConfig(QuantizationConfigMixin):
         self.damp_percent = float(self.damp_percent)
         if self.method not in SUPPORTED_METHODS:
             _fail("method", self.method, ", ".join(repr(m) for m in SUPPORTED_METHODS))
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            _fail("alpha", self.alpha, "a number in [0, 1]")
+        self.alpha = float(self.alpha)
+        a = self.asym_alpha
+        if isinstance(a, str):
+            if a not in ASYM_ALPHA_CHOICES:
+                _fail("asym_alpha", a, "None, a number in [0, 1], 'auto' or 'projected'")
+        elif a is not None:
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1:
+                _fail("asym_alpha", a, "None, a number in [0, 1], 'auto' or 'projected'")
+            self.asym_alpha = float(a)
+        if self.rounding not in SUPPORTED_ROUNDING:
+            _fail("rounding", self.rounding, ", ".join(repr(r) for r in SUPPORTED_ROUNDING))
+        _check_int("beam_width", self.beam_width, 1)
+        if self.rounding == "successive" and self.method not in ("gptq", "rtn"):
+            _fail("rounding", self.rounding, f"'gptq' or 'beam' with method={self.method!r} ('successive' decodes "
+                  "toward a fixed target: use method='gptq' with asym_alpha for the asymmetric target)")
+        if self.method == "rtn" and (self.asym_alpha not in (None, 0.0) or self.rounding != "gptq"):
+            _fail("method", self.method, "'gptq', 'gptaq' or 'rescomp' when asym_alpha or rounding is set "
+                  "(round-to-nearest uses no calibration data)")
         _check_int("n_samples", self.n_samples, 1)
         _check_int("seqlen", self.seqlen, 1)
         _check_int("seed", self.seed, 0)
@@ -164,6 +208,15 @@ class AstroQuantConfig(QuantizationConfigMixin):
     @property
     def needs_calibration_data(self) -> bool:
         return self.method != "rtn"
+
+    def solver_options(self):
+        """The options of the layer solver (`algorithms.solve.SolverOptions`)."""
+        from .algorithms.solve import SolverOptions
+
+        return SolverOptions(bits=self.bits, group_size=self.group_size, sym=self.sym, desc_act=self.desc_act,
+                             static_groups=self.static_groups, damp_percent=self.damp_percent,
+                             block_size=self.block_size, mse=self.mse, method=self.method, alpha=self.alpha,
+                             asym_alpha=self.asym_alpha, rounding=self.rounding, beam_width=self.beam_width)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict for config.json: options and records, never the calibration data."""

@@ -4,7 +4,9 @@ For each decoder block, in order:
   1. the block's inputs X are what the already-quantized prefix of the model produces
      (optionally the full-precision stream X̃ is carried beside it);
   2. every Linear of the block is solved in execution order ("true sequential"): a forward
-     pre-hook sees the Linear's input, accumulates H = 2·X·Xᵀ/N in fp32, and the solver replaces
+     pre-hook sees the Linear's input, accumulates H = 2·X·Xᵀ/N in fp32 (and, for the asymmetric
+     solvers, D = 2·ΔX·Xᵀ/N against the input X̃ the full-precision block gave the same Linear,
+     captured in a forward of the full-precision block just before), and the solver replaces
      the weight by its quantized value before the Linear runs, so later Linears see the outputs of
      quantized earlier ones. Linears that share one input tensor (q/k/v, gate/up) share one H.
      When the calibration set fits one forward pass this costs a single forward of the block;
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .algorithms import gptq_quantize, rtn_quantize
+from .algorithms import rtn_quantize, solve_linear
 from .algorithms.gptq import LayerQuantResult, reconstruction_error
 from .calibration import batch_windows, prepare_calibration
 from .config import AstroQuantConfig
@@ -51,6 +53,8 @@ class QuantizationReport:
     skipped: list[str] = field(default_factory=list)  # targets never called in a forward pass
     calibration: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    asym_alpha: dict[str, float] = field(default_factory=dict)  # interpolation α used per layer (asymmetric runs)
+    fp_stream_bytes: int = 0  # peak bytes held for the full-precision stream (block inputs + captured X̃)
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -102,13 +106,41 @@ def _auto_batch_size(model: nn.Module, seqlen: int, device: torch.device) -> int
     return max(1, int(budget // per_window))
 
 
-def _hessian(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(Σ xᵀx over tokens, token count) in fp32, for x (..., in)."""
+@dataclass
+class _Stats:
+    """Sums over calibration tokens for one Linear input: Σxᵀx, and with the full-precision input
+    x̃ (Δx = x̃ − x) Σ Δxᵀx and, when asked, Σ Δxᵀ Δx; fp32."""
+
+    h: torch.Tensor
+    n: int
+    d: torch.Tensor | None = None
+    g: torch.Tensor | None = None
+
+    def add(self, other: "_Stats") -> "_Stats":
+        self.h.add_(other.h)
+        self.n += other.n
+        if self.d is not None:
+            self.d.add_(other.d)
+        if self.g is not None:
+            self.g.add_(other.g)
+        return self
+
+
+def _input_stats(x: torch.Tensor, x_fp: torch.Tensor | None = None, with_g: bool = False) -> _Stats:
+    """Statistics of one batch of inputs x (..., in), and of the full-precision inputs x_fp."""
     x = x.reshape(-1, x.shape[-1]).to(torch.float32)
     h = x.t() @ x
     if not torch.isfinite(torch.diagonal(h)).all():  # a NaN/Inf input shows on the diagonal; cheaper than scanning x
         raise _NonFiniteInput()
-    return h, x.shape[0]
+    stats = _Stats(h, x.shape[0])
+    if x_fp is not None:
+        dx = x_fp.reshape(-1, x.shape[-1]).to(device=x.device, dtype=torch.float32) - x
+        stats.d = dx.t() @ x
+        if not torch.isfinite(torch.diagonal(stats.d)).all():
+            raise _NonFiniteInput()
+        if with_g:
+            stats.g = dx.t() @ dx
+    return stats
 
 
 class _NonFiniteInput(Exception):
@@ -129,6 +161,34 @@ def _pre_hooks(modules, hook, with_kwargs: bool = False):
 def _run_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = block(x, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _run_block_capturing(block: nn.Module, x: torch.Tensor, kwargs: dict, targets: dict[str, nn.Linear],
+                         store: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run the (full-precision) block and capture every target Linear's input, kept on `store`;
+    Linears that share one input tensor share one stored copy."""
+    names = {mod: name for name, mod in targets.items()}
+    captured: dict[str, torch.Tensor] = {}
+    stored: dict[int, torch.Tensor] = {}
+
+    def grab(module, args):
+        x_in = args[0]
+        if id(x_in) not in stored:
+            stored[id(x_in)] = (x_in.detach().to(store), x_in)  # keep x_in alive: ids stay unique
+        captured[names[module]] = stored[id(x_in)][0]
+
+    with _pre_hooks(targets.values(), grab):
+        out = _run_block(block, x, kwargs)
+    return out, captured
+
+
+def _tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
 
 
 def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor]):
@@ -157,23 +217,25 @@ class _LayerSolver:
 
     def __init__(self, cfg: AstroQuantConfig, report: QuantizationReport):
         self.cfg, self.report = cfg, report
+        self.options = cfg.solver_options()
         self.results: dict[str, LayerQuantResult] = {}
 
-    def __call__(self, name: str, linear: nn.Linear, h_sum: torch.Tensor, n_tokens: int) -> None:
-        cfg = self.cfg
-        H = h_sum * (2.0 / n_tokens)
+    def __call__(self, name: str, linear: nn.Linear, stats: _Stats) -> None:
+        scale = 2.0 / stats.n
+        H = stats.h * scale
         W = linear.weight.data
         if not torch.isfinite(W).all():
             raise ValueError(f"weights of {name} contain NaN or Inf; cannot quantize")
-        result = gptq_quantize(
-            W, H, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, desc_act=cfg.desc_act,
-            static_groups=cfg.static_groups, damp_percent=cfg.damp_percent, block_size=cfg.block_size,
-            mse=cfg.mse,
-        )
+        D = stats.d * scale if stats.d is not None else None
+        G = stats.g * scale if stats.g is not None else None
+        result, alpha = solve_linear(W, H, self.options, D, G)
         err = reconstruction_error(W, result.weight, H)
         self.report.layer_errors[name] = err
         self.report.damping[name] = result.damp_percent
-        logger.debug("%s: relative reconstruction error %.3e (damp %.3g)", name, err, result.damp_percent)
+        if self.options.needs_fp_stream:
+            self.report.asym_alpha[name] = alpha
+        logger.debug("%s: relative reconstruction error %.3e (damp %.3g, asym alpha %.3g)", name, err,
+                     result.damp_percent, alpha)
         linear.weight.data.copy_(result.weight.to(W.dtype))
         self.results[name] = result
 
@@ -185,15 +247,21 @@ def _calibrate_block(
     block: nn.Module,
     solver: _LayerSolver,
     true_sequential: bool,
+    fp_captured: list[dict[str, torch.Tensor]] | None = None,
 ) -> tuple[list[torch.Tensor], list[str]]:
     """Quantize every target Linear of `block`; return its quantized outputs per batch and the
-    targets that no forward pass reached."""
+    targets that no forward pass reached. `fp_captured[b][name]` is the input the full-precision
+    block gave `name` on batch b (for the asymmetric solvers)."""
     done: set[str] = set()
     names = {mod: name for name, mod in targets.items()}
+    with_g = solver.options.needs_dxdxt
 
-    def input_hessian(name, x):
+    def input_hessian(name, x, bi=0):
+        x_fp = fp_captured[bi].get(name) if fp_captured is not None else None
+        if fp_captured is not None and x_fp is None:
+            raise ValueError(f"{name} was not reached by the full-precision forward; cannot calibrate it asymmetrically")
         try:
-            return _hessian(x)
+            return _input_stats(x, x_fp, with_g)
         except _NonFiniteInput:
             raise ValueError(f"calibration inputs of {name} contain NaN or Inf") from None
 
@@ -206,7 +274,7 @@ def _calibrate_block(
             x = args[0]
             if shared["x"] is not x:
                 shared["x"], shared["h"] = x, input_hessian(name, x)
-            solver(name, module, *shared["h"])
+            solver(name, module, shared["h"])
             done.add(name)
 
         with _pre_hooks(targets.values(), solve_now):
@@ -214,9 +282,9 @@ def _calibrate_block(
         shared.clear()
     else:
         stages = _stage_hessians(targets, names, batches, kwargs_list, block, done, input_hessian, true_sequential)
-        for members, (h_sum, n_tokens) in stages:
+        for members, stats in stages:
             for name in members:
-                solver(name, targets[name], h_sum, n_tokens)
+                solver(name, targets[name], stats)
                 done.add(name)
         outputs = [_run_block(block, x, kw) for x, kw in zip(batches, kwargs_list)]
 
@@ -224,7 +292,7 @@ def _calibrate_block(
 
 
 def _stage_hessians(targets, names, batches, kwargs_list, block, done, input_hessian, true_sequential):
-    """Yield (member names, (Σxᵀx, tokens)) for each group of Linears that share one input.
+    """Yield (member names, _Stats) for each group of Linears that share one input.
 
     True sequential: one group per pass over all batches, with the groups before it already
     quantized; every forward stops at the first Linear past the group. Otherwise a single
@@ -250,12 +318,10 @@ def _stage_hessians(targets, names, batches, kwargs_list, block, done, input_hes
                     raise _StopForward
                 if bi == 0:
                     groups.append([name])
-                    sums.append([None, 0])
+                    sums.append(None)
                 state["x"], state["g"] = x_in, g
-                h, n = input_hessian(name, x_in)
-                acc = sums[g]
-                acc[0] = h if acc[0] is None else acc[0].add_(h)
-                acc[1] += n
+                stats = input_hessian(name, x_in, bi)
+                sums[g] = stats if sums[g] is None else sums[g].add(stats)
 
             with _pre_hooks(targets.values(), hook):
                 try:
@@ -264,8 +330,8 @@ def _stage_hessians(targets, names, batches, kwargs_list, block, done, input_hes
                     pass
         if not groups:
             return
-        for members, (h_sum, n) in zip(groups, sums):
-            yield members, (h_sum, n)
+        for members, stats in zip(groups, sums):
+            yield members, stats
             done.update(members)
         if not true_sequential:
             return
@@ -303,17 +369,36 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
     batches = batch_windows(windows, batch_size)
     logger.info("calibrating on %d windows (%s) in %d batch(es)", len(windows), record["source"], len(batches))
 
+    solver = _LayerSolver(cfg, report)
+    asymmetric = solver.options.needs_fp_stream
+    # The full-precision stream X̃ lives on the CPU when the blocks run on an accelerator.
+    store = torch.device("cpu") if device.type != "cpu" else device
     with torch.inference_mode(False), torch.no_grad():
         inputs, kwargs_list = capture_block_inputs(model, blocks[0], batches)
-        fp_inputs = [x.clone() for x in inputs] if stream_fp else None
-        solver = _LayerSolver(cfg, report)
-        for i, (name, block) in enumerate(tqdm(list(zip(names, blocks)), desc="astroquant gptq", unit="block")):
+        fp_inputs = [x.to(store, copy=True) for x in inputs] if (stream_fp or asymmetric) else None
+        for i, (name, block) in enumerate(tqdm(list(zip(names, blocks)), desc=f"astroquant {cfg.method}",
+                                               unit="block")):
             targets = block_targets(name, block, should_convert)
             if on_block is not None:
                 on_block(i, fp_inputs, inputs)
+            fp_captured = None
             if fp_inputs is not None:
-                fp_inputs = [_run_block(block, x, kw) for x, kw in zip(fp_inputs, kwargs_list)]
-            inputs, missed = _calibrate_block(targets, inputs, kwargs_list, block, solver, cfg.true_sequential)
+                outs, fp_captured = [], []
+                for x, kw in zip(fp_inputs, kwargs_list):
+                    if asymmetric:
+                        out, cap = _run_block_capturing(block, x.to(device), kw, targets, store)
+                        fp_captured.append(cap)
+                    else:
+                        out = _run_block(block, x.to(device), kw)
+                    outs.append(out.to(store))
+                report.fp_stream_bytes = max(report.fp_stream_bytes, _tensor_bytes(
+                    outs + fp_inputs + [t for cap in fp_captured for t in cap.values()]))
+                fp_inputs = outs
+                if not asymmetric:
+                    fp_captured = None
+            inputs, missed = _calibrate_block(targets, inputs, kwargs_list, block, solver, cfg.true_sequential,
+                                              fp_captured)
+            del fp_captured
             for lname in missed:
                 logger.warning("%s was never called during calibration; it stays in full precision", lname)
                 report.skipped.append(lname)

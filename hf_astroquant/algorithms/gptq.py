@@ -1,4 +1,5 @@
-"""GPTQ (Frantar et al., 2022): column-by-column rounding with optimal error compensation.
+"""GPTQ (Frantar et al., 2022) and its asymmetric variants: column-by-column rounding with
+optimal error compensation.
 
 Per output row the objective is ‖(Q − W)X‖² = tr((Q − W)·H·(Q − W)ᵀ) with H = 2·X·Xᵀ/N.
 With H damped (H + λ·mean(diag H)·I) and U the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU),
@@ -7,8 +8,18 @@ column i:
 
     err = (w_i − q_i) / U_ii;     W[:, i+1:] −= err ⊗ U[i, i+1:]
 
+GPTAQ and ResComp (see `gptaq.py`) add a correction term driven by a precomputed strictly upper
+triangular matrix P; in the general form the sweep runs
+
+    W[:, i+1:] −= e_i ⊗ U[i, i+1:] − v_i ⊗ P[i, i+1:]
+
+with (e_i, v_i) = ((w_i − q_i)/U_ii, w_i) for GPTAQ and, for ResComp,
+e_i = (w_i − q_i + α·(W0_i − w_i))/U_ii with v_i = W0_i (the original column; its P-term is then
+known up front and applied before the sweep). With `clamp`, the w_i inside the correction terms
+is first clamped to the range its group's grid can represent.
+
 Lazy batches: the update above is applied inside a block of B columns at once, and to the
-columns right of the block once per block: W[:, i2:] −= Err·U[i1:i2, i2:].
+columns right of the block once per block: W[:, i2:] −= E·U[i1:i2, i2:] − V·P[i1:i2, i2:].
 
 Groups: a group's scale/zero are fitted when its first column is reached, on the *updated*
 weights of its columns (the pending lazy-batch update is applied to the columns outside the
@@ -16,6 +27,11 @@ current block before fitting, so the result does not depend on the batch width).
 the groups are contiguous in processing order and ``g_idx`` maps each original column to its
 group. With static groups every group is fitted up front on the original weights, on contiguous
 original columns, whatever the processing order.
+
+Bounded search (`beam_width` K, see `beam.py`): each output row keeps K partial solutions,
+each with its own compensated weights; every grid level is a candidate for every beam, scored by
+the exact increment of the objective, (w_i − level)²/U_ii², and the K best survive. K = 1 is the
+greedy sweep above. The search needs grids fixed up front, so it fits every group statically.
 
 Dead inputs (diag H = 0: the column never sees a non-zero activation) get H_ii = 1 and w = 0.
 """
@@ -27,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .beam import beam_step
 from .grid import fit_grid, fit_groups
 
 
@@ -84,19 +101,42 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     block_size: int = 128,
     mse: bool = False,
+    dxxt: torch.Tensor | None = None,
+    alpha: float = 0.25,
+    residual: bool = False,
+    clamp: bool = True,
+    beam_width: int | None = None,
 ) -> LayerQuantResult:
-    """Quantize `weight` (out × in) against the Hessian `hessian` (in × in) with GPTQ."""
+    """Quantize `weight` (out × in) against the Hessian `hessian` (in × in).
+
+    Plain GPTQ by default. With `dxxt` (D = 2·ΔX·Xᵀ/N) the sweep carries GPTAQ's P-term with step
+    scale `alpha`; `residual=True` adds ResComp's compensation-aware residual (needs `dxxt`).
+    `beam_width` K runs the bounded search with K partial solutions per row (K = 1 reproduces the
+    greedy sweep with static grids); None is the greedy sweep.
+    """
+    from .gptaq import gptaq_p_matrix  # the asymmetric correction; imported here to keep one direction
+
     W = weight.detach().float().clone()
     H = hessian.detach().float().clone()
     rows, cols = W.shape
     if H.shape != (cols, cols):
         raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight shape {tuple(W.shape)}")
+    if residual and dxxt is None:
+        raise ValueError("ResComp's residual term needs the asymmetric statistic dxxt (D = 2·ΔX·Xᵀ/N)")
+    if beam_width is not None and (isinstance(beam_width, bool) or not isinstance(beam_width, int) or beam_width < 1):
+        raise ValueError(f"beam_width={beam_width!r} is not valid; allowed: an integer >= 1")
     gs = cols if group_size == -1 else group_size
     n_groups = math.ceil(cols / gs)
+    static_groups = static_groups or beam_width is not None
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    D = None
+    if dxxt is not None:
+        D = dxxt.detach().float().clone()
+        D[:, dead] = 0
+        D[dead, :] = 0
 
     if static_groups:
         scales, zeros = fit_groups(W, gs, bits, sym, mse=mse)
@@ -107,54 +147,34 @@ def gptq_quantize(
     if desc_act:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
+        if D is not None:
+            D = D[perm][:, perm]
     else:
         perm = torch.arange(cols, device=W.device)
     perm_list = perm.tolist()
 
     U, damp_used = damped_inverse_cholesky(H, damp_percent)
     del H
+    P = gptaq_p_matrix(D, U, alpha) if D is not None else None
+    del D
 
     # Work on Wᵀ (in × out): a column of W is then a contiguous row, and the rank-1 updates of
     # the inner loop run on contiguous memory (about 2.5× faster on CPU than on W's columns).
     Wt = W.t().contiguous()
     del W
-    codes_t = torch.zeros_like(Wt)
-    g_idx_perm = torch.zeros(cols, dtype=torch.int32)
-    maxq = 2**bits - 1
+    W0t = None
+    if residual:
+        # ResComp's P-term is driven by the original columns: known up front, so apply it now
+        # (P is strictly upper triangular: column j only receives terms of columns before it).
+        W0t = Wt.clone()
+        Wt.addmm_(P.t(), W0t)
+        P = None
+    groups_of = [(perm_list[p] // gs) if static_groups else (p // gs) for p in range(cols)]
+    sweep = _greedy_sweep if beam_width is None else _beam_sweep
+    Wt, codes_t = sweep(Wt, U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, static_groups, alpha, clamp,
+                        block_size, beam_width)
 
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        W1 = Wt[i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        diag = torch.diag(U1).tolist()
-        for i in range(i2 - i1):
-            p = i1 + i
-            if static_groups:
-                g = perm_list[p] // gs
-            else:
-                g = p // gs
-                if p % gs == 0:
-                    stop = min(p + gs, cols)
-                    current = W1[i:min(stop, i2) - i1]
-                    if stop > i2:  # the group reaches past this lazy block: bring those columns up to date
-                        rest = Wt[i2:stop] - U[i1:p, i2:stop].t() @ Err1[:i]
-                        current = torch.cat([current, rest], dim=0)
-                    scales[g], zeros[g] = fit_grid(current.t(), bits, sym, mse=mse)
-            s, z = scales[g], zeros[g]
-            w = W1[i]
-            # q = clamp(round(w/s) + z, 0, maxq), ŵ = (q − z)·s: the grid of grid.py, in place
-            q = torch.round(w / s).add_(z).clamp_(0, maxq)
-            codes_t[p] = q
-            g_idx_perm[p] = g
-            dq = q.sub_(z).mul_(s)
-            err = Err1[i]
-            torch.sub(w, dq, out=err).div_(diag[i])
-            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
-            W1[i] = dq
-        Wt[i1:i2] = W1
-        Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
-
+    g_idx_perm = torch.tensor(groups_of, dtype=torch.int32)
     Q = Wt.t()  # every column now holds its de-quantized value ŵ
     codes = codes_t.t()
     inv = torch.argsort(perm)
@@ -167,3 +187,113 @@ def gptq_quantize(
         weight=Q[:, inv],
         damp_percent=damp_used,
     )
+
+
+def _grid_range(s, z, maxq):
+    """The de-quantized values of levels 0 and maxq: the range the grid can represent."""
+    return (0 - z) * s, (maxq - z) * s
+
+
+def _greedy_sweep(Wt, U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, static_groups, alpha, clamp,
+                  block_size, _beam_width):
+    cols = Wt.shape[0]
+    codes_t = torch.zeros_like(Wt)
+    maxq = 2**bits - 1
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = Wt[i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        V1 = torch.zeros_like(W1) if P is not None else None
+        U1 = U[i1:i2, i1:i2]
+        P1 = P[i1:i2, i1:i2] if P is not None else None
+        diag = torch.diag(U1).tolist()
+        for i in range(i2 - i1):
+            p = i1 + i
+            g = groups_of[p]
+            if not static_groups and p % gs == 0:
+                stop = min(p + gs, cols)
+                current = W1[i:min(stop, i2) - i1]
+                if stop > i2:  # the group reaches past this lazy block: bring those columns up to date
+                    rest = Wt[i2:stop] - U[i1:p, i2:stop].t() @ Err1[:i]
+                    if P is not None:
+                        rest += P[i1:p, i2:stop].t() @ V1[:i]
+                    current = torch.cat([current, rest], dim=0)
+                scales[g], zeros[g] = fit_grid(current.t(), bits, sym, mse=mse)
+            s, z = scales[g], zeros[g]
+            w = W1[i]
+            # q = clamp(round(w/s) + z, 0, maxq), ŵ = (q − z)·s: the grid of grid.py, in place
+            q = torch.round(w / s).add_(z).clamp_(0, maxq)
+            codes_t[p] = q
+            dq = q.sub_(z).mul_(s)
+            err = Err1[i]
+            torch.sub(w, dq, out=err)
+            if P is not None or W0t is not None:
+                c = torch.clamp(w, *_grid_range(s, z, maxq)) if clamp else w
+                if W0t is not None:  # ResComp: pull α·(W0_i − w_i) back toward the original weight
+                    err.add_(W0t[p] - c, alpha=alpha)
+                else:
+                    V1[i] = c
+                    W1[i + 1:].addr_(P1[i, i + 1:], c)
+            err.div_(diag[i])
+            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
+            W1[i] = dq
+        Wt[i1:i2] = W1
+        Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
+        if P is not None:
+            Wt[i2:].addmm_(P[i1:i2, i2:].t(), V1)
+    return Wt, codes_t
+
+
+def _beam_sweep(Wt, U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, static_groups, alpha, clamp,
+                block_size, K):
+    """The sweep with K partial solutions per row, laid out as K adjacent columns of Wᵀ per row."""
+    cols, rows = Wt.shape
+    maxq = 2**bits - 1
+    Wt = Wt.repeat_interleave(K, dim=1)
+    sK, zK = scales.repeat_interleave(K, dim=1), zeros.repeat_interleave(K, dim=1)
+    W0K = W0t.repeat_interleave(K, dim=1) if W0t is not None else None
+    cost = torch.full((rows, K), float("inf"), device=Wt.device)
+    cost[:, 0] = 0  # the K beams start as one solution
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = Wt[i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        V1 = torch.zeros_like(W1) if P is not None else None
+        U1 = U[i1:i2, i1:i2]
+        P1 = P[i1:i2, i1:i2] if P is not None else None
+        diag = torch.diag(U1).tolist()
+        anc = torch.arange(rows * K, device=Wt.device)  # each beam's ancestor at the block start
+        for i in range(i2 - i1):
+            p = i1 + i
+            s, z = sK[groups_of[p]], zK[groups_of[p]]
+            cost, src, q = beam_step(W1[i], s, z, maxq, diag[i], cost)
+            W1 = W1[:, src]
+            Err1 = Err1[:, src]
+            if V1 is not None:
+                V1 = V1[:, src]
+            anc = anc[src]
+            w = W1[i]
+            dq = q.sub_(z).mul_(s)
+            err = Err1[i]
+            torch.sub(w, dq, out=err)
+            if P is not None or W0K is not None:
+                c = torch.clamp(w, *_grid_range(s, z, maxq)) if clamp else w
+                if W0K is not None:
+                    err.add_(W0K[p] - c, alpha=alpha)
+                else:
+                    V1[i] = c
+                    W1[i + 1:].addr_(P1[i, i + 1:], c)
+            err.div_(diag[i])
+            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
+            W1[i] = dq
+        Wt = Wt[:, anc]
+        Wt[i1:i2] = W1
+        Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
+        if P is not None:
+            Wt[i2:].addmm_(P[i1:i2, i2:].t(), V1)
+    best = cost.argmin(dim=1) + torch.arange(rows, device=Wt.device) * K
+    Wt = Wt[:, best].contiguous()
+    g = torch.tensor(groups_of, device=Wt.device)
+    s, z = scales[g], zeros[g]  # (cols, rows) in processing order
+    codes_t = torch.round(Wt / s).add_(z).clamp_(0, maxq)
+    return Wt, codes_t
