@@ -11,11 +11,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+ABLATION = RESULTS / "ablation.jsonl"  # issue 3's ablation, one sitting: its own table
+ABL_START, ABL_END = "<!-- ablation:start -->", "<!-- ablation:end -->"
 
 
 def load_rows() -> list[dict]:
     rows = []
     for f in sorted(RESULTS.glob("*.jsonl")):
+        if f == ABLATION:
+            continue
         rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     for f in sorted(RESULTS.glob("*.json")):
         rows.append(json.loads(f.read_text()))
@@ -27,14 +31,18 @@ def describe(r: dict) -> str:
         return "full precision (fp32)"
     if r["tool"] != "hf_astroquant":
         return f"{r['tool']} (actorder {r.get('actorder', 'none')})"
-    name = {"rtn": "round-to-nearest", "gptq": "GPTQ"}[r.get("method", "gptq")]
+    name = {"rtn": "round-to-nearest", "gptq": "GPTQ", "gptaq": "GPTAQ", "rescomp": "ResComp"}[r.get("method", "gptq")]
     extras = [k for k in ("desc_act", "static_groups", "mse") if r.get(k)]
+    if r.get("asym_alpha") is not None:
+        extras.append(f"asym_alpha={r['asym_alpha']}")
+    if r.get("rounding", "gptq") != "gptq":
+        extras.append(r["rounding"] + (f" K={r['beam_width']}" if r["rounding"] == "beam" else ""))
     return f"hf_astroquant {name}" + (f" ({', '.join(extras)})" if extras else "")
 
 
 def render(rows: list[dict]) -> str:
-    lines = ["| method | bits | group | WikiText-2 ppl | quantize s | checkpoint / fp16 linears | calibration |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | bits | group | WikiText-2 ppl | quantize s | peak RSS GiB | checkpoint / fp16 linears | calibration |",
+             "|---|---|---|---|---|---|---|---|"]
     order = sorted(rows, key=lambda r: (-r.get("bits", 0), r["tool"] != "hf_astroquant", r.get("ppl", 0)))
     for r in order:
         bits = "fp32" if r.get("bits") == 32 else r["bits"]
@@ -44,16 +52,40 @@ def render(rows: list[dict]) -> str:
         domain = {"out": "Python docs 64x512", "in": "WikiText-2 valid 64x512"}.get(r.get("domain"), "")
         if r.get("method") == "rtn" or r.get("bits") == 32:
             domain = ""
-        lines.append(f"| {describe(r)} | {bits} | {group} | {r['ppl']:.2f} | {secs} | {ratio} | {domain} |")
+        rss = r.get("peak_rss_gib", "")
+        lines.append(f"| {describe(r)} | {bits} | {group} | {r['ppl']:.2f} | {secs} | {rss} | {ratio} | {domain} |")
     return "\n".join(lines)
+
+
+def render_ablation(rows: list[dict]) -> str:
+    """The ablation rows with time and peak RSS relative to GPTQ at the same bit width."""
+    base = {r["bits"]: r for r in rows if r.get("method", "gptq") == "gptq" and not r.get("asym_alpha")
+            and r.get("rounding", "gptq") == "gptq"}
+    lines = ["| method | bits | group | WikiText-2 ppl | quantize s | × GPTQ time | peak RSS GiB | × GPTQ RSS "
+             "| fp stream GiB | median α |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (-r["bits"], r["ppl"])):
+        b = base.get(r["bits"])
+        t = f"{r['quant_seconds'] / b['quant_seconds']:.2f}" if b else ""
+        m = f"{r['peak_rss_gib'] / b['peak_rss_gib']:.2f}" if b else ""
+        lines.append(f"| {describe(r)} | {r['bits']} | {r['group_size']} | {r['ppl']:.2f} | {r['quant_seconds']} | {t} "
+                     f"| {r['peak_rss_gib']} | {m} | {r.get('fp_stream_gib', '')} | {r.get('asym_alpha_median', '')} |")
+    return "\n".join(lines)
+
+
+def _replace(text: str, start: str, end: str, body: str) -> str:
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
 
 
 def main() -> None:
     readme = ROOT / "README.md"
-    text = readme.read_text()
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{render(load_rows())}\n{END}{tail}")
+    text = _replace(readme.read_text(), START, END, render(load_rows()))
+    if ABLATION.exists():
+        rows = [json.loads(line) for line in ABLATION.read_text().splitlines() if line.strip()]
+        text = _replace(text, ABL_START, ABL_END, render_ablation(rows))
+        print(render_ablation(rows))
+    readme.write_text(text)
     print(render(load_rows()))
 
 

@@ -192,3 +192,64 @@ def test_disk_offload_during_calibration_is_refused():
     with pytest.raises(ValueError, match="does not support disk offload"):
         quantizer.validate_environment(device_map={"model.layers.0": "cpu", "model.layers.1": "disk"})
     quantizer.validate_environment(device_map={"": "cpu"})
+
+
+@pytest.mark.parametrize("kw", [
+    dict(method="gptaq"), dict(method="gptaq", alpha=1.0), dict(method="rescomp"),
+    dict(method="gptq", asym_alpha=0.5), dict(method="gptq", asym_alpha="auto"),
+    dict(method="rescomp", asym_alpha="projected"), dict(method="gptaq", asym_alpha=0.0),
+    dict(method="gptq", rounding="successive", asym_alpha="auto"), dict(method="gptq", rounding="beam", beam_width=2),
+    dict(method="rescomp", rounding="beam", beam_width=3), dict(method="gptaq", calibration_batch_size=3),
+    dict(method="rescomp", true_sequential=False),
+])
+def test_asymmetric_options_end_to_end(tiny_dir, kw):
+    fp = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    model = _quantize(tiny_dir, bits=4, group_size=32, desc_act=True, static_groups=True, **kw)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 14
+    report = model.hf_quantizer.report
+    if kw["method"] == "gptq" and "asym_alpha" not in kw:  # symmetric: no full-precision stream is carried
+        assert report.asym_alpha == {} and report.fp_stream_bytes == 0
+    else:
+        assert len(report.asym_alpha) == 14 and all(0 <= a <= 1 for a in report.asym_alpha.values())
+        assert report.fp_stream_bytes > 0
+    saved = model.config.quantization_config.to_dict()
+    for key, value in kw.items():
+        assert saved[key] == value
+    assert _rel_logit_error(model, fp, calib_ids(4, 32, seed=9)) < 0.3  # the 4-bit limit of the test above
+
+
+def test_d_statistic_is_the_drift_against_the_full_precision_inputs(tiny_dir, monkeypatch):
+    """For o_proj of block 0 (after q/k/v are quantized) D = 2·(X̃ − X)ᵀX/N with X̃ the
+    full-precision model's o_proj input and X the input with the quantized q/k/v."""
+    import hf_astroquant.pipeline as pipeline
+
+    data = calib_ids(6, 32)
+    seen = []
+    real = pipeline.solve_linear
+
+    def spy(W, H, opts, D=None, G=None):
+        seen.append((H.clone(), None if D is None else D.clone()))
+        return real(W, H, opts, D, G)
+
+    monkeypatch.setattr(pipeline, "solve_linear", spy)
+    model = _quantize(tiny_dir, bits=3, group_size=32, method="gptaq", dataset=data)
+    fp = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    mixed = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        getattr(mixed.model.layers[0].self_attn, proj).weight.data.copy_(
+            getattr(model.model.layers[0].self_attn, proj).dequantize_weight())
+    inputs = {}
+    for tag, m in (("fp", fp), ("q", mixed)):
+        m.model.layers[0].self_attn.o_proj.register_forward_pre_hook(
+            lambda mod, a, tag=tag: inputs.__setitem__(tag, a[0].reshape(-1, 64).double()))
+        with torch.no_grad():
+            m(data)
+    X, Xfp = inputs["q"], inputs["fp"]
+    n = X.shape[0]
+    assert torch.equal(seen[0][1], torch.zeros_like(seen[0][1]))  # nothing quantized before q/k/v
+    H, D = seen[3]
+    assert torch.allclose(H.double(), 2 * X.t() @ X / n, rtol=1e-3, atol=1e-4)
+    expected = 2 * (Xfp - X).t() @ X / n
+    assert expected.abs().max() > 0
+    assert torch.allclose(D.double(), expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))

@@ -225,23 +225,34 @@ def _greedy_sweep(Wt, U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, s
             q = torch.round(w / s).add_(z).clamp_(0, maxq)
             codes_t[p] = q
             dq = q.sub_(z).mul_(s)
-            err = Err1[i]
-            torch.sub(w, dq, out=err)
-            if P is not None or W0t is not None:
-                c = torch.clamp(w, *_grid_range(s, z, maxq)) if clamp else w
-                if W0t is not None:  # ResComp: pull α·(W0_i − w_i) back toward the original weight
-                    err.add_(W0t[p] - c, alpha=alpha)
-                else:
-                    V1[i] = c
-                    W1[i + 1:].addr_(P1[i, i + 1:], c)
-            err.div_(diag[i])
-            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
-            W1[i] = dq
+            _column_step(W1, Err1, V1, U1, P1, W0t[p] if W0t is not None else None, i, w, dq, s, z, maxq,
+                         alpha, clamp, diag[i])
         Wt[i1:i2] = W1
-        Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
-        if P is not None:
-            Wt[i2:].addmm_(P[i1:i2, i2:].t(), V1)
+        _block_step(Wt, U, P, Err1, V1, i1, i2)
     return Wt, codes_t
+
+
+def _column_step(W1, Err1, V1, U1, P1, w0, i, w, dq, s, z, maxq, alpha, clamp, d):
+    """Record column i's error (and GPTAQ's v_i) and spread them over the rest of the lazy block."""
+    err = Err1[i]
+    torch.sub(w, dq, out=err)
+    if P1 is not None or w0 is not None:
+        c = torch.clamp(w, *_grid_range(s, z, maxq)) if clamp else w
+        if w0 is not None:  # ResComp: pull α·(W0_i − w_i) back toward the original weight
+            err.add_(w0 - c, alpha=alpha)
+        else:
+            V1[i] = c
+            W1[i + 1:].addr_(P1[i, i + 1:], c)
+    err.div_(d)
+    W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
+    W1[i] = dq
+
+
+def _block_step(Wt, U, P, Err1, V1, i1, i2):
+    """The lazy-batch update of the columns right of the block: W[:, i2:] −= E·U − V·P."""
+    Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
+    if P is not None:
+        Wt[i2:].addmm_(P[i1:i2, i2:].t(), V1)
 
 
 def _beam_sweep(Wt, U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, static_groups, alpha, clamp,
@@ -274,23 +285,11 @@ def _beam_sweep(Wt, U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, sta
             anc = anc[src]
             w = W1[i]
             dq = q.sub_(z).mul_(s)
-            err = Err1[i]
-            torch.sub(w, dq, out=err)
-            if P is not None or W0K is not None:
-                c = torch.clamp(w, *_grid_range(s, z, maxq)) if clamp else w
-                if W0K is not None:
-                    err.add_(W0K[p] - c, alpha=alpha)
-                else:
-                    V1[i] = c
-                    W1[i + 1:].addr_(P1[i, i + 1:], c)
-            err.div_(diag[i])
-            W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
-            W1[i] = dq
+            _column_step(W1, Err1, V1, U1, P1, W0K[p] if W0K is not None else None, i, w, dq, s, z, maxq,
+                         alpha, clamp, diag[i])
         Wt = Wt[:, anc]
         Wt[i1:i2] = W1
-        Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
-        if P is not None:
-            Wt[i2:].addmm_(P[i1:i2, i2:].t(), V1)
+        _block_step(Wt, U, P, Err1, V1, i1, i2)
     best = cost.argmin(dim=1) + torch.arange(rows, device=Wt.device) * K
     Wt = Wt[:, best].contiguous()
     g = torch.tensor(groups_of, device=Wt.device)
