@@ -169,7 +169,7 @@ def _run_block_capturing(block: nn.Module, x: torch.Tensor, kwargs: dict, target
     Linears that share one input tensor share one stored copy."""
     names = {mod: name for name, mod in targets.items()}
     captured: dict[str, torch.Tensor] = {}
-    stored: dict[int, torch.Tensor] = {}
+    stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (stored copy, the live input)
 
     def grab(module, args):
         x_in = args[0]

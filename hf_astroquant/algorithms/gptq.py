@@ -68,6 +68,22 @@ def reconstruction_error(weight: torch.Tensor, quantized: torch.Tensor, hessian:
     return float(num / den) if den > 0 else float(num)
 
 
+def damped_cholesky(H: torch.Tensor, damp_percent: float, max_escalations: int = 4):
+    """L (lower) with L·Lᵀ = H + λ·mean(diag H)·I; escalates λ ×10 while H stays singular."""
+    damp = damp_percent
+    for _ in range(max_escalations + 1):
+        Hd = H.float().clone()
+        Hd.diagonal().add_(damp * Hd.diagonal().mean())
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            return L, damp
+        damp *= 10
+    raise ValueError(
+        f"Hessian is not positive definite even with damp_percent={damp / 10:g} "
+        f"(started at {damp_percent:g}); the layer's calibration inputs are degenerate or non-finite"
+    )
+
+
 def damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, max_escalations: int = 4):
     """U (upper) with UᵀU = (H + λ·mean(diag H)·I)⁻¹; escalates λ ×10 while H stays singular."""
     mean_diag = torch.diag(H).mean()
@@ -201,12 +217,7 @@ def _greedy_sweep(Wt, U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, s
     maxq = 2**bits - 1
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = Wt[i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        V1 = torch.zeros_like(W1) if P is not None else None
-        U1 = U[i1:i2, i1:i2]
-        P1 = P[i1:i2, i1:i2] if P is not None else None
-        diag = torch.diag(U1).tolist()
+        W1, Err1, V1, U1, P1, diag = _block_start(Wt, U, P, i1, i2)
         for i in range(i2 - i1):
             p = i1 + i
             g = groups_of[p]
@@ -230,6 +241,15 @@ def _greedy_sweep(Wt, U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, s
         Wt[i1:i2] = W1
         _block_step(Wt, U, P, Err1, V1, i1, i2)
     return Wt, codes_t
+
+
+def _block_start(Wt, U, P, i1, i2):
+    """The lazy block's working copy, its error (and GPTAQ v) buffers, and its slices of U and P."""
+    W1 = Wt[i1:i2].clone()
+    V1 = torch.zeros_like(W1) if P is not None else None
+    P1 = P[i1:i2, i1:i2] if P is not None else None
+    U1 = U[i1:i2, i1:i2]
+    return W1, torch.zeros_like(W1), V1, U1, P1, torch.diag(U1).tolist()
 
 
 def _column_step(W1, Err1, V1, U1, P1, w0, i, w, dq, s, z, maxq, alpha, clamp, d):
@@ -267,12 +287,7 @@ def _beam_sweep(Wt, U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, sta
     cost[:, 0] = 0  # the K beams start as one solution
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1 = Wt[i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        V1 = torch.zeros_like(W1) if P is not None else None
-        U1 = U[i1:i2, i1:i2]
-        P1 = P[i1:i2, i1:i2] if P is not None else None
-        diag = torch.diag(U1).tolist()
+        W1, Err1, V1, U1, P1, diag = _block_start(Wt, U, P, i1, i2)
         anc = torch.arange(rows * K, device=Wt.device)  # each beam's ancestor at the block start
         for i in range(i2 - i1):
             p = i1 + i

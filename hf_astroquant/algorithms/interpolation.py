@@ -21,11 +21,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _damped_cholesky(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
-    Hd = H.float().clone()
-    Hd.diagonal().add_(damp_percent * Hd.diagonal().mean())
-    return torch.linalg.cholesky(Hd)
+from .gptq import damped_cholesky
 
 
 def _wd_hinv_norm(WD: torch.Tensor, L: torch.Tensor) -> float:
@@ -39,7 +35,7 @@ def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, dxxt: torch.T
     W = weight.float()
     if alpha == 0:
         return W.clone()
-    L = _damped_cholesky(hessian, damp_percent)
+    L, _ = damped_cholesky(hessian, damp_percent)
     shift = torch.cholesky_solve((W @ dxxt.float()).t(), L).t()  # (W·D)·H⁻¹, H symmetric
     return W + alpha * shift
 
@@ -49,7 +45,7 @@ def auto_alpha(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Ten
     """α* = ⟨Q − W, W·D⟩ / tr(W·D·H⁻¹·Dᵀ·Wᵀ), clamped to [0, 1] (0 when W·D = 0)."""
     W = weight.float()
     WD = W @ dxxt.float()
-    den = _wd_hinv_norm(WD, _damped_cholesky(hessian, damp_percent))
+    den = _wd_hinv_norm(WD, damped_cholesky(hessian, damp_percent)[0])
     if den <= 0:
         return 0.0
     num = float(((quantized.float() - W) * WD).sum())
@@ -63,5 +59,5 @@ def projected_alpha(weight: torch.Tensor, hessian: torch.Tensor, dxxt: torch.Ten
     den = float(((W @ dxdxt.float()) * W).sum())
     if den <= 0:
         return 0.0
-    num = _wd_hinv_norm(W @ dxxt.float(), _damped_cholesky(hessian, damp_percent))
+    num = _wd_hinv_norm(W @ dxxt.float(), damped_cholesky(hessian, damp_percent)[0])
     return min(1.0, max(0.0, num / den))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .gptq import LayerQuantResult, damped_inverse_cholesky
+from .gptq import LayerQuantResult, damped_cholesky
 from .grid import fit_groups
 
 
@@ -38,9 +38,7 @@ def successive_quantize(target: torch.Tensor, hessian: torch.Tensor, *, bits: in
 
     order = torch.argsort(torch.diag(H))  # ascending: decoded last to first
     Tp, Hp = T[:, order], H[order][:, order]
-    _, damp_used = damped_inverse_cholesky(Hp, damp_percent)  # same escalation rule as GPTQ
-    Hp.diagonal().add_(damp_used * Hp.diagonal().mean())
-    L = torch.linalg.cholesky(Hp)
+    L, damp_used = damped_cholesky(Hp, damp_percent)  # same damping and escalation rule as GPTQ
     del Hp, H
     g = g_idx[order.cpu()].long().to(T.device)
     S, Z = scales[g].t(), zeros[g].t()  # (rows, cols) in decoding order
