@@ -13,12 +13,14 @@ RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 ABLATION = RESULTS / "ablation.jsonl"  # issue 3's ablation, one sitting: its own table
 ABL_START, ABL_END = "<!-- ablation:start -->", "<!-- ablation:end -->"
+SPEED = RESULTS / "speed.jsonl"
+SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
 
 
 def load_rows() -> list[dict]:
     rows = []
     for f in sorted(RESULTS.glob("*.jsonl")):
-        if f == ABLATION:
+        if f.name.startswith(("ablation", "speed")):  # their own tables
             continue
         rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
     for f in sorted(RESULTS.glob("*.json")):
@@ -72,6 +74,22 @@ def render_ablation(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render_speed(rows: list[dict]) -> str:
+    """Decode/prefill speed per model, relative to the same model in fp32 (latest row of each kind)."""
+    latest = {(r["model"], r["variant"], r["dtype"]): r for r in rows}
+    lines = ["| model | weights | activations | forward path | decode tok/s (batch 1) | × fp32 | prefill tok/s | "
+             "× fp32 | checkpoint GiB | peak RSS after load GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, variant, dtype), r in latest.items():
+        base = latest.get((model, "fp", "fp32"))
+        weights = "full precision" if variant == "fp" else f"{variant[1:]}-bit g64"
+        path = "" if variant == "fp" else "/".join(r.get("active_backends", []))
+        dec = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}" if base else ""
+        pre = f"{r['prefill_tok_s'] / base['prefill_tok_s']:.2f}" if base else ""
+        lines.append(f"| {model} | {weights} | {dtype} | {path} | {r['decode_tok_s']} | {dec} | {r['prefill_tok_s']} "
+                     f"({r['prefill_shape']}) | {pre} | {r['checkpoint_gib']} | {r['load_peak_rss_gib']} |")
+    return "\n".join(lines)
+
+
 def _replace(text: str, start: str, end: str, body: str) -> str:
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
@@ -85,6 +103,10 @@ def main() -> None:
         rows = [json.loads(line) for line in ABLATION.read_text().splitlines() if line.strip()]
         text = _replace(text, ABL_START, ABL_END, render_ablation(rows))
         print(render_ablation(rows))
+    if SPEED.exists():
+        rows = [json.loads(line) for line in SPEED.read_text().splitlines() if line.strip()]
+        text = _replace(text, SPEED_START, SPEED_END, render_speed(rows))
+        print(render_speed(rows))
     readme.write_text(text)
     print(render(load_rows()))
 

@@ -11,6 +11,8 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .modules.kernels import BACKENDS
+
 QUANT_METHOD = "astroquant"
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_METHODS = ("rtn", "gptq", "gptaq", "rescomp")
@@ -83,6 +85,11 @@ class AstroQuantConfig(QuantizationConfigMixin):
         block_size: lazy-batch width of the GPTQ solver (columns updated together).
         calibration_batch_size: windows per forward pass during calibration; None picks the
             largest that fits a memory budget (one pass over everything when it fits).
+        backend: forward path of the packed layers: "auto" (the fastest kernel that can run each
+            layer on its device), "reference" (de-quantize then matmul), "int4" (PyTorch's int4
+            kernels, 2/3/4 bits) or "int8" (PyTorch's int8 kernel on CPU, 8 bits, one group per
+            row). A loading option: never written to the checkpoint; pass
+            `AstroQuantConfig(backend=...)` to `from_pretrained` of a saved model to override it.
     """
 
     def __init__(
@@ -108,6 +115,7 @@ class AstroQuantConfig(QuantizationConfigMixin):
         modules_to_not_convert: list[str] | None = None,
         block_size: int = 128,
         calibration_batch_size: int | None = None,
+        backend: str = "auto",
         **kwargs: Any,
     ):
         unknown = sorted(set(kwargs) - set(_RECORD_KEYS))
@@ -141,6 +149,7 @@ class AstroQuantConfig(QuantizationConfigMixin):
         self.modules_to_not_convert = modules_to_not_convert
         self.block_size = block_size
         self.calibration_batch_size = calibration_batch_size
+        self.backend = backend
         self.checkpoint_format = kwargs.get("checkpoint_format", CHECKPOINT_FORMAT)
         # Filled in after calibration: what data was used, which modules were packed.
         self.calibration = kwargs.get("calibration")
@@ -200,6 +209,8 @@ class AstroQuantConfig(QuantizationConfigMixin):
             if isinstance(mtnc, str) or not isinstance(mtnc, (list, tuple)) or not all(isinstance(m, str) for m in mtnc):
                 _fail("modules_to_not_convert", mtnc, "None or a list of module names/patterns (strings)")
             self.modules_to_not_convert = list(mtnc)
+        if self.backend not in BACKENDS:
+            _fail("backend", self.backend, ", ".join(repr(b) for b in BACKENDS))
         if self.checkpoint_format != CHECKPOINT_FORMAT:
             _fail("checkpoint_format", self.checkpoint_format, repr(CHECKPOINT_FORMAT))
         if self.dataset is not None:
@@ -222,12 +233,16 @@ class AstroQuantConfig(QuantizationConfigMixin):
         """JSON-safe dict for config.json: options and records, never the calibration data."""
         out: dict[str, Any] = {"quant_method": QUANT_METHOD}
         for name in self._option_names():
-            if name in ("dataset", "tokenizer"):
+            if name in ("dataset", "tokenizer", "backend"):  # data, and a loading option
                 continue
             out[name] = getattr(self, name)
         for name in _RECORD_KEYS:
             out[name] = getattr(self, name)
         return out
+
+    def get_loading_attributes(self) -> dict[str, Any]:
+        """Options that apply when loading a saved model (transformers copies them over the saved config)."""
+        return {"backend": self.backend}
 
     def to_diff_dict(self) -> dict[str, Any]:
         default = AstroQuantConfig().to_dict()

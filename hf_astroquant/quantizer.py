@@ -16,7 +16,7 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from .config import AstroQuantConfig
-from .modules import QuantLinear
+from .modules import QuantLinear, set_backend
 from .pipeline import quantize_model, set_submodule
 
 logger = logging.getLogger("hf_astroquant")
@@ -92,6 +92,8 @@ class AstroQuantizer(HfQuantizer):
             if isinstance(module, QuantLinear):
                 for buf in module.buffers():
                     buf.requires_grad_(False)
+        counts = set_backend(model, cfg.backend)
+        logger.info("astroquant: forward paths %s", counts)
         return model
 
     def is_serializable(self, safe_serialization=None):
@@ -100,4 +102,9 @@ class AstroQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+    @property
+    def is_compileable(self) -> bool:
+        # The kernels are prepared at load time; a traced forward only reads them (tested).
+        return True
 

@@ -61,3 +61,17 @@ def test_gptq_4bit_perplexity_is_below_round_to_nearest(smollm2, tmp_path):
     out = reloaded.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert out.shape[1] == prompt.input_ids.shape[1] + 8
     assert tok.decode(out[0]).startswith("The Python standard library")
+
+
+def test_fast_path_perplexity_matches_the_reference_path(smollm2, tmp_path):
+    """The int4 kernel (bf16 compute) against de-quantize-then-matmul in fp32, on the real model."""
+    path, tok, _, eval_ids = smollm2
+    cfg = AstroQuantConfig(bits=4, group_size=64, method="rtn")
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert {m.active_backend for m in layers} == {"int4"}
+    ppl_fast = perplexity(model, eval_ids, 512, progress=False)
+    hf_astroquant.set_backend(model, "reference")
+    ppl_ref = perplexity(model, eval_ids, 512, progress=False)
+    print(f"SmolLM2-135M W4 rtn perplexity: int4 kernel {ppl_fast:.3f}, reference {ppl_ref:.3f}")
+    assert abs(ppl_fast - ppl_ref) / ppl_ref < 0.01

@@ -57,6 +57,7 @@ def test_quant_linear_forward_is_exact_against_dequantize_then_matmul(bits, shap
     res = gptq_quantize(W, H, bits=bits, group_size=group_size, desc_act=desc_act)
     bias = torch.randn(out_f)
     layer = QuantLinear.from_result(res, group_size, bits, bias).to(device)
+    layer.set_backend("reference")  # the oracle; the fast paths are compared with it in test_kernels.py
     # the solver's own de-quantized weight, independent of packing
     assert torch.equal(layer.dequantize_weight().cpu(), res.weight)
     codes, zeros = layer.unpack()

@@ -56,6 +56,11 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of `pack_rows`: (words, m) int32 → (n, m) int32 values."""
+    if 32 % bits == 0:  # 2, 4, 8 bits: whole values per word, one shift per position (the fast path)
+        per_word = 32 // bits
+        shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32).view(1, per_word, 1)
+        vals = (packed.unsqueeze(1) >> shifts) & (2**bits - 1)  # arithmetic shift; the mask drops the sign
+        return vals.reshape(-1, packed.shape[1])[:n]
     w = packed.to(torch.int64) & 0xFFFFFFFF
     bit_pos = torch.arange(n, device=packed.device) * bits
     word, shift = bit_pos // 32, bit_pos % 32

@@ -7,19 +7,31 @@ Persistent tensors (what the checkpoint holds):
     g_idx    int32 (in,)                        group of each input column
     bias     (out,) in the model's dtype, when the original Linear had one
 
-The weight is W[o, i] = (q[i, o] − z[g_idx[i], o]) · s[g_idx[i], o]; it is de-quantized in fp32
-and cast to the activation dtype, so the result is the same in fp32, fp16 and bf16 up to that cast.
+The weight is W[o, i] = (q[i, o] − z[g_idx[i], o]) · s[g_idx[i], o].
+
+Forward paths (`backend`, chosen when the layer is prepared for a device and dtype, never saved):
+    "reference"  de-quantize in fp32, cast to the activation dtype, F.linear: the oracle
+    "int4"       PyTorch's int4 weight-only kernels (CPU; CUDA with bf16), for 2/3/4 bits
+    "int8"       PyTorch's int8 weight-only kernel (CPU), 8 bits with one group per row
+    "auto"       the fastest of these that can represent the layer (see `kernels.auto_backend`)
+A fast path is checked against the reference on a probe input when it is built; a layer it cannot
+represent, or where the check fails, runs the reference path (logged once).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .packing import pack_cols, pack_rows, packed_rows, unpack_cols, unpack_rows
+
+logger = logging.getLogger("hf_astroquant")
+_warned: set[str] = set()
 
 
 class QuantLinear(nn.Module):
@@ -41,6 +53,9 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype or torch.get_default_dtype(), **kw))
         else:
             self.bias = None
+        self.backend = "auto"
+        self.active_backend: str | None = None  # what the last preparation chose
+        self._fast = None  # (device, dtype, backend, weights) of the prepared fast path
 
     @classmethod
     def from_result(cls, result, group_size: int, bits: int, bias: torch.Tensor | None) -> "QuantLinear":
@@ -66,16 +81,120 @@ class QuantLinear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The de-quantized weight, (out, in), computed in fp32 then cast to `dtype`."""
+        return self._dequantized_in_out(dtype).t().contiguous()
+
+    def _dequantized_in_out(self, dtype: torch.dtype) -> torch.Tensor:
+        """The de-quantized weight transposed, (in, out), as the codes are stored."""
         codes, zeros = self.unpack()
+        K, gs = self.in_features, self.group_size
+        if K % gs == 0 and torch.equal(self.g_idx, self._plain_g_idx()):
+            # groups are contiguous rows: broadcast instead of gathering a full-size zeros/scales copy
+            w = (codes.view(self.n_groups, gs, -1) - zeros.unsqueeze(1)).to(torch.float32)
+            w = (w * self.scales.unsqueeze(1).to(torch.float32)).view(K, -1)
+        else:
+            g = self.g_idx.long()
+            w = (codes - zeros[g]).to(torch.float32) * self.scales[g].to(torch.float32)
+        return w.to(dtype)
+
+    def _plain_g_idx(self) -> torch.Tensor:
+        return torch.arange(self.in_features, device=self.g_idx.device, dtype=torch.int32) // self.group_size
+
+    def set_backend(self, backend: str) -> None:
+        """Choose the forward path ("auto", "reference", "int4", "int8"); takes effect at the next
+        `prepare` or forward."""
+        if backend not in kernels.BACKENDS:
+            raise ValueError(f"QuantLinear: backend={backend!r} is not one of {', '.join(map(repr, kernels.BACKENDS))}")
+        self.backend = backend
+        self._fast = None
+        self.active_backend = None
+
+    @torch.no_grad()
+    def prepare(self, dtype: torch.dtype | None = None) -> str:
+        """Build the fast path for the buffers' device and activations of `dtype`; return the
+        backend that will run. A requested fast path that cannot represent the layer raises."""
+        device = self.qweight.device
+        dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
+        name = self.backend
+        if name == "auto":
+            name = kernels.auto_backend(self.bits, self.n_groups, device, dtype)
+        weights = None
+        if name != "reference":
+            codes, zeros = self.unpack()
+            try:
+                if name == "int4":
+                    weights = kernels.int4_weights(codes, zeros, self.scales, self.g_idx, self.group_size,
+                                                   self.bits, dtype, device)
+                else:
+                    weights = kernels.int8_weights(codes, zeros, self.scales, self.n_groups, dtype, device)
+                self._check(weights, codes, zeros, dtype)
+            except kernels.Unsupported as exc:
+                if self.backend != "auto":
+                    raise ValueError(f"QuantLinear ({self.extra_repr()}): backend={self.backend!r} cannot run "
+                                     f"this layer: {exc}") from None
+                _warn_once(f"astroquant: reference forward for a layer ({self.extra_repr()}): {exc}")
+                name, weights = "reference", None
+        self._fast = (device, dtype, name, weights)
+        self.active_backend = name
+        return name
+
+    def _check(self, weights, codes: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> None:
+        """Compare the fast path with the de-quantized weight on a probe input (the first and last
+        16 output channels), so a kernel whose layout or semantics changed is never used silently."""
+        cols = torch.unique(torch.cat([torch.arange(min(16, self.out_features)),
+                                       torch.arange(max(0, self.out_features - 16), self.out_features)]))
+        cols = cols.to(codes.device)
         g = self.g_idx.long()
-        w = (codes - zeros[g]).to(torch.float32) * self.scales[g].to(torch.float32)
-        return w.t().to(dtype).contiguous()
+        w = (codes[:, cols] - zeros[g][:, cols]).to(torch.float32) * self.scales[g][:, cols].to(torch.float32)
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(4, self.in_features, generator=gen).to(device=codes.device, dtype=dtype)
+        ref = x.to(torch.float32) @ w
+        got = weights.forward(x).to(torch.float32)[:, cols]
+        compute = kernels.int4_compute_dtype(dtype) if isinstance(weights, kernels.Int4Weights) else dtype
+        tol = 1e-4 if compute == torch.float32 else 2e-2
+        err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+        if not err <= tol:
+            raise kernels.Unsupported(f"the kernel disagrees with the reference on a probe input "
+                                      f"(relative error {err:.2e} > {tol:.0e})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.dequantize_weight(x.dtype)
+        fast = self._fast
+        if fast is None or fast[0] != x.device or fast[1] != x.dtype:
+            if torch.compiler.is_compiling():  # never repack inside a traced graph
+                fast = None
+            else:
+                self.prepare(x.dtype)
+                fast = self._fast
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, weight, bias)
+        if fast is None or fast[3] is None:
+            return F.linear(x, self.dequantize_weight(x.dtype), bias)
+        y = fast[3].forward(x)
+        return y if bias is None else y + bias
+
+    def _apply(self, fn, recurse=True):
+        self._fast = None  # moved or cast: the prepared kernel weights are stale
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}")
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def set_backend(model: nn.Module, backend: str = "auto", dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Choose the forward path of every `QuantLinear` in `model` and prepare it for the layers'
+    current device and `dtype` (default: the model's dtype); return how many layers run each path."""
+    if backend not in kernels.BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {', '.join(map(repr, kernels.BACKENDS))}")
+    dtype = dtype or getattr(model, "dtype", None)
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.set_backend(backend)
+            name = module.prepare(dtype)
+            counts[name] = counts.get(name, 0) + 1
+    return counts

@@ -1,0 +1,164 @@
+"""Inference speed and memory of packed models against full precision, same process, same prompts.
+
+    python benchmarks/bench_speed.py --out benchmarks/results/speed.jsonl
+
+Models: SmolLM2-135M (the protocol's checkpoint) and a synthetic TinyLlama-shaped model (1.1 B
+parameters, random weights: quality is irrelevant, memory bandwidth dominates). Each is measured
+in full precision (fp32, bf16) and packed at 4/3/2 bits (group 64). Speed does not depend on the
+solver, so the packed checkpoints are made with round-to-nearest (seconds instead of minutes);
+they have exactly the layout and forward path of a GPTQ checkpoint.
+
+Each row runs in a fresh process: load (peak RSS after loading), decode tokens/s at batch 1
+(greedy generate of 64 new tokens after a 32-token prompt, minus the prompt's own forward),
+prefill tokens/s (one forward of batch x seqlen), checkpoint bytes on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol  # noqa: E402
+
+SYNTH = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+PREFILL = {"smollm2": (16, 512), "synthetic-1.1b": (1, 512)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def synthetic_checkpoint() -> str:
+    out = protocol.CACHE / "synthetic-llama-1.1b-fp32"
+    if (out / "config.json").exists():
+        return str(out)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SYNTH)).eval()
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tmp.rename(out)
+    return str(out)
+
+
+def fp_checkpoint(model: str) -> str:
+    return protocol.smollm2_checkpoint() if model == "smollm2" else synthetic_checkpoint()
+
+
+def packed_checkpoint(model: str, bits: int) -> str:
+    """Round-to-nearest, group 64, asymmetric: the GPTQ layout without the minutes of calibration."""
+    out = protocol.CACHE / f"speed-{model}-w{bits}g64"
+    if (out / "config.json").exists():
+        return str(out)
+    import hf_astroquant
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf_astroquant.AstroQuantConfig(bits=bits, group_size=64, method="rtn")
+    m = AutoModelForCausalLM.from_pretrained(fp_checkpoint(model), dtype=torch.float32, quantization_config=cfg)
+    tmp = out.with_name(out.name + ".tmp")
+    m.save_pretrained(tmp)
+    tmp.rename(out)
+    return str(out)
+
+
+def rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def measure(model_name: str, variant: str, dtype_name: str, backend: str) -> dict:
+    import hf_astroquant
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[dtype_name]
+    if variant == "fp":
+        path = fp_checkpoint(model_name)
+        kw = {}
+    else:
+        path = packed_checkpoint(model_name, int(variant[1:]))
+        kw = {"quantization_config": hf_astroquant.AstroQuantConfig(backend=backend)}
+    rss_before = rss_gib()
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).eval()
+    row = {"model": model_name, "variant": variant, "dtype": dtype_name, "load_seconds": round(time.perf_counter() - start, 1),
+           "load_peak_rss_gib": round(rss_gib(), 2), "rss_before_load_gib": round(rss_before, 2)}
+    if variant != "fp":
+        row["backend"] = backend
+        layers = [m for m in model.modules() if isinstance(m, hf_astroquant.QuantLinear)]
+        row["active_backends"] = sorted({m.active_backend for m in layers})
+    row["checkpoint_gib"] = round(sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) / 2**30, 3)
+
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, 32), generator=g)
+    new = 64
+    with torch.no_grad():
+        def gen(n):
+            t = time.perf_counter()
+            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            return time.perf_counter() - t
+
+        gen(4)  # warm-up
+        t_all = min(gen(new + 1) for _ in range(2))
+        t_prompt = min(gen(1) for _ in range(3))
+        row["decode_tok_s"] = round(new / (t_all - t_prompt), 2)
+        b, s = PREFILL[model_name]
+        ids = torch.randint(0, vocab, (b, s), generator=g)
+        model(ids[:1, :64], use_cache=False)  # warm-up
+        t = time.perf_counter()
+        model(ids, use_cache=False, logits_to_keep=1)
+        row["prefill_tok_s"] = round(b * s / (time.perf_counter() - t), 1)
+        row["prefill_shape"] = f"{b}x{s}"
+    row["peak_rss_gib"] = round(rss_gib(), 2)
+    row.update(torch_threads=torch.get_num_threads(), torch=torch.__version__, machine=machine())
+    return row
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads"
+
+
+ROWS = [(m, v, d) for m in ("smollm2", "synthetic-1.1b")
+        for v, d in (("fp", "fp32"), ("fp", "bf16"), ("w4", "fp32"), ("w4", "bf16"), ("w3", "bf16"), ("w2", "bf16"))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["smollm2", "synthetic-1.1b"], choices=["smollm2", "synthetic-1.1b"])
+    ap.add_argument("--backend", default="auto", help="forward path of the packed rows (auto, reference, int4, int8)")
+    ap.add_argument("--out", required=True, help="JSON-lines file; each row is appended as it finishes")
+    ap.add_argument("--row", nargs=3, metavar=("MODEL", "VARIANT", "DTYPE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.row:
+        row = measure(*args.row, args.backend)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+        return
+    for model in args.models:  # build the checkpoints first, outside the measured processes
+        fp_checkpoint(model)
+        for bits in (4, 3, 2):
+            packed_checkpoint(model, bits)
+    for model, variant, dtype in ROWS:
+        if model in args.models:
+            subprocess.run([sys.executable, __file__, "--row", model, variant, dtype, "--backend", args.backend,
+                            "--out", args.out], check=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Fast forward paths of `QuantLinear`: PyTorch's own weight-only int4 and int8 kernels.
+
+int4 (``aten._weight_int4pack_mm_for_cpu`` on CPU, ``aten._weight_int4pack_mm`` on CUDA; both run
+in bf16 whatever the activations' dtype, see `int4_compute_dtype`) computes y = x·Wᵀ with
+
+    W[n, k] = (q[n, k] − 8) · scale[t, n] + zero[t, n],   t = k // kg,   kg ∈ {32, 64, 128, 256}.
+
+Our layer stores W[n, k] = (q[k, n] − z[g, n]) · s[g, n] with g = g_idx[k], so the map is exact:
+scale = s, zero = (8 − z)·s. 2- and 3-bit codes are int4 codes (a subset of 0..15); they are
+shifted to the middle of 0..15 (q + 8 − 2^(b−1), zero = (2^(b−1) − z)·s) because the kernel adds
+(q − 8)·scale and zero in the activation dtype: with codes near 0, both terms are several steps
+large and cancel, and bf16's rounding of `zero` would then cost ~1 % of every weight.
+Act-order checkpoints (g_idx not sorted) permute the input columns once per call so that every
+group is contiguous; a group larger than 256 columns (group_size=-1 included) is split into kernel
+groups that share one scale. N is padded to the kernel's tile (16) with zero rows.
+
+int8 (``aten._weight_int8pack_mm``, CPU) has one scale per output row and no zero point; with one
+group per row, W = (q − z)·s = s·(q − 128) + s·(128 − z), so
+y = int8mm(x, q − 128, s) + (Σ_k x_k) · s·(128 − z).
+
+Everything here is a pure function of the packed tensors; `QuantLinear` owns the caching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "reference", "int4", "int8")
+_KERNEL_GROUPS = (256, 128, 64, 32)
+_N_TILE = 16
+
+
+class Unsupported(Exception):
+    """A fast path cannot represent this layer (the message says why)."""
+
+
+@dataclass
+class Int4Weights:
+    """A layer repacked for the aten int4 kernel of one device."""
+
+    packed: torch.Tensor  # the kernel's own layout
+    scale_zero: torch.Tensor  # (K / kg, N_pad, 2) in the kernel's compute dtype
+    kernel_group: int
+    perm: torch.Tensor | None  # input column order, None when already grouped
+    out_features: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.perm is not None:
+            x2 = x2.index_select(1, self.perm)
+        x2 = x2.to(self.scale_zero.dtype)
+        if x2.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.kernel_group,
+                                                           self.scale_zero)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), self.packed, self.kernel_group, self.scale_zero)
+        if y.shape[1] != self.out_features:
+            y = y[:, : self.out_features]
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+
+@dataclass
+class Int8Weights:
+    """A one-group-per-row 8-bit layer repacked for ``aten._weight_int8pack_mm``."""
+
+    weight: torch.Tensor  # (N, K) int8, q − 128
+    scales: torch.Tensor  # (N,) activation dtype
+    offset: torch.Tensor  # (N,) s·(128 − z), activation dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        y = y + x2.sum(dim=1, keepdim=True) * self.offset
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+
+def group_order(g_idx: torch.Tensor, group_size: int, in_features: int) -> tuple[torch.Tensor | None, int]:
+    """(input column permutation or None, kernel group) such that after permuting, every run of
+    `kernel group` columns belongs to one quantization group. Raises `Unsupported`."""
+    g = g_idx.long()
+    perm = None
+    if bool((g[1:] < g[:-1]).any()):
+        perm = torch.argsort(g, stable=True)
+        g = g[perm]
+    for kg in _KERNEL_GROUPS:
+        if in_features % kg == 0 and bool((g.view(-1, kg) == g.view(-1, kg)[:, :1]).all()):
+            return perm, kg
+    raise Unsupported(
+        f"in_features={in_features} with group_size={group_size} has no run of 32, 64, 128 or 256 columns "
+        "per group (the int4 kernel's groups)"
+    )
+
+
+def int4_weights(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                 group_size: int, bits: int, dtype: torch.dtype, device: torch.device) -> Int4Weights:
+    """Repack a layer for the int4 kernel on `device` with activations of `dtype`.
+
+    codes (in, out) and zeros (n_groups, out) int32, scales (n_groups, out), g_idx (in,).
+    """
+    if bits > 4:
+        raise Unsupported(f"{bits}-bit codes do not fit the int4 kernel")
+    if device.type not in ("cpu", "cuda"):
+        raise Unsupported(f"no int4 kernel on {device.type}")
+    in_features, out_features = codes.shape
+    perm, kg = group_order(g_idx, group_size, in_features)
+    q = codes.t() if perm is None else codes.index_select(0, perm).t()  # (N, K)
+    g_cols = g_idx.long() if perm is None else g_idx.long()[perm]
+    g_kernel = g_cols[::kg]  # the quantization group of each kernel group
+    shift = 8 - 2 ** (bits - 1)  # 0 for 4 bits
+    q = q + shift
+    s = scales.to(torch.float32)[g_kernel]  # (T, N)
+    zero = (8.0 - shift - zeros[g_kernel].to(torch.float32)) * s
+    n_pad = -out_features % _N_TILE
+    q = F.pad(q, (0, 0, 0, n_pad)).contiguous()
+    scale_zero = F.pad(torch.stack([s, zero], dim=-1), (0, 0, 0, n_pad))
+    if device.type == "cpu":
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to("cpu", torch.int32), 1)
+    else:
+        inner_k_tiles = next((t for t in (8, 4, 2) if in_features % (t * 16) == 0), None)
+        if inner_k_tiles is None:
+            raise Unsupported(f"in_features={in_features} is not a multiple of 32 (CUDA int4 kernel)")
+        as_bytes = (q[:, ::2] << 4 | q[:, 1::2]).to(device=device, dtype=torch.uint8)
+        packed = torch.ops.aten._convert_weight_to_int4pack(as_bytes, inner_k_tiles)
+    scale_zero = scale_zero.to(device=device, dtype=int4_compute_dtype(dtype)).contiguous()
+    return Int4Weights(packed.to(device), scale_zero, kg, None if perm is None else perm.to(device), out_features)
+
+
+def int4_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The activation dtype the int4 kernel runs in: always bf16. The CUDA kernel takes nothing
+    else, and the CPU kernel's fp32 and fp16 paths are not vectorized (10-100x slower than bf16 on
+    an AVX2 machine). Rounding the inputs to bf16 (2^-9 relative) costs far less than the weights'
+    own 2-4-bit rounding; the output comes back in the input's dtype."""
+    return torch.bfloat16
+
+
+def int8_weights(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, n_groups: int,
+                 dtype: torch.dtype, device: torch.device) -> Int8Weights:
+    """Repack an 8-bit layer with one group per row for ``aten._weight_int8pack_mm`` (CPU)."""
+    if device.type != "cpu":
+        raise Unsupported(f"the int8 kernel path is CPU only, not {device.type}")
+    if n_groups != 1:
+        raise Unsupported(f"the int8 kernel has one scale per row; this layer has {n_groups} groups")
+    s = scales[0].to(torch.float32)
+    weight = (codes.t().to(torch.int32) - 128).to(torch.int8).contiguous()
+    offset = s * (128.0 - zeros[0].to(torch.float32))
+    return Int8Weights(weight.to(device), s.to(device=device, dtype=dtype), offset.to(device=device, dtype=dtype))
+
+
+def auto_backend(bits: int, n_groups: int, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend `backend="auto"` picks: int4 kernels for 2/3/4 bits, the int8
+    kernel for one-group 8-bit layers on CPU, the reference path otherwise."""
+    if bits <= 4 and device.type in ("cpu", "cuda"):
+        return "int4"
+    if bits == 8 and n_groups == 1 and device.type == "cpu":
+        return "int8"
+    return "reference"

@@ -1,0 +1,208 @@
+"""The fast forward paths (PyTorch's int4/int8 weight-only kernels) against the reference path."""
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_astroquant
+from hf_astroquant import AstroQuantConfig, QuantLinear, set_backend
+from hf_astroquant.algorithms import gptq_quantize, rtn_quantize
+from hf_astroquant.modules import kernels
+from reference import correlated_problem
+from tiny import calib_ids, save_tiny
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+# relative to the largest output: fp32 differs only in summation order; half types round W and x
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+
+
+def _layer(bits, out_f, in_f, group_size, desc_act=False, static_groups=False, bias=True, seed=0):
+    W, H = correlated_problem(out_f, in_f, 300, seed=seed)
+    res = gptq_quantize(W, H, bits=bits, group_size=group_size, desc_act=desc_act, static_groups=static_groups)
+    return QuantLinear.from_result(res, group_size, bits, torch.randn(out_f) if bias else None)
+
+
+def _compare(layer, backend, dtype, device="cpu", lead=(3, 5)):
+    layer = layer.to(device)
+    x = torch.randn(*lead, layer.in_features, device=device).to(dtype)
+    layer.set_backend("reference")
+    ref = layer(x).float()
+    layer.set_backend(backend)
+    got = layer(x)
+    assert got.dtype == dtype and got.shape == ref.shape
+    err = float((got.float() - ref).abs().max() / ref.abs().max())
+    compute = kernels.int4_compute_dtype(dtype) if layer.active_backend == "int4" else dtype
+    assert err <= TOL[compute], (backend, dtype, err)
+    return layer.active_backend
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("shape,group_size", [((96, 256), 64), ((40, 192), 32), ((48, 256), 128),
+                                              ((33, 256), -1), ((64, 576), 128), ((17, 512), 256)])
+@pytest.mark.parametrize("order", ["plain", "act-order", "act-order static"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int4_cpu_matches_reference(bits, shape, group_size, order, dtype):
+    layer = _layer(bits, *shape, group_size, desc_act=order != "plain", static_groups=order.endswith("static"),
+                   seed=bits + shape[0])
+    assert _compare(layer, "int4", dtype) == "int4"
+
+
+def test_int4_handles_any_leading_shape_and_no_bias():
+    layer = _layer(4, 32, 128, 32, bias=False)
+    for lead in [(1,), (7,), (2, 3, 4)]:
+        assert _compare(layer, "int4", torch.float32, lead=lead) == "int4"
+
+
+def test_act_order_layer_really_takes_the_permuted_path():
+    layer = _layer(4, 32, 256, 32, desc_act=True, seed=3)
+    perm, kg = kernels.group_order(layer.g_idx, 32, 256)
+    assert perm is not None and kg == 32
+    static = _layer(4, 32, 256, 32, desc_act=True, static_groups=True, seed=3)
+    assert kernels.group_order(static.g_idx, 32, 256) == (None, 32)
+
+
+def test_int8_cpu_matches_reference_for_one_group_per_row():
+    for dtype in (torch.float32, torch.bfloat16):
+        layer = _layer(8, 48, 200, -1, seed=5)
+        assert _compare(layer, "int8", dtype) == "int8"
+
+
+@pytest.mark.parametrize("bits,shape,group_size,why", [
+    (4, (32, 100), 32, "no run of 32"),  # in_features not a multiple of 32
+    (4, (32, 96), 48, "no run of 32"),  # groups of 48 columns
+    (8, (32, 128), 32, "one scale per row"),  # 8 bits with groups
+])
+def test_auto_falls_back_to_reference_with_a_reason(caplog, bits, shape, group_size, why):
+    layer = _layer(bits, *shape, group_size)
+    with caplog.at_level(logging.WARNING, logger="hf_astroquant"):
+        assert _compare(layer, "auto", torch.float32) == "reference"
+    kernels_name = "int8" if bits == 8 else "int4"
+    with pytest.raises(ValueError, match=f"backend='{kernels_name}' cannot run this layer: .*{why}"):
+        layer.set_backend(kernels_name)
+        layer.prepare()
+
+
+def test_int4_refuses_8_bit_codes():
+    layer = _layer(8, 32, 128, 32)
+    layer.set_backend("int4")
+    with pytest.raises(ValueError, match="8-bit codes do not fit the int4 kernel"):
+        layer.prepare()
+
+
+def test_a_kernel_that_disagrees_with_the_reference_is_never_used(monkeypatch, caplog):
+    layer = _layer(4, 32, 128, 32)
+    real = kernels.Int4Weights.forward
+    monkeypatch.setattr(kernels.Int4Weights, "forward", lambda self, x: real(self, x) * 1.1)
+    with caplog.at_level(logging.WARNING, logger="hf_astroquant"):
+        assert layer.prepare() == "reference"
+    assert "disagrees with the reference" in caplog.text
+    layer.set_backend("int4")
+    with pytest.raises(ValueError, match="disagrees with the reference"):
+        layer.prepare()
+
+
+def test_bad_backend_names_are_refused():
+    layer = _layer(4, 32, 128, 32)
+    with pytest.raises(ValueError, match="backend='fast' is not one of 'auto', 'reference', 'int4', 'int8'"):
+        layer.set_backend("fast")
+    with pytest.raises(ValueError, match="backend='int5'"):
+        set_backend(torch.nn.Sequential(layer), "int5")
+    with pytest.raises(ValueError, match="backend"):
+        AstroQuantConfig(backend="gpu")
+
+
+def test_prepare_keeps_the_checkpoint_layout_and_moves_with_the_module():
+    layer = _layer(4, 32, 128, 32)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    assert layer.prepare() == "int4"
+    after = layer.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+    x = torch.randn(2, 128)
+    y32 = layer(x)
+    layer.to(torch.bfloat16)  # casts the bias; the prepared kernel is rebuilt for bf16 inputs
+    assert layer._fast is None
+    assert layer(x.bfloat16()).dtype == torch.bfloat16 and layer.active_backend == "int4"
+    assert torch.allclose(layer(x.bfloat16()).float(), y32, rtol=0.05, atol=0.05 * float(y32.abs().max()))
+
+
+@pytest.fixture(scope="module")
+def tiny_quantized(tmp_path_factory):
+    src = tmp_path_factory.mktemp("tiny")
+    save_tiny(src, hidden=64, inter=128)
+    cfg = AstroQuantConfig(bits=4, group_size=32, dataset=calib_ids(8, 32), desc_act=True)
+    model = AutoModelForCausalLM.from_pretrained(src, quantization_config=cfg)
+    out = tmp_path_factory.mktemp("q")
+    model.save_pretrained(out)
+    return model, str(out)
+
+
+def test_loaded_model_runs_the_fast_path_and_saved_config_does_not_record_it(tiny_quantized):
+    model, out = tiny_quantized
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert {m.active_backend for m in layers} == {"int4"}
+    import json
+    from pathlib import Path
+
+    saved = json.loads((Path(out) / "config.json").read_text())["quantization_config"]
+    assert "backend" not in saved
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert {m.active_backend for m in reloaded.modules() if isinstance(m, QuantLinear)} == {"int4"}
+    ids = calib_ids(2, 32, seed=4)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_backend_is_a_loading_option_of_from_pretrained(tiny_quantized):
+    model, out = tiny_quantized
+    ref = AutoModelForCausalLM.from_pretrained(out, quantization_config=AstroQuantConfig(backend="reference"))
+    assert {m.active_backend for m in ref.modules() if isinstance(m, QuantLinear)} == {"reference"}
+    ids = calib_ids(2, 32, seed=5)
+    with torch.no_grad():
+        a, b = ref(ids).logits, model(ids).logits
+    assert float((a - b).abs().max() / a.abs().max()) < 3e-2  # the int4 kernel computes in bf16
+
+
+def test_generate_uses_the_fast_path_and_matches_the_reference(tiny_quantized, monkeypatch):
+    model, _ = tiny_quantized
+    calls = []
+    real = kernels.Int4Weights.forward
+    monkeypatch.setattr(kernels.Int4Weights, "forward", lambda self, x: calls.append(x.shape) or real(self, x))
+    prompt = calib_ids(1, 8, seed=6)
+    fast = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    assert len(calls) >= 14 * 6  # every quantized layer, every step
+    assert any(s[0] == 1 for s in calls)  # decode steps: one token
+    set_backend(model, "reference")
+    try:
+        slow = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    finally:
+        set_backend(model, "auto")
+    assert torch.equal(fast, slow)
+
+
+def test_torch_compile_traces_the_fast_path(tiny_quantized):
+    model, _ = tiny_quantized
+    assert model.hf_quantizer.is_compileable
+    ids = calib_ids(2, 16, seed=7)
+    with torch.no_grad():
+        eager = model(ids).logits
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
+        got = compiled(ids).logits
+    assert torch.allclose(got, eager, rtol=1e-5, atol=1e-5)
+
+
+@CUDA
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_int4_cuda_matches_reference(bits, desc_act):
+    layer = _layer(bits, 96, 256, 64, desc_act=desc_act, seed=bits)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert _compare(layer, "auto", dtype, device="cuda") == "int4"
+
+
+def test_rtn_layers_take_the_fast_path_too():
+    W = torch.randn(64, 256)
+    layer = QuantLinear.from_result(rtn_quantize(W, bits=3, group_size=64), 64, 3, None)
+    assert _compare(layer, "auto", torch.float32) == "int4"
+    assert hf_astroquant.set_backend is set_backend
