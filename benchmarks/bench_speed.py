@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["smollm2", "synthetic-1.1b"], choices=["smollm2", "synthetic-1.1b"])
     ap.add_argument("--backend", default="auto", help="forward path of the packed rows (auto, reference, int4, int8)")
     ap.add_argument("--out", required=True, help="JSON-lines file; each row is appended as it finishes")
+    ap.add_argument("--build-only", action="store_true", help="build the checkpoints, measure nothing")
     ap.add_argument("--row", nargs=3, metavar=("MODEL", "VARIANT", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.row:
@@ -154,6 +155,8 @@ def main() -> None:
         fp_checkpoint(model)
         for bits in (4, 3, 2):
             packed_checkpoint(model, bits)
+    if args.build_only:
+        return
     for model, variant, dtype in ROWS:
         if model in args.models:
             subprocess.run([sys.executable, __file__, "--row", model, variant, dtype, "--backend", args.backend,

@@ -206,3 +206,49 @@ def test_rtn_layers_take_the_fast_path_too():
     layer = QuantLinear.from_result(rtn_quantize(W, bits=3, group_size=64), 64, 3, None)
     assert _compare(layer, "auto", torch.float32) == "int4"
     assert hf_astroquant.set_backend is set_backend
+
+
+@pytest.mark.parametrize("bits,desc_act,out_f", [(4, False, 96), (3, True, 40), (2, True, 33)])
+def test_cpu_int4_layers_keep_one_copy_of_the_codes_and_save_the_gptq_layout(bits, desc_act, out_f, tmp_path):
+    layer = _layer(bits, out_f, 256, 64, desc_act=desc_act, seed=bits)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(3, 256)
+    layer.set_backend("reference")
+    ref = layer(x)
+    layer.set_backend("auto")
+    assert layer.prepare() == "int4"
+    assert layer.qweight.numel() == 0  # the GPTQ-layout copy is released: the kernel layout holds the codes
+    sd = layer.state_dict()
+    assert set(sd) == set(before) and all(torch.equal(sd[k], before[k]) for k in before)
+    codes, _ = layer.unpack()
+    assert torch.equal(pack_rows_of(codes, bits), before["qweight"])
+    # a fresh layer loads the saved tensors; a released layer loads new ones
+    fresh = QuantLinear(256, out_f, bits, 64, True)
+    fresh.load_state_dict(sd)
+    layer.load_state_dict(sd)
+    assert layer.qweight.shape == before["qweight"].shape
+    for m in (fresh, layer):
+        assert torch.allclose(m(x), ref, rtol=0.02, atol=0.02 * float(ref.abs().max()))
+    # moving, casting or switching back rebuilds qweight exactly
+    layer.prepare()
+    layer.to(torch.float64).to(torch.float32)
+    assert torch.equal(layer.qweight, before["qweight"])
+    layer.prepare()
+    layer.set_backend("reference")
+    assert torch.equal(layer.qweight, before["qweight"]) and torch.equal(layer(x), ref)
+    torch.save(layer.state_dict(), tmp_path / "sd.pt")
+    assert torch.equal(torch.load(tmp_path / "sd.pt")["qweight"], before["qweight"])
+
+
+def pack_rows_of(codes, bits):
+    from hf_astroquant.modules import pack_rows
+
+    return pack_rows(codes, bits)
+
+
+def test_int4pack_cpu_layout_inverse_matches_the_kernel():
+    g = torch.Generator().manual_seed(0)
+    for n, k in [(32, 64), (64, 576), (96, 1536)]:
+        q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        assert torch.equal(kernels.int4pack_cpu_codes(packed, n, k), q)

@@ -12,7 +12,11 @@ shifted to the middle of 0..15 (q + 8 − 2^(b−1), zero = (2^(b−1) − z)·s
 large and cancel, and bf16's rounding of `zero` would then cost ~1 % of every weight.
 Act-order checkpoints (g_idx not sorted) permute the input columns once per call so that every
 group is contiguous; a group larger than 256 columns (group_size=-1 included) is split into kernel
-groups that share one scale. N is padded to the kernel's tile (16) with zero rows.
+groups that share one scale. N is padded with zero rows to a multiple of 32 (the CPU layout's
+block of rows; the kernel itself needs 16).
+
+The CPU layout is invertible (`int4pack_cpu_codes`), so a layer on that path need not also keep
+its GPTQ-layout `qweight`: `QuantLinear` rebuilds it on demand (saving, moving, the reference path).
 
 int8 (``aten._weight_int8pack_mm``, CPU) has one scale per output row and no zero point; with one
 group per row, W = (q − z)·s = s·(q − 128) + s·(128 − z), so
@@ -30,7 +34,7 @@ import torch.nn.functional as F
 
 BACKENDS = ("auto", "reference", "int4", "int8")
 _KERNEL_GROUPS = (256, 128, 64, 32)
-_N_TILE = 16
+_N_TILE = 32
 
 
 class Unsupported(Exception):
@@ -46,6 +50,19 @@ class Int4Weights:
     kernel_group: int
     perm: torch.Tensor | None  # input column order, None when already grouped
     out_features: int
+    shift: int = 0  # added to every code (2/3 bits)
+    invertible: bool = False  # the layout has a known inverse (`codes()`): CPU
+
+    def codes(self) -> torch.Tensor:
+        """The layer's codes, (in, out) int32 in the original column order (CPU layout only)."""
+        n_pad, k = self.packed.shape[0], self.packed.shape[1] * 2
+        q = int4pack_cpu_codes(self.packed, n_pad, k)[: self.out_features] - self.shift  # (N, K) permuted
+        q = q.t()
+        if self.perm is None:
+            return q.contiguous()
+        out = torch.empty_like(q)
+        out[self.perm] = q
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -118,8 +135,10 @@ def int4_weights(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
     n_pad = -out_features % _N_TILE
     q = F.pad(q, (0, 0, 0, n_pad)).contiguous()
     scale_zero = F.pad(torch.stack([s, zero], dim=-1), (0, 0, 0, n_pad))
+    invertible = False
     if device.type == "cpu":
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to("cpu", torch.int32), 1)
+        invertible = True  # QuantLinear checks `codes()` against the layer's codes before relying on it
     else:
         inner_k_tiles = next((t for t in (8, 4, 2) if in_features % (t * 16) == 0), None)
         if inner_k_tiles is None:
@@ -127,7 +146,19 @@ def int4_weights(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
         as_bytes = (q[:, ::2] << 4 | q[:, 1::2]).to(device=device, dtype=torch.uint8)
         packed = torch.ops.aten._convert_weight_to_int4pack(as_bytes, inner_k_tiles)
     scale_zero = scale_zero.to(device=device, dtype=int4_compute_dtype(dtype)).contiguous()
-    return Int4Weights(packed.to(device), scale_zero, kg, None if perm is None else perm.to(device), out_features)
+    return Int4Weights(packed.to(device), scale_zero, kg, None if perm is None else perm.to(device), out_features,
+                       shift, invertible)
+
+
+def int4pack_cpu_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Inverse of ``aten._convert_weight_to_int4pack_for_cpu`` for n a multiple of 32: (n, k) codes.
+
+    The layout (read off the kernel, and checked against it every time a layer is packed): rows in
+    blocks of 32; a block's bytes, viewed as (k, 16), hold byte (kk, j) = q[j, kk] | q[16 + j, kk] << 4.
+    """
+    b = packed.to(torch.int32).reshape(n // 32, k, 16)
+    q = torch.cat([b & 15, b >> 4], dim=2)  # (blocks, k, 32)
+    return q.permute(0, 2, 1).reshape(n, k)
 
 
 def int4_compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -42,6 +42,11 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     if v.numel() and (int(v.min()) < 0 or int(v.max()) >= 2**bits):
         raise ValueError(f"values outside [0, {2 ** bits - 1}] cannot be packed in {bits} bits")
     n_words = packed_rows(n, bits)
+    if 32 % bits == 0:  # 2, 4, 8 bits: whole values per word; the shifted values never overlap
+        per_word = 32 // bits
+        v = torch.nn.functional.pad(v, (0, 0, 0, n_words * per_word - n))
+        shifts = torch.arange(0, 32, bits, device=v.device).view(1, per_word, 1)
+        return _to_int32((v.view(n_words, per_word, m) << shifts).sum(dim=1))
     bit_pos = torch.arange(n, device=v.device) * bits
     word, shift = bit_pos // 32, bit_pos % 32
     words = torch.zeros(n_words, m, dtype=torch.int64, device=v.device)

@@ -56,6 +56,7 @@ class QuantLinear(nn.Module):
         self.backend = "auto"
         self.active_backend: str | None = None  # what the last preparation chose
         self._fast = None  # (device, dtype, backend, weights) of the prepared fast path
+        self._qweight_shape: tuple[int, ...] | None = None  # set while `qweight` lives only in the kernel layout
 
     @classmethod
     def from_result(cls, result, group_size: int, bits: int, bias: torch.Tensor | None) -> "QuantLinear":
@@ -76,8 +77,38 @@ class QuantLinear(nn.Module):
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes (in, out), zeros (n_groups, out)) as int32."""
-        return (unpack_rows(self.qweight, self.bits, self.in_features),
-                unpack_cols(self.qzeros, self.bits, self.out_features))
+        zeros = unpack_cols(self.qzeros, self.bits, self.out_features)
+        if self._qweight_shape is not None:
+            return self._fast[3].codes(), zeros
+        return unpack_rows(self.qweight, self.bits, self.in_features), zeros
+
+    # The CPU int4 layout holds the codes exactly, so a layer on that path keeps only it and
+    # rebuilds the GPTQ-layout `qweight` when it is saved, moved, cast or re-prepared.
+    def _release_qweight(self) -> None:
+        self._qweight_shape = tuple(self.qweight.shape)
+        self.qweight = torch.empty(0, dtype=torch.int32, device=self.qweight.device)
+
+    def _packed_qweight(self) -> torch.Tensor:
+        return pack_rows(self._fast[3].codes(), self.bits)
+
+    def _restore_qweight(self) -> None:
+        if self._qweight_shape is not None:
+            self.qweight = self._packed_qweight()
+            self._qweight_shape = None
+
+    def _drop_fast(self) -> None:
+        self._restore_qweight()
+        self._fast = None
+        self.active_backend = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._qweight_shape is not None:
+            destination[prefix + "qweight"] = self._packed_qweight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._drop_fast()  # new codes: the kernel layout is stale
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The de-quantized weight, (out, in), computed in fp32 then cast to `dtype`."""
@@ -104,14 +135,14 @@ class QuantLinear(nn.Module):
         `prepare` or forward."""
         if backend not in kernels.BACKENDS:
             raise ValueError(f"QuantLinear: backend={backend!r} is not one of {', '.join(map(repr, kernels.BACKENDS))}")
+        self._drop_fast()
         self.backend = backend
-        self._fast = None
-        self.active_backend = None
 
     @torch.no_grad()
     def prepare(self, dtype: torch.dtype | None = None) -> str:
         """Build the fast path for the buffers' device and activations of `dtype`; return the
         backend that will run. A requested fast path that cannot represent the layer raises."""
+        self._drop_fast()
         device = self.qweight.device
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
         name = self.backend
@@ -135,6 +166,8 @@ class QuantLinear(nn.Module):
                 name, weights = "reference", None
         self._fast = (device, dtype, name, weights)
         self.active_backend = name
+        if isinstance(weights, kernels.Int4Weights) and weights.invertible and torch.equal(weights.codes(), codes):
+            self._release_qweight()
         return name
 
     def _check(self, weights, codes: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> None:
@@ -144,7 +177,7 @@ class QuantLinear(nn.Module):
                                        torch.arange(max(0, self.out_features - 16), self.out_features)]))
         cols = cols.to(codes.device)
         g = self.g_idx.long()
-        w = (codes[:, cols] - zeros[g][:, cols]).to(torch.float32) * self.scales[g][:, cols].to(torch.float32)
+        w = (codes[:, cols] - zeros[:, cols][g]).to(torch.float32) * self.scales[:, cols][g].to(torch.float32)
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(4, self.in_features, generator=gen).to(device=codes.device, dtype=dtype)
         ref = x.to(torch.float32) @ w
@@ -171,7 +204,7 @@ class QuantLinear(nn.Module):
         return y if bias is None else y + bias
 
     def _apply(self, fn, recurse=True):
-        self._fast = None  # moved or cast: the prepared kernel weights are stale
+        self._drop_fast()  # moved or cast: the prepared kernel weights are stale
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
