@@ -78,7 +78,7 @@ def render_speed(rows: list[dict]) -> str:
     """Decode/prefill speed per model, relative to the same model in fp32 (latest row of each kind)."""
     latest = {(r["model"], r["variant"], r["dtype"]): r for r in rows}
     lines = ["| model | weights | activations | forward path | decode tok/s (batch 1) | × fp32 | prefill tok/s | "
-             "× fp32 | checkpoint GiB | peak RSS after load GiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "× fp32 | checkpoint GiB | peak RSS after load GiB | peak RSS GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (model, variant, dtype), r in latest.items():
         base = latest.get((model, "fp", "fp32"))
         weights = "full precision" if variant == "fp" else f"{variant[1:]}-bit g64"
@@ -86,7 +86,7 @@ def render_speed(rows: list[dict]) -> str:
         dec = f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}" if base else ""
         pre = f"{r['prefill_tok_s'] / base['prefill_tok_s']:.2f}" if base else ""
         lines.append(f"| {model} | {weights} | {dtype} | {path} | {r['decode_tok_s']} | {dec} | {r['prefill_tok_s']} "
-                     f"({r['prefill_shape']}) | {pre} | {r['checkpoint_gib']} | {r['load_peak_rss_gib']} |")
+                     f"({r['prefill_shape']}) | {pre} | {r['checkpoint_gib']} | {r['load_peak_rss_gib']} | {r['peak_rss_gib']} |")
     return "\n".join(lines)
 
 
