@@ -13,6 +13,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 ABLATION = RESULTS / "ablation.jsonl"  # issue 3's ablation, one sitting: its own table
 ABL_START, ABL_END = "<!-- ablation:start -->", "<!-- ablation:end -->"
+ABLATION_PPL = RESULTS / "ablation-s3.jsonl"  # a sitting whose timings other work disturbed: perplexity only
+ABL2_START, ABL2_END = "<!-- ablation-ppl:start -->", "<!-- ablation-ppl:end -->"
 SPEED = RESULTS / "speed.jsonl"
 SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
 
@@ -90,6 +92,15 @@ def render_speed(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render_ablation_ppl(rows: list[dict]) -> str:
+    lines = ["| method | bits | group | WikiText-2 ppl | fp stream GiB | median α |", "|---|---|---|---|---|---|"]
+    latest = {r["row"]: r for r in rows}
+    for r in sorted(latest.values(), key=lambda r: (-r["bits"], r["ppl"])):
+        lines.append(f"| {describe(r)} | {r['bits']} | {r['group_size']} | {r['ppl']:.2f} | "
+                     f"{r.get('fp_stream_gib', '')} | {r.get('asym_alpha_median', '')} |")
+    return "\n".join(lines)
+
+
 def _replace(text: str, start: str, end: str, body: str) -> str:
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
@@ -103,6 +114,9 @@ def main() -> None:
         rows = [json.loads(line) for line in ABLATION.read_text().splitlines() if line.strip()]
         text = _replace(text, ABL_START, ABL_END, render_ablation(rows))
         print(render_ablation(rows))
+    if ABLATION_PPL.exists():
+        rows = [json.loads(line) for line in ABLATION_PPL.read_text().splitlines() if line.strip()]
+        text = _replace(text, ABL2_START, ABL2_END, render_ablation_ppl(rows))
     if SPEED.exists():
         rows = [json.loads(line) for line in SPEED.read_text().splitlines() if line.strip()]
         text = _replace(text, SPEED_START, SPEED_END, render_speed(rows))

@@ -58,7 +58,8 @@ class AstroQuantConfig(QuantizationConfigMixin):
         method: "rtn" (round to nearest, data-free), "gptq", "gptaq" (asymmetric calibration: the
             quantized layer fed the quantized model's inputs is fitted to the full-precision
             output) or "rescomp" (GPTAQ plus the compensation-aware residual that pulls every step
-            back toward the original weights). gptaq/rescomp carry the full-precision stream.
+            back toward the original weights; at 2 bits it runs GPTAQ, which measured better
+            there). gptaq/rescomp carry the full-precision stream.
         alpha: step scale of GPTAQ's P-term and ResComp's R-term (0.25 in the reference code).
         asym_alpha: interpolation between the symmetric (0) and asymmetric (1) targets,
             X_α = X + α·ΔX: None (0 for gptq, 1 for gptaq/rescomp), a number in [0, 1], "auto"

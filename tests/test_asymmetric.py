@@ -244,3 +244,13 @@ def test_solver_needs_d_for_asymmetric_options():
     W, X, Xfp, H, D, G = asym_problem(4, 16, 100, seed=12)
     with pytest.raises(ValueError, match="full-precision"):
         solve_linear(W.float(), H.float(), SolverOptions(bits=4, method="gptaq"))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_rescomp_runs_gptaq_at_2_bits_only(bits):
+    W, X, Xfp, H, D, G = asym_problem(8, 32, 300, seed=12)
+    common = dict(bits=bits, group_size=16, desc_act=True, static_groups=True)
+    res = {m: solve_linear(W.float(), H.float(), SolverOptions(method=m, **common), D.float())[0]
+           for m in ("gptaq", "rescomp")}
+    same = torch.equal(res["gptaq"].weight, res["rescomp"].weight)
+    assert same == (bits == 2)

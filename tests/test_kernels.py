@@ -252,3 +252,30 @@ def test_int4pack_cpu_layout_inverse_matches_the_kernel():
         q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         assert torch.equal(kernels.int4pack_cpu_codes(packed, n, k), q)
+
+
+def test_auto_runs_large_fp32_cpu_batches_through_the_fp32_gemm(monkeypatch):
+    layer = _layer(4, 32, 128, 32)
+    layer.prepare()
+    calls = []
+    real = kernels.Int4Weights.forward
+    probe = (4, 128)  # the check when a path is (re)built
+
+    def spy(self, x):
+        if tuple(x.shape) != probe:
+            calls.append(x.shape)
+        return real(self, x)
+
+    monkeypatch.setattr(kernels.Int4Weights, "forward", spy)
+    big = torch.randn(2, 600, 128)  # 1200 rows
+    y = layer(big)
+    assert calls == [] and layer.qweight.numel() == 0  # de-quantized from the kernel layout; nothing kept
+    layer.set_backend("reference")
+    assert torch.equal(y, layer(big))
+    layer.set_backend("auto")
+    layer(big[:, :8])
+    layer(big.bfloat16())  # bf16 batches always take the kernel
+    assert len(calls) == 2
+    layer.set_backend("int4")  # an explicit kernel choice is always honoured
+    layer(big)
+    assert len(calls) == 3

@@ -32,6 +32,7 @@ from .packing import pack_cols, pack_rows, packed_rows, unpack_cols, unpack_rows
 
 logger = logging.getLogger("hf_astroquant")
 _warned: set[str] = set()
+_DEQUANTIZE_MIN_ROWS = 1024  # see QuantLinear._dequantize_is_faster
 
 
 class QuantLinear(nn.Module):
@@ -198,10 +199,17 @@ class QuantLinear(nn.Module):
                 self.prepare(x.dtype)
                 fast = self._fast
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if fast is None or fast[3] is None:
+        if fast is None or fast[3] is None or self._dequantize_is_faster(x):
             return F.linear(x, self.dequantize_weight(x.dtype), bias)
         y = fast[3].forward(x)
         return y if bias is None else y + bias
+
+    def _dequantize_is_faster(self, x: torch.Tensor) -> bool:
+        """With "auto", a large fp32 batch on CPU (prefill) de-quantizes once and runs the fp32 GEMM:
+        the int4 kernel computes in bf16, which CPUs without bf16 instructions run slower than
+        fp32 GEMM once the batch amortizes the de-quantization (measured crossover: 512-1024 rows)."""
+        return (self.backend == "auto" and x.dtype == torch.float32 and x.device.type == "cpu"
+                and x.numel() >= _DEQUANTIZE_MIN_ROWS * self.in_features)
 
     def _apply(self, fn, recurse=True):
         self._drop_fast()  # moved or cast: the prepared kernel weights are stale
