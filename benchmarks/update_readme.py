@@ -24,7 +24,7 @@ def load_rows() -> list[dict]:
     for f in sorted(RESULTS.glob("*.jsonl")):
         if f.name.startswith(("ablation", "speed")):  # their own tables
             continue
-        rows += [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        rows += read_jsonl(f)
     for f in sorted(RESULTS.glob("*.json")):
         rows.append(json.loads(f.read_text()))
     return rows
@@ -107,22 +107,23 @@ def _replace(text: str, start: str, end: str, body: str) -> str:
     return f"{head}{start}\n{body}\n{end}{tail}"
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def main() -> None:
     readme = ROOT / "README.md"
-    text = _replace(readme.read_text(), START, END, render(load_rows()))
-    if ABLATION.exists():
-        rows = [json.loads(line) for line in ABLATION.read_text().splitlines() if line.strip()]
-        text = _replace(text, ABL_START, ABL_END, render_ablation(rows))
-        print(render_ablation(rows))
-    if ABLATION_PPL.exists():
-        rows = [json.loads(line) for line in ABLATION_PPL.read_text().splitlines() if line.strip()]
-        text = _replace(text, ABL2_START, ABL2_END, render_ablation_ppl(rows))
-    if SPEED.exists():
-        rows = [json.loads(line) for line in SPEED.read_text().splitlines() if line.strip()]
-        text = _replace(text, SPEED_START, SPEED_END, render_speed(rows))
-        print(render_speed(rows))
+    main_table = render(load_rows())
+    text = _replace(readme.read_text(), START, END, main_table)
+    sections = [(ABLATION, ABL_START, ABL_END, render_ablation), (ABLATION_PPL, ABL2_START, ABL2_END, render_ablation_ppl),
+                (SPEED, SPEED_START, SPEED_END, render_speed)]
+    for path, start, end, render_rows in sections:
+        if path.exists():
+            table = render_rows(read_jsonl(path))
+            text = _replace(text, start, end, table)
+            print(table)
     readme.write_text(text)
-    print(render(load_rows()))
+    print(main_table)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def _compare(layer, backend, dtype, device="cpu", lead=(3, 5)):
     got = layer(x)
     assert got.dtype == dtype and got.shape == ref.shape
     err = float((got.float() - ref).abs().max() / ref.abs().max())
-    compute = kernels.int4_compute_dtype(dtype) if layer.active_backend == "int4" else dtype
+    compute = kernels.INT4_COMPUTE_DTYPE if layer.active_backend == "int4" else dtype
     assert err <= TOL[compute], (backend, dtype, err)
     return layer.active_backend
 

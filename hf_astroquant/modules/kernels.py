@@ -1,7 +1,7 @@
 """Fast forward paths of `QuantLinear`: PyTorch's own weight-only int4 and int8 kernels.
 
 int4 (``aten._weight_int4pack_mm_for_cpu`` on CPU, ``aten._weight_int4pack_mm`` on CUDA; both run
-in bf16 whatever the activations' dtype, see `int4_compute_dtype`) computes y = x·Wᵀ with
+in bf16 whatever the activations' dtype, see `INT4_COMPUTE_DTYPE`) computes y = x·Wᵀ with
 
     W[n, k] = (q[n, k] − 8) · scale[t, n] + zero[t, n],   t = k // kg,   kg ∈ {32, 64, 128, 256}.
 
@@ -33,8 +33,18 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "reference", "int4", "int8")
+# The int4 kernels always compute in bf16: the CUDA kernel takes nothing else, and the CPU kernel's
+# fp32 and fp16 paths are not vectorized (10-100x slower than bf16 on an AVX2 machine). Rounding
+# the inputs to bf16 (2^-9 relative) costs far less than the weights' own 2-4-bit rounding; the
+# output comes back in the input's dtype.
+INT4_COMPUTE_DTYPE = torch.bfloat16
 _KERNEL_GROUPS = (256, 128, 64, 32)
 _N_TILE = 32
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {', '.join(map(repr, BACKENDS))}")
 
 
 class Unsupported(Exception):
@@ -51,7 +61,12 @@ class Int4Weights:
     perm: torch.Tensor | None  # input column order, None when already grouped
     out_features: int
     shift: int = 0  # added to every code (2/3 bits)
-    invertible: bool = False  # the layout has a known inverse (`codes()`): CPU
+
+    @property
+    def invertible(self) -> bool:
+        """Whether `codes()` can read the layout back: the CPU layout's inverse is known (QuantLinear
+        still checks it against the layer's codes before relying on it)."""
+        return self.packed.device.type == "cpu"
 
     def codes(self) -> torch.Tensor:
         """The layer's codes, (in, out) int32 in the original column order (CPU layout only)."""
@@ -135,19 +150,17 @@ def int4_weights(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
     n_pad = -out_features % _N_TILE
     q = F.pad(q, (0, 0, 0, n_pad)).contiguous()
     scale_zero = F.pad(torch.stack([s, zero], dim=-1), (0, 0, 0, n_pad))
-    invertible = False
     if device.type == "cpu":
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to("cpu", torch.int32), 1)
-        invertible = True  # QuantLinear checks `codes()` against the layer's codes before relying on it
     else:
         inner_k_tiles = next((t for t in (8, 4, 2) if in_features % (t * 16) == 0), None)
         if inner_k_tiles is None:
             raise Unsupported(f"in_features={in_features} is not a multiple of 32 (CUDA int4 kernel)")
         as_bytes = (q[:, ::2] << 4 | q[:, 1::2]).to(device=device, dtype=torch.uint8)
         packed = torch.ops.aten._convert_weight_to_int4pack(as_bytes, inner_k_tiles)
-    scale_zero = scale_zero.to(device=device, dtype=int4_compute_dtype(dtype)).contiguous()
+    scale_zero = scale_zero.to(device=device, dtype=INT4_COMPUTE_DTYPE).contiguous()
     return Int4Weights(packed.to(device), scale_zero, kg, None if perm is None else perm.to(device), out_features,
-                       shift, invertible)
+                       shift)
 
 
 def int4pack_cpu_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -159,14 +172,6 @@ def int4pack_cpu_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     b = packed.to(torch.int32).reshape(n // 32, k, 16)
     q = torch.cat([b & 15, b >> 4], dim=2)  # (blocks, k, 32)
     return q.permute(0, 2, 1).reshape(n, k)
-
-
-def int4_compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The activation dtype the int4 kernel runs in: always bf16. The CUDA kernel takes nothing
-    else, and the CPU kernel's fp32 and fp16 paths are not vectorized (10-100x slower than bf16 on
-    an AVX2 machine). Rounding the inputs to bf16 (2^-9 relative) costs far less than the weights'
-    own 2-4-bit rounding; the output comes back in the input's dtype."""
-    return torch.bfloat16
 
 
 def int8_weights(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, n_groups: int,

@@ -134,8 +134,7 @@ class QuantLinear(nn.Module):
     def set_backend(self, backend: str) -> None:
         """Choose the forward path ("auto", "reference", "int4", "int8"); takes effect at the next
         `prepare` or forward."""
-        if backend not in kernels.BACKENDS:
-            raise ValueError(f"QuantLinear: backend={backend!r} is not one of {', '.join(map(repr, kernels.BACKENDS))}")
+        kernels.check_backend(backend)
         self._drop_fast()
         self.backend = backend
 
@@ -183,7 +182,7 @@ class QuantLinear(nn.Module):
         x = torch.randn(4, self.in_features, generator=gen).to(device=codes.device, dtype=dtype)
         ref = x.to(torch.float32) @ w
         got = weights.forward(x).to(torch.float32)[:, cols]
-        compute = kernels.int4_compute_dtype(dtype) if isinstance(weights, kernels.Int4Weights) else dtype
+        compute = kernels.INT4_COMPUTE_DTYPE if isinstance(weights, kernels.Int4Weights) else dtype
         tol = 1e-4 if compute == torch.float32 else 2e-2
         err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
         if not err <= tol:
@@ -229,8 +228,7 @@ def _warn_once(message: str) -> None:
 def set_backend(model: nn.Module, backend: str = "auto", dtype: torch.dtype | None = None) -> dict[str, int]:
     """Choose the forward path of every `QuantLinear` in `model` and prepare it for the layers'
     current device and `dtype` (default: the model's dtype); return how many layers run each path."""
-    if backend not in kernels.BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {', '.join(map(repr, kernels.BACKENDS))}")
+    kernels.check_backend(backend)  # before the loop: a model without packed layers still says so
     dtype = dtype or getattr(model, "dtype", None)
     counts: dict[str, int] = {}
     for module in model.modules():
