@@ -16,6 +16,8 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from .config import AstroQuantConfig
+from .export import guard
+from .export.hub import base_model_info, install_save_hooks
 from .modules import QuantLinear, set_backend
 from .pipeline import quantize_model, set_submodule
 
@@ -71,12 +73,19 @@ class AstroQuantizer(HfQuantizer):
                 f"this astroquant checkpoint quantized modules that the model does not have as Linear layers: "
                 f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
             )
+        expected = {}
         for name in names:
             linear = modules[name]
-            set_submodule(model, name, QuantLinear(
-                linear.in_features, linear.out_features, cfg.bits, cfg.group_size, linear.bias is not None,
-                dtype=linear.weight.dtype, device=linear.weight.device,
-            ))
+            layer = QuantLinear(linear.in_features, linear.out_features, cfg.bits, cfg.group_size,
+                                linear.bias is not None, dtype=linear.weight.dtype, device=linear.weight.device)
+            set_submodule(model, name, layer)
+            expected.update(guard.expected_tensors(name, layer))
+        guard.check_checkpoint(kwargs.get("checkpoint_files") or [], expected, getattr(model, "base_model_prefix", ""))
+        key = guard.guard_key(names)
+        if key is not None:  # the load guard (see export/guard.py) is expected here, not a stray tensor
+            patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+            model._keys_to_ignore_on_load_unexpected = patterns | {guard.ignore_pattern(key), guard.ignore_pattern(
+                _strip_prefix(model, key))}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         cfg = self.quantization_config
@@ -88,13 +97,23 @@ class AstroQuantizer(HfQuantizer):
             cfg.calibration = self.report.calibration or None
             model.config.quantization_config = cfg
             logger.info("astroquant: quantized %d Linear layers in %.1f s", len(quantized), self.report.seconds)
+            model.astroquant_report = _report_record(model, self.report)
         for module in model.modules():
             if isinstance(module, QuantLinear):
                 for buf in module.buffers():
                     buf.requires_grad_(False)
         counts = set_backend(model, cfg.backend)
         logger.info("astroquant: forward paths %s", counts)
+        install_save_hooks(model)
         return model
+
+    def get_state_dict_and_metadata(self, model):
+        """The model's state dict plus the load guard (export/guard.py); metadata for the header."""
+        state_dict = model.state_dict()
+        key = guard.guard_key(self.quantization_config.quantized_modules)
+        if key is not None:
+            state_dict[key] = guard.guard_tensor()
+        return state_dict, dict(guard.GUARD_METADATA)
 
     def is_serializable(self, safe_serialization=None):
         return True
@@ -108,3 +127,25 @@ class AstroQuantizer(HfQuantizer):
         # The kernels are prepared at load time; a traced forward only reads them (tested).
         return True
 
+
+
+def _strip_prefix(model, key: str) -> str:
+    prefix = getattr(model, "base_model_prefix", "")
+    return key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else key
+
+
+def _report_record(model, report) -> dict:
+    """The JSON-safe run record that save_pretrained writes next to the weights (and the card reads)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    packed = sum(sum(b.numel() * b.element_size() for n, b in m.named_buffers() if n != "bias") for m in layers)
+    fp16 = sum(m.in_features * m.out_features * 2 for m in layers)
+    device = next((p.device.type for p in model.parameters()), "cpu")
+    record = base_model_info(getattr(model, "name_or_path", None))
+    record.update({
+        "seconds": round(report.seconds, 2), "device": device, "layer_errors": dict(report.layer_errors),
+        "calibration": report.calibration or None, "skipped": list(report.skipped),
+        "quantized_packed_bytes": packed, "quantized_fp16_bytes": fp16,
+    })
+    if report.asym_alpha:
+        record["asym_alpha"] = dict(report.asym_alpha)
+    return record

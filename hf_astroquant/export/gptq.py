@@ -1,0 +1,231 @@
+"""Export an hf_astroquant checkpoint to the plain GPTQ format that serving engines load.
+
+Our packed layout already is GPTQ's (qweight, qzeros, scales, g_idx in int32 words); what differs:
+
+    zero points   ours store z; GPTQ's v1 format ("checkpoint_format": "gptq", what vLLM, SGLang,
+                  TGI and transformers read) stores z − 1 and adds the 1 back when loading, so a
+                  zero point of 0 cannot be written there (it would come back as 2^b). "gptq_v2"
+                  (GPTQModel) stores z as we do.
+    scales/bias   fp16 (engines' GPTQ kernels compute in fp16)
+    g_idx         desc_act=False promises g_idx[i] = i // group_size for every layer; any other
+                  column order (act-order without static groups) needs desc_act=True.
+    config        quantization_config = {quant_method: "gptq", bits, group_size, desc_act, sym,
+                  checkpoint_format, ...}, also written as quantize_config.json (GPTQModel).
+
+Settings the format cannot express are refused with the reason, never written approximately:
+a group size that does not divide a layer's input width (GPTQ requires whole groups), an
+unquantized Linear inside a decoder block (engines quantize every Linear of a block), a zero
+point of 0 in v1, and any option this exporter does not know (for example a preconditioning
+transform that is not folded into the weights).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..config import CHECKPOINT_FORMAT, QUANT_METHOD, AstroQuantConfig
+from ..modules.packing import pack_cols, unpack_cols
+
+GPTQ_FORMATS = ("gptq", "gptq_v2")
+# Config keys whose every value the export can serve (the solver that produced the codes does not
+# matter to an engine; layout-related keys are checked below).
+_SERVABLE_KEYS = set(AstroQuantConfig._option_names()) | {
+    "quant_method", "checkpoint_format", "calibration", "quantized_modules"}
+_COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                 "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+_LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+class ExportError(ValueError):
+    """The checkpoint uses a setting the target format cannot serve; the message says which."""
+
+
+@dataclass
+class ExportSummary:
+    out_dir: Path
+    checkpoint_format: str
+    desc_act: bool
+    layers: int
+    bytes_written: int
+    notes: list[str] = field(default_factory=list)
+
+
+def plain_g_idx(in_features: int, group_size: int) -> torch.Tensor:
+    """The column → group map of contiguous groups: i // group_size."""
+    return torch.arange(in_features, dtype=torch.int32) // group_size
+
+
+def v1_qzeros(qzeros: torch.Tensor, bits: int, out_features: int, layer: str) -> torch.Tensor:
+    """Repack true zero points z as GPTQ v1's z − 1; refuses z = 0, which v1 cannot hold."""
+    zeros = unpack_cols(qzeros, bits, out_features)
+    if int(zeros.min()) < 1:
+        n = int((zeros < 1).sum())
+        raise ExportError(
+            f"{layer}: {n} group(s) have zero point 0, which GPTQ's v1 format (checkpoint_format='gptq') "
+            "stores as z-1 and cannot represent; export with checkpoint_format='gptq_v2' (GPTQModel) or "
+            "quantize with sym=True")
+    return pack_cols(zeros - 1, bits)
+
+
+def _read_config(src: Path) -> tuple[dict, dict]:
+    path = src / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{src} has no config.json: not a saved transformers model directory")
+    config = json.loads(path.read_text())
+    q = config.get("quantization_config")
+    if not q or q.get("quant_method") != QUANT_METHOD:
+        raise ExportError(f"{src} is not an hf_astroquant checkpoint (quantization_config.quant_method is "
+                          f"{(q or {}).get('quant_method')!r}, expected {QUANT_METHOD!r})")
+    if q.get("checkpoint_format") != CHECKPOINT_FORMAT:
+        raise ExportError(f"{src}: checkpoint_format {q.get('checkpoint_format')!r} is not {CHECKPOINT_FORMAT!r}")
+    unknown = sorted(set(q) - _SERVABLE_KEYS)
+    if unknown:
+        raise ExportError(f"{src}: option(s) {unknown} are not known to the GPTQ export (for example a "
+                          "preconditioning transform that is not folded into the weights): refusing to export")
+    if not q.get("quantized_modules"):
+        raise ExportError(f"{src}: the config lists no quantized modules")
+    return config, q
+
+
+def _shards(src: Path) -> list[Path]:
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{src} holds no .safetensors files")
+    return files
+
+
+def _block_prefix(name: str) -> str | None:
+    """'model.layers.3.self_attn.q_proj' → 'model.layers.3.' (the decoder block it lives in)."""
+    m = re.match(r"(.*?\.\d+\.)", name)
+    return m.group(1) if m else None
+
+
+def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq",
+                dtype: torch.dtype = torch.float16, overwrite: bool = False) -> ExportSummary:
+    """Write the GPTQ-format copy of the hf_astroquant checkpoint `src` into `out`."""
+    src, out = Path(src), Path(out)
+    if checkpoint_format not in GPTQ_FORMATS:
+        raise ValueError(f"checkpoint_format={checkpoint_format!r} is not valid; allowed: {', '.join(GPTQ_FORMATS)}")
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype={dtype} is not valid; allowed: torch.float16, torch.bfloat16")
+    if out.resolve() == src.resolve():
+        raise ValueError("the export directory must differ from the source directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+    config, q = _read_config(src)
+    bits, group_size = int(q["bits"]), int(q["group_size"])
+    quantized = list(q["quantized_modules"])
+    qset = set(quantized)
+
+    # One pass over the headers: every check happens before anything is written.
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in _shards(src):
+        with safe_open(str(shard), "pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    missing = [f"{m}.{t}" for m in quantized for t in _LAYER_TENSORS if f"{m}.{t}" not in shapes]
+    if missing:
+        raise ExportError(f"{src}: quantized tensors missing from the checkpoint: {missing[:4]}")
+    blocks = {_block_prefix(m) for m in quantized} - {None}
+    unquantized = sorted(k[: -len(".weight")] for k, s in shapes.items()
+                         if k.endswith(".weight") and len(s) == 2 and _block_prefix(k) in blocks
+                         and k[: -len(".weight")] not in qset)
+    if unquantized:
+        raise ExportError(
+            f"Linear layers inside decoder blocks were left unquantized ({unquantized[:4]}"
+            f"{' ...' if len(unquantized) > 4 else ''}); GPTQ engines quantize every Linear of a block")
+    in_features = {m: shapes[f"{m}.g_idx"][0] for m in quantized}
+    eff_group = {m: (n if group_size == -1 else group_size) for m, n in in_features.items()}
+    ragged = sorted(m for m, n in in_features.items() if n % eff_group[m])
+    if ragged:
+        raise ExportError(f"group_size={group_size} does not divide the input width of {ragged[:4]} "
+                          f"({in_features[ragged[0]]}); GPTQ engines need whole groups")
+
+    # desc_act is one flag for the whole model: True as soon as one layer's columns are reordered.
+    desc_act = False
+    for shard in _shards(src):
+        with safe_open(str(shard), "pt") as f:
+            for m in quantized:
+                key = f"{m}.g_idx"
+                if key in f.keys() and not torch.equal(f.get_tensor(key).to(torch.int32),
+                                                       plain_g_idx(in_features[m], eff_group[m])):
+                    desc_act = True
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = ExportSummary(out, checkpoint_format, desc_act, len(quantized), 0)
+    weight_map: dict[str, str] = {}
+    for shard in _shards(src):
+        tensors: dict[str, torch.Tensor] = {}
+        with safe_open(str(shard), "pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                module, _, leaf = key.rpartition(".")
+                if module in qset:
+                    if leaf == "weight":  # the load guard of our own format (see hf_astroquant.export.guard)
+                        continue
+                    if leaf == "qzeros" and checkpoint_format == "gptq":
+                        t = v1_qzeros(t, bits, shapes[f"{module}.scales"][1], module)
+                    elif leaf in ("scales", "bias"):
+                        t = _cast(t, torch.float16, key)
+                    elif leaf == "g_idx":
+                        t = t.to(torch.int32)
+                elif t.is_floating_point():
+                    t = _cast(t, dtype, key)
+                tensors[key] = t.contiguous()
+        target = out / shard.name
+        save_file(tensors, str(target), metadata={"format": "pt"})
+        summary.bytes_written += target.stat().st_size
+        weight_map.update({k: shard.name for k in tensors})
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        meta = json.loads(index.read_text()).get("metadata", {})
+        meta["total_size"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        (out / index.name).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2))
+
+    gptq_config = gptq_quantization_config(q, desc_act, checkpoint_format)
+    config["quantization_config"] = gptq_config
+    config.pop("auto_map", None)  # our remote-code stub imports hf_astroquant; GPTQ loaders need none
+    config["dtype"] = "float16" if dtype == torch.float16 else "bfloat16"
+    config.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out / "quantize_config.json").write_text(json.dumps(gptq_config, indent=2) + "\n")
+    for name in _COPIED_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    return summary
+
+
+def gptq_quantization_config(q: dict, desc_act: bool, checkpoint_format: str) -> dict:
+    """The `quantization_config` GPTQ loaders read (transformers/optimum, GPTQModel, vLLM)."""
+    from .. import __version__
+
+    return {
+        "quant_method": "gptq",
+        "bits": int(q["bits"]),
+        "group_size": int(q["group_size"]),
+        "desc_act": bool(desc_act),
+        "sym": bool(q.get("sym", False)),
+        "static_groups": bool(q.get("static_groups", False)),
+        "true_sequential": bool(q.get("true_sequential", True)),
+        "damp_percent": float(q.get("damp_percent", 0.01)),
+        "checkpoint_format": checkpoint_format,
+        "format": checkpoint_format,
+        "lm_head": False,
+        "pack_dtype": "int32",
+        "meta": {"quantizer": [f"hf_astroquant:{__version__}"], "method": q.get("method")},
+    }
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
+    out = t.to(dtype)
+    if torch.isfinite(t).all() and not torch.isfinite(out).all():
+        raise ExportError(f"{key}: values overflow {dtype} (largest magnitude {float(t.abs().max()):.3g})")
+    return out

@@ -1,0 +1,1 @@
+"""Package data: the model card template (see hf_astroquant.export.card)."""
