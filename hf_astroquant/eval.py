@@ -66,3 +66,47 @@ def stdlib_docs_text(part: int = 0, parts: int = 2) -> str:
                 if d and len(d) > 200:
                     chunks.append(d)
     return "\n\n".join(chunks)
+
+
+EVAL_DATASET_NAMES = ("wikitext2",)
+
+
+def evaluation_text(data: str) -> tuple[str, str]:
+    """(text, description) of evaluation data: "wikitext2" (the WikiText-2 raw test split through
+    `datasets`, its lines joined by blank lines as GPTQ's evaluation does) or a local text file."""
+    import os
+
+    if os.path.isfile(data):
+        with open(data, encoding="utf-8") as f:
+            text = f.read()
+        if not text.strip():
+            raise ValueError(f"evaluation file {data} contains no text")
+        return text, f"text file {os.path.basename(data)}"
+    if data == "wikitext2":
+        import datasets
+
+        try:
+            ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+        except Exception as exc:  # network errors come in many types
+            raise ValueError(f"could not load WikiText-2 with datasets.load_dataset ({type(exc).__name__}: {exc}). "
+                             "Offline? Pass a local text file (for example wiki.test.raw).") from exc
+        return "\n\n".join(ds["text"]), "WikiText-2 test"
+    raise ValueError(f"evaluation data {data!r} is neither an existing text file nor one of "
+                     f"{', '.join(EVAL_DATASET_NAMES)}")
+
+
+def lm_eval_scores(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 1) -> dict:
+    """Scores of lm-evaluation-harness `tasks` on an already loaded model: {"task/metric": value}."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+    except ImportError as err:
+        raise ImportError("lm-eval tasks need the lm-evaluation-harness: pip install lm-eval") from err
+    results = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+                                      tasks=list(tasks), limit=limit)
+    scores = {}
+    for task, metrics in (results or {}).get("results", {}).items():
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and not name.endswith("_stderr,none") and name != "alias":
+                scores[f"{task}/{name.replace(',none', '')}"] = float(value)
+    return scores

@@ -43,3 +43,15 @@ class CharTokenizer:
         out = Out()
         out.input_ids = torch.tensor([[ord(c) % VOCAB for c in text]])
         return out
+
+
+def tiny_tokenizer():
+    """A real (fast) tokenizer over VOCAB ids: one token per character, so any text encodes."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 32 + VOCAB - 2)]
+    vocab = {"<unk>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")

@@ -64,7 +64,7 @@ def plot_layer_errors(errors: dict[str, float], path: str | Path, title: str) ->
     palette = plt.get_cmap("tab10")
     kind_colour = {k: palette(i % 10) for i, k in enumerate(dict.fromkeys(kinds))}
     values = [max(float(errors[n]), 1e-12) for n in names]
-    fig, ax = plt.subplots(figsize=(8, 3), dpi=100)
+    fig, ax = plt.subplots(figsize=(9, 3), dpi=100)
     ax.bar(range(len(names)), values, color=[kind_colour[k] for k in kinds], width=1.0)
     ax.set_yscale("log")
     ax.set_xlabel("layer (model order)")
@@ -72,8 +72,7 @@ def plot_layer_errors(errors: dict[str, float], path: str | Path, title: str) ->
     ax.set_title(title, fontsize=10)
     ax.set_xlim(-0.5, len(names) - 0.5)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in kind_colour.values()]
-    ax.legend(handles, list(kind_colour), fontsize=7, ncol=min(len(kind_colour), 7), loc="upper left",
-              frameon=False)
+    ax.legend(handles, list(kind_colour), fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)

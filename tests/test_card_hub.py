@@ -1,0 +1,229 @@
+"""Model card, remote-code stub, load guard and the Hub upload path (intercepted at
+huggingface_hub's commit API: nothing leaves the machine)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
+from huggingface_hub.hf_api import RepoUrl
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import hf_astroquant
+from hf_astroquant import AstroQuantConfig
+from hf_astroquant.export.card import PLOT_FILE, REPORT_FILE, render_card
+from hf_astroquant.export.hub import STUB_FILE, push_folder
+from tiny import calib_ids, save_tiny, tiny_tokenizer
+
+SNIPPET_RE = r"```python\n(.*?)```"
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("card")
+    save_tiny(root / "fp", layers=2, hidden=64, inter=128)
+    (root / "fp" / "README.md").write_text("---\nlicense: mit\nbase_model: org/tiny-base\n---\n# tiny\n")
+    model = AutoModelForCausalLM.from_pretrained(str(root / "fp"), quantization_config=AstroQuantConfig(
+        bits=4, group_size=32, dataset=calib_ids()))
+    tiny_tokenizer().save_pretrained(root / "q")  # first, so that the card's snippet loads it from here
+    model.save_pretrained(root / "q")
+    return model, root / "q"
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(calib_ids(2, 16, seed=9)).logits
+
+
+def test_save_writes_card_plot_report_and_stub(quantized):
+    model, q = quantized
+    card = ModelCard.load(q / "README.md")
+    assert card.data.license == "mit" and card.data.base_model == "org/tiny-base"  # carried from the base card
+    assert {"hf_astroquant", "4-bit"} <= set(card.data.tags) and card.data.library_name == "transformers"
+    assert f"![" in card.text and f"({PLOT_FILE})" in card.text
+    png = (q / PLOT_FILE).read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
+    report = json.loads((q / REPORT_FILE).read_text())
+    assert len(report["layer_errors"]) == 14 and report["quantized_packed_bytes"] < report["quantized_fp16_bytes"]
+    assert '"bits": 4' in card.text and "relative reconstruction error" in card.text
+    config = json.loads((q / "config.json").read_text())
+    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_astroquant.AstroQuantLlamaForCausalLM"}
+    assert "import hf_astroquant" in (q / STUB_FILE).read_text()
+
+
+def test_card_usage_snippet_really_runs(quantized, tmp_path):
+    import re
+
+    _, q = quantized
+    snippet = re.search(SNIPPET_RE, (q / "README.md").read_text(), re.S).group(1)
+    assert repr(str(q)) in snippet
+    proc = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("T h e")  # the prompt, decoded by the character tokenizer
+
+
+def test_hand_written_readme_is_kept(quantized, tmp_path):
+    model, _ = quantized
+    (tmp_path / "README.md").write_text("# my own card\n")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "# my own card\n"
+    assert (tmp_path / REPORT_FILE).is_file()
+
+
+def test_reload_and_resave_keeps_report_and_card(quantized, tmp_path):
+    _, q = quantized
+    reloaded = AutoModelForCausalLM.from_pretrained(str(q))
+    reloaded.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / REPORT_FILE).read_text())["layer_errors"] == json.loads(
+        (q / REPORT_FILE).read_text())["layer_errors"]
+    assert (tmp_path / PLOT_FILE).is_file() and ModelCard.load(tmp_path / "README.md").data.license == "mit"
+
+
+NO_PLUGIN = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+path, mode = sys.argv[1:3]
+if mode == "plain":
+    try:
+        AutoModelForCausalLM.from_pretrained(path)
+    except RuntimeError as err:
+        print("REFUSED", err)
+    else:
+        print("LOADED")
+else:
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    print(type(model.model.layers[0].mlp.up_proj).__name__, "hf_astroquant" in sys.modules)
+    ids = torch.load(sys.argv[3])
+    with torch.no_grad():
+        torch.save(model(ids).logits, sys.argv[4])
+"""
+
+
+def test_without_the_plugin_loading_fails_loudly_and_remote_code_loads(quantized, tmp_path):
+    model, q = quantized
+    plain = subprocess.run([sys.executable, "-c", NO_PLUGIN, str(q), "plain"], capture_output=True, text=True,
+                           timeout=300)
+    assert "REFUSED" in plain.stdout and "ignore_mismatched_sizes" in plain.stdout, plain.stdout + plain.stderr[-2000:]
+    assert "LOADED" not in plain.stdout
+    ids = calib_ids(2, 16, seed=9)
+    torch.save(ids, tmp_path / "ids.pt")
+    remote = subprocess.run([sys.executable, "-c", NO_PLUGIN, str(q), "remote", str(tmp_path / "ids.pt"),
+                             str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300)
+    assert remote.returncode == 0, remote.stderr[-2000:]
+    assert remote.stdout.split() == ["QuantLinear", "True"]
+    assert torch.equal(torch.load(tmp_path / "out.pt"), _logits(model))
+
+
+def _tamper(q, tmp_path, edit):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(q, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    return bad
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.qweight"), r"model.layers.1.mlp.up_proj.qweight: missing"),
+    (lambda t: t.update({"model.layers.0.self_attn.q_proj.scales": torch.zeros(3, 64)}),
+     r"q_proj.scales: shape \[3, 64\], expected \[2, 64\]"),
+    (lambda t: t.update({"model.layers.0.mlp.down_proj.qzeros":
+                         t["model.layers.0.mlp.down_proj.qzeros"].float()}), r"down_proj.qzeros: dtype F32, expected I32"),
+    (lambda t: t.update({"model.layers.0.mlp.down_proj.scales":
+                         t["model.layers.0.mlp.down_proj.scales"].to(torch.int32)}), r"down_proj.scales: dtype I32"),
+])
+def test_tampered_checkpoint_is_refused(quantized, tmp_path, edit, message):
+    _, q = quantized
+    bad = _tamper(q, tmp_path, edit)
+    with pytest.raises(ValueError, match="does not match its quantization config.*" + message):
+        AutoModelForCausalLM.from_pretrained(str(bad))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header"])
+def test_corrupt_safetensors_is_refused(quantized, tmp_path, damage):
+    import shutil
+
+    _, q = quantized
+    bad = tmp_path / "bad"
+    shutil.copytree(q, bad)
+    path = bad / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:8] + b"{garbage" + data[16:])
+    with pytest.raises(Exception, match="cannot read the safetensors file|corrupt|Error while deserializing|"
+                                        "incomplete|invalid"):
+        AutoModelForCausalLM.from_pretrained(str(bad))
+
+
+class Captured:
+    """Stands in for the Hub: records create_repo and writes create_commit's files to a folder."""
+
+    def __init__(self, root: Path):
+        self.root, self.repos, self.commits = root, [], []
+
+    def create_repo(self, api, repo_id, private=None, exist_ok=False, repo_type=None, **kw):
+        self.repos.append((repo_id, private))
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, api, repo_id, operations, commit_message=None, **kw):
+        self.commits.append((repo_id, commit_message, kw))
+        folder = self.root / repo_id.replace("/", "--")
+        for op in operations:
+            assert isinstance(op, CommitOperationAdd)
+            target = folder / op.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            src = op.path_or_fileobj
+            target.write_bytes(src if isinstance(src, bytes) else Path(src).read_bytes())
+        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    captured = Captured(tmp_path / "hub")
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: captured.create_repo(self, *a, **k))
+    monkeypatch.setattr(HfApi, "create_commit", lambda self, *a, **k: captured.create_commit(self, *a, **k))
+    return captured
+
+
+def test_model_push_to_hub_uploads_our_card_and_loads_back(quantized, hub):
+    model, _ = quantized
+    model.push_to_hub("me/tiny-astro-w4", private=True)
+    assert hub.repos == [("me/tiny-astro-w4", True)]
+    folder = hub.root / "me--tiny-astro-w4"
+    names = {p.name for p in folder.iterdir()}
+    assert {"README.md", "config.json", "model.safetensors", PLOT_FILE, REPORT_FILE, STUB_FILE} <= names
+    card = (folder / "README.md").read_text()
+    assert "from_pretrained('me/tiny-astro-w4')" in card and "hf_astroquant" in card
+    assert "automatically generated" not in card  # not transformers' generic card
+    reloaded = AutoModelForCausalLM.from_pretrained(str(folder))
+    assert torch.equal(_logits(reloaded), _logits(model))
+
+
+def test_save_pretrained_push_to_hub_and_push_folder(quantized, hub, tmp_path):
+    model, q = quantized
+    model.save_pretrained(tmp_path / "s", push_to_hub=True, repo_id="me/saved")
+    assert (hub.root / "me--saved" / "README.md").is_file()
+    push_folder(q, "me/folder", commit_message="hello")
+    assert hub.commits[-1][:2] == ("me/folder", "hello")
+    assert "from_pretrained('me/folder')" in (hub.root / "me--folder" / "README.md").read_text()
+    assert "from_pretrained('me/folder')" not in (q / "README.md").read_text()  # the folder is left as it was
+    with pytest.raises(ValueError, match="repo_id='not a repo' is not a Hub repository id"):
+        push_folder(q, "not a repo")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        push_folder(tmp_path / "empty", "me/x")
+
+
+def test_card_of_a_gptq_export_shows_serving_usage(quantized, tmp_path):
+    from hf_astroquant.export.gptq import export_gptq
+
+    _, q = quantized
+    export_gptq(q, tmp_path / "g")
+    card = render_card(tmp_path / "g", model_id="me/tiny-gptq")
+    assert "vllm" in card.text and "quant_method: \"gptq\"" in card.text and "gptq" in card.data.tags
+    assert hf_astroquant.__version__ in card.text
