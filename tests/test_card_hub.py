@@ -156,8 +156,8 @@ def test_corrupt_safetensors_is_refused(quantized, tmp_path, damage):
     path = bad / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:8] + b"{garbage" + data[16:])
-    with pytest.raises(Exception, match="cannot read the safetensors file|corrupt|Error while deserializing|"
-                                        "incomplete|invalid"):
+    with pytest.raises(ValueError, match="cannot read the safetensors file .*model.safetensors: Error while "
+                                         "deserializing header"):
         AutoModelForCausalLM.from_pretrained(str(bad))
 
 
