@@ -288,8 +288,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM
 
-    import hf_astroquant  # noqa: F401  (registers the format)
-
     from .eval import evaluation_text, lm_eval_scores, perplexity
     from .export.card import is_ours, read_report, write_card, write_report
 

@@ -1,7 +1,6 @@
 """Quantize a tiny Llama inside from_pretrained, save, reload in a fresh process, generate."""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -4,12 +4,10 @@ huggingface_hub's commit API: nothing leaves the machine)."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
-from huggingface_hub.hf_api import RepoUrl
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -44,7 +42,7 @@ def test_save_writes_card_plot_report_and_stub(quantized):
     card = ModelCard.load(q / "README.md")
     assert card.data.license == "mit" and card.data.base_model == "org/tiny-base"  # carried from the base card
     assert {"hf_astroquant", "4-bit"} <= set(card.data.tags) and card.data.library_name == "transformers"
-    assert f"![" in card.text and f"({PLOT_FILE})" in card.text
+    assert "![" in card.text and f"({PLOT_FILE})" in card.text
     png = (q / PLOT_FILE).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
     report = json.loads((q / REPORT_FILE).read_text())
@@ -159,36 +157,6 @@ def test_corrupt_safetensors_is_refused(quantized, tmp_path, damage):
     with pytest.raises(ValueError, match="cannot read the safetensors file .*model.safetensors: Error while "
                                          "deserializing header"):
         AutoModelForCausalLM.from_pretrained(str(bad))
-
-
-class Captured:
-    """Stands in for the Hub: records create_repo and writes create_commit's files to a folder."""
-
-    def __init__(self, root: Path):
-        self.root, self.repos, self.commits = root, [], []
-
-    def create_repo(self, api, repo_id, private=None, exist_ok=False, repo_type=None, **kw):
-        self.repos.append((repo_id, private))
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def create_commit(self, api, repo_id, operations, commit_message=None, **kw):
-        self.commits.append((repo_id, commit_message, kw))
-        folder = self.root / repo_id.replace("/", "--")
-        for op in operations:
-            assert isinstance(op, CommitOperationAdd)
-            target = folder / op.path_in_repo
-            target.parent.mkdir(parents=True, exist_ok=True)
-            src = op.path_or_fileobj
-            target.write_bytes(src if isinstance(src, bytes) else Path(src).read_bytes())
-        return type("CommitInfo", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/0"})()
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    captured = Captured(tmp_path / "hub")
-    monkeypatch.setattr(HfApi, "create_repo", lambda self, *a, **k: captured.create_repo(self, *a, **k))
-    monkeypatch.setattr(HfApi, "create_commit", lambda self, *a, **k: captured.create_commit(self, *a, **k))
-    return captured
 
 
 def test_model_push_to_hub_uploads_our_card_and_loads_back(quantized, hub):

@@ -13,7 +13,6 @@ from transformers import AutoModelForCausalLM
 import hf_astroquant
 from hf_astroquant import AstroQuantConfig, cli
 from hf_astroquant.export.card import REPORT_FILE
-from test_card_hub import Captured, hub  # noqa: F401  (the intercepted Hub fixture)
 from tiny import calib_ids, save_tiny, tiny_tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
@@ -102,7 +101,7 @@ def test_argument_errors_exit_2(capsys, argv, message):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_quantize_eval_export_push_end_to_end(source, tmp_path, capsys, hub):  # noqa: F811
+def test_quantize_eval_export_push_end_to_end(source, tmp_path, capsys, hub):
     out = tmp_path / "q"
     code, stdout, _ = _run(["quantize", source / "fp", "--out", out, "--bits", "4", "--group-size", "32", "--sym",
                             "--dataset", source / "calib.txt", "--n-samples", "8", "--seqlen", "32",
