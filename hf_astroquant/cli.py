@@ -214,7 +214,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     source, load_kwargs, info = resolve_source(args.model)
-    tok = _load_tokenizer(args.tokenizer or source, load_kwargs)
+    try:
+        tok = _load_tokenizer(args.tokenizer or source, load_kwargs)
+    except OSError as err:
+        raise CliError(f"cannot load the tokenizer of {args.tokenizer or args.model!r}: {err}") from err
     cfg = config_from_args(args, tokenizer=tok)
     if cfg.needs_calibration_data and cfg.dataset is None:
         raise CliError(f"--method {cfg.method} needs calibration data: pass --dataset wikitext2|c4|FILE")
@@ -444,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.func(args)
-    except (CliError, ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError) as err:
+    except (CliError, ValueError, TypeError, OSError, ImportError) as err:  # OSError: files, the Hub
         if args.verbose:
             raise
         print(f"hf-astroquant {args.command}: error: {err}\n(run with -v for the traceback)", file=sys.stderr)

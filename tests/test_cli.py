@@ -73,14 +73,17 @@ def test_flags_reach_the_config():
     (["quantize", "not a model", "--out", "{tmp}/o"], "'not a model' is not an existing path"),
     (["quantize", "{fp}", "--out", "{tmp}/o", "--dataset", "{tmp}/nofile.txt"],
      "neither an existing text file nor one of wikitext2, c4"),
+    (["quantize", "no-such-org/no-such-model", "--out", "{tmp}/o", "--method", "rtn"],
+     "no-such-org/no-such-model"),  # a Hub id: offline (HF_HUB_OFFLINE=1 in the test) it cannot be fetched
     (["eval", "{tmp}/nowhere"], "is not a saved model directory"),
     (["eval", "{fp}", "--data", ""], "nothing to evaluate"),
     (["export", "{fp}", "--format", "gptq", "--out", "{tmp}/g"], "cannot export to GPTQ: .* not an hf_astroquant"),
     (["push", "{fp}", "bad repo id"], "repo_id='bad repo id' is not a Hub repository id"),
 ])
-def test_bad_input_is_one_clear_line(source, tmp_path, capsys, argv, message):
+def test_bad_input_is_one_clear_line(source, tmp_path, capsys, monkeypatch, argv, message):
     import re
 
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     argv = [a.format(fp=source / "fp", tmp=tmp_path, calib=source / "calib.txt") for a in argv]
     code, _, err = _run(argv, capsys)
     assert code == 2 and re.search(message, err), err

@@ -140,6 +140,8 @@ def render_card(directory: str | Path, model_id: str | None = None, plot: bool =
     ppl = report.get("perplexity") or {}
     if ppl:
         where = f" ({ppl.get('data', 'evaluation text')}, seqlen {ppl.get('seqlen')})"
+        if fmt == "gptq":  # the export holds the same codes; the numbers were measured before it
+            where += ", measured on the hf_astroquant checkpoint"
         if ppl.get("base") is not None:
             rows.append(("perplexity, full precision" + where, f"{ppl['base']:.2f}"))
         if ppl.get("quantized") is not None:

@@ -105,7 +105,7 @@ def write_extras(model, directory: str | Path) -> None:
     report.update(getattr(model, "astroquant_report", None) or {})
     write_report(directory, report)
     stub = remote_code_stub(model)
-    if stub is not None:
+    if stub is not None and getattr(model.config, "auto_map", None) == stub[1]:  # never beside someone's own code
         (directory / STUB_FILE).write_text(stub[0])
     write_card(directory)
 
