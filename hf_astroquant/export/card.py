@@ -52,14 +52,17 @@ def is_ours(readme: Path) -> bool:
 
 
 def plot_layer_errors(errors: dict[str, float], path: str | Path, title: str) -> Path:
-    """Bar chart of the relative reconstruction error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) of every layer, in model
-    order, coloured by layer kind (q_proj, up_proj, ...), on a log scale."""
+    """Bar chart of the relative reconstruction error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) of every layer, block by
+    block, coloured by layer kind (q_proj, up_proj, ...), on a log scale."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    names = list(errors)
+    import re
+
+    # Natural order ("layers.2" before "layers.10"): the report is stored with sorted keys.
+    names = sorted(errors, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
     kinds = [n.rsplit(".", 1)[-1] for n in names]
     palette = plt.get_cmap("tab10")
     kind_colour = {k: palette(i % 10) for i, k in enumerate(dict.fromkeys(kinds))}
@@ -67,7 +70,7 @@ def plot_layer_errors(errors: dict[str, float], path: str | Path, title: str) ->
     fig, ax = plt.subplots(figsize=(9, 3), dpi=100)
     ax.bar(range(len(names)), values, color=[kind_colour[k] for k in kinds], width=1.0)
     ax.set_yscale("log")
-    ax.set_xlabel("layer (model order)")
+    ax.set_xlabel("layer (block by block)")
     ax.set_ylabel("relative error")
     ax.set_title(title, fontsize=10)
     ax.set_xlim(-0.5, len(names) - 0.5)
