@@ -35,12 +35,11 @@ def smollm2_checkpoint() -> str:
         return str(out)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hf_astroquant.gguf import drop_gguf_marker
+
     src = smollm2_gguf_dir()
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_NAME)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_NAME, dtype=torch.float32)
-    model.hf_quantizer = None  # drop the GGUF marker: this is now a plain fp32 model
-    del model.config.quantization_config
-    model.is_quantized = False
+    model = drop_gguf_marker(AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_NAME, dtype=torch.float32))
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)

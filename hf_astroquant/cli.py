@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ASYM_ALPHA_CHOICES, SUPPORTED_BITS, SUPPORTED_METHODS, SUPPORTED_ROUNDING, AstroQuantConfig
+from .gguf import drop_gguf_marker, gguf_license
 from .modules.kernels import BACKENDS
 
 logger = logging.getLogger("hf_astroquant")
@@ -116,7 +117,7 @@ def resolve_source(model: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     if model.lower().endswith(".gguf"):
         if not path.is_file():
             raise CliError(f"GGUF file {model} does not exist")
-        info = {"source": path.name, "base_model": None, "license": _gguf_license(path)}
+        info = {"source": path.name, "base_model": None, "license": gguf_license(path)}
         return str(path.parent), {"gguf_file": path.name}, info
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
@@ -125,16 +126,6 @@ def resolve_source(model: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):
         raise CliError(f"{model!r} is not an existing path, a .gguf file or a Hub model id")
     return model, {}, base_model_info(model)
-
-
-def _gguf_license(path: Path) -> str | None:
-    try:
-        from gguf import GGUFReader
-
-        field = GGUFReader(str(path)).fields.get("general.license")
-        return field.contents() if field is not None else None
-    except Exception:  # gguf not installed or an old file: the licence stays unknown
-        return None
 
 
 def _torch_dtype(name: str):
@@ -150,12 +141,7 @@ def _load_fp(source: str, load_kwargs: dict, dtype: str, device_map: str | None)
     if device_map:
         kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if "gguf_file" in load_kwargs:  # de-quantized GGUF: a plain full-precision model from here on
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.is_quantized = False
-    return model
+    return drop_gguf_marker(model) if "gguf_file" in load_kwargs else model
 
 
 def _load_tokenizer(name: str, load_kwargs: dict):
@@ -200,17 +186,13 @@ def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
         print(f"{k.ljust(width)}  {v}")
 
 
-def _fmt_bytes(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
-
-
 # --------------------------------------------------------------------------- commands
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
     from .eval import evaluation_text, perplexity
-    from .export.card import read_report, write_card
+    from .export.card import format_bytes, read_report, write_card
 
     out = Path(args.out)
     source, load_kwargs, info = resolve_source(args.model)
@@ -275,8 +257,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                        f"{' act-order' if cfg.desc_act else ''}{' mse' if cfg.mse else ''}"),
             ("layers quantized", len(model.config.quantization_config.quantized_modules or [])),
             ("quantization time (load + calibrate)", f"{seconds:.1f} s"),
-            ("peak RSS", _fmt_bytes(report["peak_rss_bytes"])),
-            ("checkpoint size", _fmt_bytes(sum(p.stat().st_size for p in out.glob("*.safetensors"))))]
+            ("peak RSS", format_bytes(report["peak_rss_bytes"])),
+            ("checkpoint size", format_bytes(sum(p.stat().st_size for p in out.glob("*.safetensors"))))]
     if report.get("quantized_fp16_bytes"):
         rows.append(("quantized layers, packed / fp16", f"{report['quantized_packed_bytes'] / report['quantized_fp16_bytes']:.3f}"))
     if errs:
@@ -336,7 +318,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export.card import REPORT_FILE, write_card
+    from .export.card import REPORT_FILE, format_bytes, write_card
     from .export.gptq import ExportError, export_gptq
 
     src, out = Path(args.dir), Path(args.out)
@@ -357,7 +339,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print_table("hf-astroquant export", [
         ("source", str(src)), ("output", str(out)), ("format", f"gptq ({summary.checkpoint_format})"),
         ("desc_act", summary.desc_act), ("quantized layers", summary.layers),
-        ("size", _fmt_bytes(summary.bytes_written))])
+        ("size", format_bytes(summary.bytes_written))])
     return 0
 
 

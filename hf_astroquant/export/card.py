@@ -82,12 +82,13 @@ def plot_layer_errors(errors: dict[str, float], path: str | Path, title: str) ->
     return Path(path)
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+def format_bytes(n: float) -> str:
+    """'512 B', '117.3 KiB', '163.4 MiB', '1.35 GiB'."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} GiB"  # pragma: no cover
+    return f"{n:.2f} GiB"
 
 
 def _method_text(q: dict) -> str:
@@ -152,7 +153,7 @@ def render_card(directory: str | Path, model_id: str | None = None, plot: bool =
     else:
         rows.append(("perplexity", "not evaluated (`hf-astroquant eval DIR` adds it)"))
     size = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
-    rows.append(("checkpoint size (safetensors)", _fmt_bytes(size)))
+    rows.append(("checkpoint size (safetensors)", format_bytes(size)))
     if report.get("quantized_fp16_bytes") and report.get("quantized_packed_bytes"):
         ratio = report["quantized_packed_bytes"] / report["quantized_fp16_bytes"]
         rows.append(("quantized layers: packed / fp16 bytes", f"{ratio:.3f}"))

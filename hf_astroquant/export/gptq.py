@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from ..config import CHECKPOINT_FORMAT, QUANT_METHOD, AstroQuantConfig
 from ..modules.packing import pack_cols, unpack_cols
+from .guard import read_headers
 
 GPTQ_FORMATS = ("gptq", "gptq_v2")
 # Config keys whose every value the export can serve (the solver that produced the codes does not
@@ -55,7 +56,6 @@ class ExportSummary:
     desc_act: bool
     layers: int
     bytes_written: int
-    notes: list[str] = field(default_factory=list)
 
 
 def plain_g_idx(in_features: int, group_size: int) -> torch.Tensor:
@@ -126,11 +126,7 @@ def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq
     qset = set(quantized)
 
     # One pass over the headers: every check happens before anything is written.
-    shapes: dict[str, tuple[int, ...]] = {}
-    for shard in _shards(src):
-        with safe_open(str(shard), "pt") as f:
-            for key in f.keys():
-                shapes[key] = tuple(f.get_slice(key).get_shape())
+    shapes = {key: shape for key, (shape, _) in read_headers(_shards(src)).items()}
     missing = [f"{m}.{t}" for m in quantized for t in _LAYER_TENSORS if f"{m}.{t}" not in shapes]
     if missing:
         raise ExportError(f"{src}: quantized tensors missing from the checkpoint: {missing[:4]}")
@@ -153,10 +149,10 @@ def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq
     desc_act = False
     for shard in _shards(src):
         with safe_open(str(shard), "pt") as f:
-            for m in quantized:
-                key = f"{m}.g_idx"
-                if key in f.keys() and not torch.equal(f.get_tensor(key).to(torch.int32),
-                                                       plain_g_idx(in_features[m], eff_group[m])):
+            for key in f.keys():
+                module, _, leaf = key.rpartition(".")
+                if leaf == "g_idx" and module in qset and not torch.equal(
+                        f.get_tensor(key).to(torch.int32), plain_g_idx(in_features[module], eff_group[module])):
                     desc_act = True
 
     out.mkdir(parents=True, exist_ok=True)

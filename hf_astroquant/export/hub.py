@@ -98,13 +98,13 @@ def remote_code_stub(model) -> tuple[str, dict[str, str]] | None:
     return source, auto_map
 
 
-def write_extras(model, directory: str | Path) -> None:
-    """Report, remote-code stub and card for a quantized model just saved into `directory`."""
+def write_extras(model, directory: str | Path, stub: tuple[str, dict[str, str]] | None) -> None:
+    """Report, remote-code stub (`remote_code_stub(model)`) and card for a quantized model just saved
+    into `directory`."""
     directory = Path(directory)
     report = dict(read_report(directory))
     report.update(getattr(model, "astroquant_report", None) or {})
     write_report(directory, report)
-    stub = remote_code_stub(model)
     if stub is not None and getattr(model.config, "auto_map", None) == stub[1]:  # never beside someone's own code
         (directory / STUB_FILE).write_text(stub[0])
     write_card(directory)
@@ -132,7 +132,7 @@ def install_save_hooks(model) -> None:
         if stub is not None and getattr(model.config, "auto_map", None) in (None, stub[1]):
             model.config.auto_map = stub[1]
         result = save_original(save_directory, *args, **kwargs)
-        write_extras(model, save_directory)
+        write_extras(model, save_directory, stub)
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", None) or Path(save_directory).name
             push_folder(save_directory, repo_id, **hub_kwargs)
@@ -170,7 +170,7 @@ def push_folder(folder: str | Path, repo_id: str, private: bool | None = None, t
     operations = []
     readme = folder / "README.md"
     card_bytes = None
-    if (folder / "config.json").is_file() and is_ours(readme):
+    if is_ours(readme):
         card = render_card(folder, model_id=repo_id)
         if tags:
             card.data.tags = sorted(set(card.data.tags or []) | set(tags))
