@@ -17,12 +17,14 @@ ABLATION_PPL = RESULTS / "ablation-s3.jsonl"  # a sitting whose timings other wo
 ABL2_START, ABL2_END = "<!-- ablation-ppl:start -->", "<!-- ablation-ppl:end -->"
 SPEED = RESULTS / "speed.jsonl"
 SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
+EXPORT = RESULTS / "export.jsonl"  # bench_export.py: GPTQ exports in GPTQModel
+EXPORT_START, EXPORT_END = "<!-- export:start -->", "<!-- export:end -->"
 
 
 def load_rows() -> list[dict]:
     rows = []
     for f in sorted(RESULTS.glob("*.jsonl")):
-        if f.name.startswith(("ablation", "speed")):  # their own tables
+        if f.name.startswith(("ablation", "speed", "export")):  # their own tables
             continue
         rows += read_jsonl(f)
     for f in sorted(RESULTS.glob("*.json")):
@@ -101,6 +103,16 @@ def render_ablation_ppl(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render_export(rows: list[dict]) -> str:
+    """Relative logit errors of GPTQ exports in GPTQModel (latest row per configuration)."""
+    lines = ["| config | format | GPTQModel (fp16) vs ours (fp16) | GPTQModel (fp16) vs exact | ours (fp16) vs exact |",
+             "|---|---|---|---|---|"]
+    for r in {r["config"]: r for r in rows}.values():
+        lines.append(f"| {r['config']} | {r['format']} | {r['gptqmodel_vs_ours_fp16']:.2e} | "
+                     f"{r['gptqmodel_vs_truth']:.2e} | {r['ours_fp16_vs_truth']:.2e} |")
+    return "\n".join(lines)
+
+
 def _replace(text: str, start: str, end: str, body: str) -> str:
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
@@ -116,7 +128,7 @@ def main() -> None:
     main_table = render(load_rows())
     text = _replace(readme.read_text(), START, END, main_table)
     sections = [(ABLATION, ABL_START, ABL_END, render_ablation), (ABLATION_PPL, ABL2_START, ABL2_END, render_ablation_ppl),
-                (SPEED, SPEED_START, SPEED_END, render_speed)]
+                (SPEED, SPEED_START, SPEED_END, render_speed), (EXPORT, EXPORT_START, EXPORT_END, render_export)]
     for path, start, end, render_rows in sections:
         if path.exists():
             table = render_rows(read_jsonl(path))
