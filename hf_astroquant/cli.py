@@ -74,6 +74,7 @@ _OPTION_ARGS: dict[str, dict[str, Any]] = {
     "block_size": dict(type=int),
     "calibration_batch_size": dict(type=_optional_int, metavar="{INT,auto}"),
     "backend": dict(choices=BACKENDS),
+    "resume_dir": dict(metavar="DIR"),
 }
 
 

@@ -91,6 +91,10 @@ class AstroQuantConfig(QuantizationConfigMixin):
             kernels, 2/3/4 bits) or "int8" (PyTorch's int8 kernel on CPU, 8 bits, one group per
             row). A loading option: never written to the checkpoint; pass
             `AstroQuantConfig(backend=...)` to `from_pretrained` of a saved model to override it.
+        resume_dir: a directory where every finished block is checkpointed (atomically); a run
+            given a directory that holds an interrupted run of the same model, options and data
+            starts after its last finished block and gives the same result bit for bit. A run
+            option: never written to the checkpoint.
     """
 
     def __init__(
@@ -117,6 +121,7 @@ class AstroQuantConfig(QuantizationConfigMixin):
         block_size: int = 128,
         calibration_batch_size: int | None = None,
         backend: str = "auto",
+        resume_dir: str | os.PathLike | None = None,
         **kwargs: Any,
     ):
         unknown = sorted(set(kwargs) - set(_RECORD_KEYS))
@@ -151,6 +156,7 @@ class AstroQuantConfig(QuantizationConfigMixin):
         self.block_size = block_size
         self.calibration_batch_size = calibration_batch_size
         self.backend = backend
+        self.resume_dir = resume_dir
         self.checkpoint_format = kwargs.get("checkpoint_format", CHECKPOINT_FORMAT)
         # Filled in after calibration: what data was used, which modules were packed.
         self.calibration = kwargs.get("calibration")
@@ -210,6 +216,10 @@ class AstroQuantConfig(QuantizationConfigMixin):
             if isinstance(mtnc, str) or not isinstance(mtnc, (list, tuple)) or not all(isinstance(m, str) for m in mtnc):
                 _fail("modules_to_not_convert", mtnc, "None or a list of module names/patterns (strings)")
             self.modules_to_not_convert = list(mtnc)
+        if self.resume_dir is not None:
+            if not isinstance(self.resume_dir, (str, os.PathLike)) or not os.fspath(self.resume_dir):
+                _fail("resume_dir", self.resume_dir, "None or a directory path")
+            self.resume_dir = os.fspath(self.resume_dir)
         if self.backend not in BACKENDS:
             _fail("backend", self.backend, ", ".join(repr(b) for b in BACKENDS))
         if self.checkpoint_format != CHECKPOINT_FORMAT:
@@ -234,7 +244,7 @@ class AstroQuantConfig(QuantizationConfigMixin):
         """JSON-safe dict for config.json: options and records, never the calibration data."""
         out: dict[str, Any] = {"quant_method": QUANT_METHOD}
         for name in self._option_names():
-            if name in ("dataset", "tokenizer", "backend"):  # data, and a loading option
+            if name in ("dataset", "tokenizer", "backend", "resume_dir"):  # data, and loading/run options
                 continue
             out[name] = getattr(self, name)
         for name in _RECORD_KEYS:

@@ -18,6 +18,7 @@ For each decoder block, in order:
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from contextlib import contextmanager
@@ -28,8 +29,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import offload, resume
 from .algorithms import rtn_quantize, solve_linear
-from .algorithms.gptq import LayerQuantResult, reconstruction_error
+from .algorithms.gptq import reconstruction_error
 from .calibration import batch_windows, prepare_calibration
 from .config import AstroQuantConfig
 from .modules import QuantLinear
@@ -55,6 +57,7 @@ class QuantizationReport:
     seconds: float = 0.0
     asym_alpha: dict[str, float] = field(default_factory=dict)  # interpolation α used per layer (asymmetric runs)
     fp_stream_bytes: int = 0  # peak bytes held for the full-precision stream (block inputs + captured X̃)
+    resumed_blocks: int = 0  # blocks taken from a resume_dir checkpoint instead of calibrated
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -82,17 +85,6 @@ def block_targets(block_name: str, block: nn.Module, should_convert: Callable[[s
     }
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        if p.device.type == "meta":
-            raise NotImplementedError(
-                "hf_astroquant calibration found offloaded (meta) weights; load the model without "
-                "disk/CPU offload for calibration"
-            )
-        return p.device
-    return torch.device("cpu")
-
-
 def _auto_batch_size(model: nn.Module, seqlen: int, device: torch.device) -> int:
     cfg = getattr(model, "config", None)
     hidden = getattr(cfg, "hidden_size", 4096)
@@ -115,6 +107,18 @@ class _Stats:
     n: int
     d: torch.Tensor | None = None
     g: torch.Tensor | None = None
+    normalized: bool = False
+
+    def normalize(self) -> "_Stats":
+        """Turn the sums into H = 2·ΣxᵀX/N (and D, G alike), in place and once: the Linears of one
+        stage share these statistics, and a scaled copy per Linear would double the memory."""
+        if not self.normalized:
+            scale = 2.0 / self.n
+            for t in (self.h, self.d, self.g):
+                if t is not None:
+                    t.mul_(scale)
+            self.normalized = True
+        return self
 
     def add(self, other: "_Stats") -> "_Stats":
         self.h.add_(other.h)
@@ -202,7 +206,7 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list
         kwargs_list.append(kw)
         raise _StopForward
 
-    device = model.get_input_embeddings().weight.device
+    device = offload.execution_device(model.get_input_embeddings())
     with _pre_hooks([first_block], grab, with_kwargs=True):
         for batch in batches:
             try:
@@ -218,17 +222,18 @@ class _LayerSolver:
     def __init__(self, cfg: AstroQuantConfig, report: QuantizationReport):
         self.cfg, self.report = cfg, report
         self.options = cfg.solver_options()
-        self.results: dict[str, LayerQuantResult] = {}
+        self.packed: dict[str, QuantLinear] = {}
 
     def __call__(self, name: str, linear: nn.Linear, stats: _Stats) -> None:
-        scale = 2.0 / stats.n
-        H = stats.h * scale
+        stats.normalize()
+        H, D, G = stats.h, stats.d, stats.g
         W = linear.weight.data
         if not torch.isfinite(W).all():
             raise ValueError(f"weights of {name} contain NaN or Inf; cannot quantize")
-        D = stats.d * scale if stats.d is not None else None
-        G = stats.g * scale if stats.g is not None else None
-        result, alpha = solve_linear(W, H, self.options, D, G)
+        try:
+            result, alpha = solve_linear(W, H, self.options, D, G)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from exc
         err = reconstruction_error(W, result.weight, H)
         self.report.layer_errors[name] = err
         self.report.damping[name] = result.damp_percent
@@ -237,7 +242,43 @@ class _LayerSolver:
         logger.debug("%s: relative reconstruction error %.3e (damp %.3g, asym alpha %.3g)", name, err,
                      result.damp_percent, alpha)
         linear.weight.data.copy_(result.weight.to(W.dtype))
-        self.results[name] = result
+        # Packed now, so a block holds its packed layers rather than full-size codes and weights.
+        # The reference path computes F.linear with exactly these de-quantized values, so a forward
+        # through the packed layer gives the same outputs as the Linear; a kernel might not.
+        packed = QuantLinear.from_result(result, self.cfg.group_size, self.cfg.bits, linear.bias)
+        packed.set_backend("reference")
+        self.packed[name] = packed
+        del result
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Hand memory that glibc keeps after large frees back to the OS. Without it the heap holds
+    every freed solver buffer and hidden state for reuse, and RSS climbs block after block well
+    past what is live. A no-op where malloc_trim does not exist."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _find_malloc_trim():
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _find_malloc_trim()
+
+
+def _release(linear: nn.Linear) -> None:
+    """Free a solved Linear's full-size weight: its packed layer has replaced it in the block."""
+    linear.weight.data = torch.empty(0, dtype=linear.weight.dtype, device=linear.weight.device)
 
 
 def _calibrate_block(
@@ -248,13 +289,19 @@ def _calibrate_block(
     solver: _LayerSolver,
     true_sequential: bool,
     fp_captured: list[dict[str, torch.Tensor]] | None = None,
+    block_name: str = "",
 ) -> tuple[list[torch.Tensor], list[str]]:
-    """Quantize every target Linear of `block`; return its quantized outputs per batch and the
-    targets that no forward pass reached. `fp_captured[b][name]` is the input the full-precision
-    block gave `name` on batch b (for the asymmetric solvers)."""
+    """Quantize every target Linear of `block` (named `block_name` in the model); return its
+    quantized outputs per batch and the targets that no forward pass reached.
+    `fp_captured[b][name]` is the input the full-precision block gave `name` on batch b (for the
+    asymmetric solvers). Each solved Linear is swapped for its packed layer at once (see
+    `_LayerSolver`), so later forwards run the packed layers and the full-size weights go early."""
     done: set[str] = set()
     names = {mod: name for name, mod in targets.items()}
     with_g = solver.options.needs_dxdxt
+
+    def swap_in(name):
+        set_submodule(block, name[len(block_name) + 1:] if block_name else name, solver.packed[name])
 
     def input_hessian(name, x, bi=0):
         x_fp = fp_captured[bi].get(name) if fp_captured is not None else None
@@ -275,16 +322,27 @@ def _calibrate_block(
             if shared["x"] is not x:
                 shared["x"], shared["h"] = x, input_hessian(name, x)
             solver(name, module, shared["h"])
+            swap_in(name)
             done.add(name)
 
-        with _pre_hooks(targets.values(), solve_now):
-            outputs = [_run_block(block, batches[0], kwargs_list[0])]
+        def release(module, args, output):  # the call that needed the solved weight is over
+            _release(module)
+
+        handles = [m.register_forward_hook(release) for m in targets.values()]
+        try:
+            with _pre_hooks(targets.values(), solve_now):
+                outputs = [_run_block(block, batches[0], kwargs_list[0])]
+        finally:
+            for handle in handles:
+                handle.remove()
         shared.clear()
     else:
         stages = _stage_hessians(targets, names, batches, kwargs_list, block, done, input_hessian, true_sequential)
         for members, stats in stages:
             for name in members:
                 solver(name, targets[name], stats)
+                swap_in(name)
+                _release(targets[name])
                 done.add(name)
         outputs = [_run_block(block, x, kw) for x, kw in zip(batches, kwargs_list)]
 
@@ -337,37 +395,75 @@ def _stage_hessians(targets, names, batches, kwargs_list, block, done, input_hes
             return
 
 
+def _place(model: nn.Module, name: str, layer: QuantLinear, homes: dict) -> None:
+    """Put the packed `layer` in place of the Linear `name`, back where that Linear's weights lived."""
+    set_submodule(model, name, layer)
+    if name in homes:
+        offload.offload(layer, homes[name])
+
+
 def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Callable[[str], bool],
                    stream_fp: bool = False, on_block: Callable | None = None) -> QuantizationReport:
     """Quantize every Linear inside the decoder blocks of `model` in place; return a report.
 
     `stream_fp` carries the full-precision stream X̃ beside the quantized one; `on_block(i, fp_in,
-    q_in)` is called with both inputs of every block (the asymmetric solvers' entry point).
+    q_in)` is called with both inputs of every block (the asymmetric solvers' entry point). With
+    `cfg.resume_dir`, every finished block is checkpointed and a later run with the same
+    directory starts after the last one (see resume.py).
     """
     start = time.perf_counter()
     report = QuantizationReport()
     block_name, blocks = find_blocks(model)
     names = [f"{block_name}.{i}" for i in range(len(blocks))]
+    n_blocks = len(blocks)
+    calibrated = cfg.method != "rtn"
 
-    if cfg.method == "rtn":
-        for name, block in tqdm(list(zip(names, blocks)), desc="astroquant rtn", unit="block"):
-            for lname, linear in block_targets(name, block, should_convert).items():
+    windows, batches, batch_size, device = [], [], 0, offload.execution_device(blocks[0])
+    if calibrated:
+        windows, record = prepare_calibration(cfg.dataset, cfg.tokenizer, cfg.n_samples, cfg.seqlen, cfg.seed)
+        report.calibration = record
+        seqlen = max(len(w) for w in windows)
+        batch_size = cfg.calibration_batch_size or _auto_batch_size(model, seqlen, device)
+        batches = batch_windows(windows, batch_size)
+        logger.info("calibrating on %d windows (%s) in %d batch(es)", len(windows), record["source"], len(batches))
+
+    checkpoints, first, earlier_seconds = None, 0, 0.0
+    if cfg.resume_dir is not None:
+        sample = _embedding_sample(model)
+        checkpoints = resume.ResumeDir(cfg.resume_dir, resume.fingerprint(cfg, model, windows, batch_size, sample))
+        state = checkpoints.load()
+        if state is not None:
+            first = state["blocks_done"]
+            earlier_seconds = _restore_report(report, state["report"])
+            for i in range(first):
+                _load_block(model, names[i], blocks[i], should_convert, cfg, checkpoints.block_tensors(i))
+            report.resumed_blocks = first
+            logger.warning("astroquant: resuming from %s: %d of %d blocks were already done", cfg.resume_dir,
+                           first, n_blocks)
+
+    def finish_block(i: int, packed: dict[str, torch.Tensor], inputs, fp_inputs) -> None:
+        if checkpoints is not None:
+            report.seconds = earlier_seconds + time.perf_counter() - start
+            checkpoints.save_block(i, packed, inputs, fp_inputs, _report_state(report), n_blocks)
+
+    todo = list(range(first, n_blocks))
+    if not calibrated:
+        for i in tqdm(todo, desc="astroquant rtn", unit="block"):
+            packed = {}
+            targets = block_targets(names[i], blocks[i], should_convert)
+            homes = offload.onload(targets)
+            for lname, linear in targets.items():
                 W = linear.weight.data
                 if not torch.isfinite(W).all():
                     raise ValueError(f"weights of {lname} contain NaN or Inf; cannot quantize")
                 res = rtn_quantize(W, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, mse=cfg.mse)
-                set_submodule(model, lname, QuantLinear.from_result(res, cfg.group_size, cfg.bits, linear.bias))
+                layer = QuantLinear.from_result(res, cfg.group_size, cfg.bits, linear.bias)
+                packed.update({f"{lname}.{k}": v for k, v in layer.state_dict().items()})
+                _place(model, lname, layer, homes)
                 report.layer_errors[lname] = float(((res.weight - W.float()) ** 2).sum() / (W.float() ** 2).sum())
-        report.seconds = time.perf_counter() - start
+            finish_block(i, packed, None, None)
+        report.seconds = earlier_seconds + time.perf_counter() - start
         return report
-
-    windows, record = prepare_calibration(cfg.dataset, cfg.tokenizer, cfg.n_samples, cfg.seqlen, cfg.seed)
-    report.calibration = record
-    device = _device_of(blocks[0])
-    seqlen = max(len(w) for w in windows)
-    batch_size = cfg.calibration_batch_size or _auto_batch_size(model, seqlen, device)
-    batches = batch_windows(windows, batch_size)
-    logger.info("calibrating on %d windows (%s) in %d batch(es)", len(windows), record["source"], len(batches))
 
     solver = _LayerSolver(cfg, report)
     asymmetric = solver.options.needs_fp_stream
@@ -376,9 +472,15 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
     with torch.inference_mode(False), torch.no_grad():
         inputs, kwargs_list = capture_block_inputs(model, blocks[0], batches)
         fp_inputs = [x.to(store, copy=True) for x in inputs] if (stream_fp or asymmetric) else None
-        for i, (name, block) in enumerate(tqdm(list(zip(names, blocks)), desc=f"astroquant {cfg.method}",
-                                               unit="block")):
+        if todo and first > 0:
+            saved_q, saved_fp = checkpoints.stream(first)
+            inputs = [x.to(device) for x in saved_q]
+            if fp_inputs is not None:
+                fp_inputs = [x.to(store) for x in saved_fp]
+        for i in tqdm(todo, desc=f"astroquant {cfg.method}", unit="block", initial=first, total=n_blocks):
+            name, block = names[i], blocks[i]
             targets = block_targets(name, block, should_convert)
+            homes = offload.onload(targets)
             if on_block is not None:
                 on_block(i, fp_inputs, inputs)
             fp_captured = None
@@ -397,14 +499,75 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
                 if not asymmetric:
                     fp_captured = None
             inputs, missed = _calibrate_block(targets, inputs, kwargs_list, block, solver, cfg.true_sequential,
-                                              fp_captured)
+                                              fp_captured, name)
             del fp_captured
             for lname in missed:
                 logger.warning("%s was never called during calibration; it stays in full precision", lname)
                 report.skipped.append(lname)
+            packed = {}
             for lname, linear in targets.items():
-                if lname in solver.results:
-                    res = solver.results.pop(lname)
-                    set_submodule(model, lname, QuantLinear.from_result(res, cfg.group_size, cfg.bits, linear.bias))
-    report.seconds = time.perf_counter() - start
+                if lname in solver.packed:
+                    layer = solver.packed.pop(lname)
+                    layer.set_backend("auto")  # calibration ran the reference path; inference picks
+                    packed.update({f"{lname}.{k}": v for k, v in layer.state_dict().items()})
+                    _place(model, lname, layer, homes)
+                elif lname in homes:  # never reached: keep it in full precision, offloaded as before
+                    offload.restore(linear, homes[lname])
+            finish_block(i, packed, inputs, fp_inputs)
+            del targets, homes, packed
+            # Hook closures and the tracebacks of early-stopped forwards form reference cycles that
+            # hold a block's tensors; collect them now rather than at some later block.
+            gc.collect()
+            _trim_heap()
+    report.seconds = earlier_seconds + time.perf_counter() - start
     return report
+
+
+def _embedding_sample(model: nn.Module) -> torch.Tensor | None:
+    """A strided sample of the input embedding's weights (read through accelerate's hook when
+    offloaded): enough to tell two checkpoints of one architecture apart."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None or getattr(emb, "weight", None) is None:
+        return None
+    weight = emb.weight
+    if weight.device.type == "meta":
+        hook = offload.offload_hook(emb)
+        if hook is None:
+            return None
+        weight = hook.weights_map["weight"]
+    flat = weight.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // 4096)].float().cpu()
+
+
+_REPORT_FIELDS = ("layer_errors", "damping", "skipped", "asym_alpha", "fp_stream_bytes", "seconds")
+
+
+def _report_state(report: QuantizationReport) -> dict:
+    return {k: getattr(report, k) for k in _REPORT_FIELDS}
+
+
+def _restore_report(report: QuantizationReport, state: dict) -> float:
+    """Put a checkpointed report back; return the seconds the earlier runs took."""
+    for k in _REPORT_FIELDS:
+        if k in state:
+            setattr(report, k, state[k])
+    return float(state.get("seconds", 0.0))
+
+
+def _load_block(model: nn.Module, name: str, block: nn.Module, should_convert, cfg: AstroQuantConfig,
+                tensors: dict[str, torch.Tensor]) -> None:
+    """Swap in the packed layers a checkpoint holds for one block."""
+    targets = block_targets(name, block, should_convert)
+    homes = offload.onload(targets, load=False)
+    device = offload.execution_device(block)
+    for lname, linear in targets.items():
+        own = {k[len(lname) + 1:]: v for k, v in tensors.items() if k.startswith(lname + ".")}
+        if "qweight" not in own:  # the run left this one in full precision
+            if lname in homes:
+                offload.restore(linear, homes[lname])
+            continue
+        bias = own.get("bias")
+        layer = QuantLinear(linear.in_features, linear.out_features, cfg.bits, cfg.group_size, bias is not None,
+                            dtype=None if bias is None else bias.dtype, device=device)
+        layer.load_state_dict({k: v.to(device) for k, v in own.items()})
+        _place(model, lname, layer, homes)

@@ -33,7 +33,6 @@ class AstroQuantizer(HfQuantizer):
         self.report = None
 
     def validate_environment(self, *args, **kwargs):
-        device_map = kwargs.get("device_map")
         if not self.pre_quantized:
             cfg = self.quantization_config
             if cfg.needs_calibration_data and cfg.dataset is None:
@@ -41,9 +40,6 @@ class AstroQuantizer(HfQuantizer):
                     f"AstroQuantConfig(method={cfg.method!r}) needs calibration data: pass dataset=... "
                     "(texts, token windows, a text file, a datasets.Dataset, or 'wikitext2'/'c4')"
                 )
-            if isinstance(device_map, dict) and {"disk"} & {str(v) for v in device_map.values()}:
-                raise ValueError("astroquant calibration does not support disk offload; use more memory "
-                                 "or a device_map without 'disk'")
 
     def update_dtype(self, dtype):
         return dtype if dtype is not None else torch.float32

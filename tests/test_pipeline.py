@@ -185,15 +185,6 @@ def test_per_layer_errors_are_logged_at_debug_level(tiny_dir, caplog):
     assert all(0 < e < 0.1 for e in errors.values())
 
 
-def test_disk_offload_during_calibration_is_refused():
-    from hf_astroquant import AstroQuantizer
-
-    quantizer = AstroQuantizer(AstroQuantConfig(dataset=calib_ids()), pre_quantized=False)
-    with pytest.raises(ValueError, match="does not support disk offload"):
-        quantizer.validate_environment(device_map={"model.layers.0": "cpu", "model.layers.1": "disk"})
-    quantizer.validate_environment(device_map={"": "cpu"})
-
-
 @pytest.mark.parametrize("kw", [
     dict(method="gptaq"), dict(method="gptaq", alpha=1.0), dict(method="rescomp"),
     dict(method="gptq", asym_alpha=0.5), dict(method="gptq", asym_alpha="auto"),

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -84,18 +85,26 @@ def damped_cholesky(H: torch.Tensor, damp_percent: float, max_escalations: int =
     )
 
 
-def damped_inverse_cholesky(H: torch.Tensor, damp_percent: float, max_escalations: int = 4):
-    """U (upper) with UᵀU = (H + λ·mean(diag H)·I)⁻¹; escalates λ ×10 while H stays singular."""
-    mean_diag = torch.diag(H).mean()
+def damped_inverse_cholesky(H: torch.Tensor | Callable[[], torch.Tensor], damp_percent: float,
+                            max_escalations: int = 4):
+    """U (upper) with UᵀU = (H + λ·mean(diag H)·I)⁻¹; escalates λ ×10 while H stays singular.
+
+    `H` may be a function that returns a fresh fp32 copy of the Hessian to factor in place: each
+    attempt then holds at most three in×in matrices (the caller's Hessian, and two of the copy, L,
+    H⁻¹, U in turn), which is what bounds the memory of a large layer's solve."""
+    build = H if callable(H) else H.clone
     damp = damp_percent
-    idx = torch.arange(H.shape[0], device=H.device)
     for _ in range(max_escalations + 1):
-        Hd = H.clone()
-        Hd[idx, idx] += damp * mean_diag
+        Hd = build()
+        diag0 = torch.diag(Hd).clone()
+        Hd.diagonal().copy_(diag0 + damp * diag0.mean())
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info == 0 and torch.isfinite(U).all():
                 return U, damp
         damp *= 10
@@ -133,10 +142,9 @@ def gptq_quantize(
     from .gptaq import gptaq_p_matrix  # the asymmetric correction; imported here to keep one direction
 
     W = weight.detach().float().clone()
-    H = hessian.detach().float().clone()
     rows, cols = W.shape
-    if H.shape != (cols, cols):
-        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight shape {tuple(W.shape)}")
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match weight shape {tuple(W.shape)}")
     if residual and dxxt is None:
         raise ValueError("ResComp's residual term needs the asymmetric statistic dxxt (D = 2·ΔX·Xᵀ/N)")
     if beam_width is not None and (isinstance(beam_width, bool) or not isinstance(beam_width, int) or beam_width < 1):
@@ -145,8 +153,9 @@ def gptq_quantize(
     n_groups = math.ceil(cols / gs)
     static_groups = static_groups or beam_width is not None
 
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    diag = torch.diag(hessian).float()
+    dead = diag == 0
+    diag = diag.masked_fill(dead, 1)  # a column no input reaches: unit curvature, weight zeroed
     W[:, dead] = 0
     D = None
     if dxxt is not None:
@@ -161,16 +170,24 @@ def gptq_quantize(
         zeros = torch.zeros(n_groups, rows, device=W.device)
 
     if desc_act:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        perm = torch.argsort(diag, descending=True)
+        W = W[:, perm]
         if D is not None:
             D = D[perm][:, perm]
     else:
         perm = torch.arange(cols, device=W.device)
     perm_list = perm.tolist()
 
-    U, damp_used = damped_inverse_cholesky(H, damp_percent)
-    del H
+    def working_hessian() -> torch.Tensor:
+        """A fresh fp32 copy of H with dead columns fixed, in the sweep's column order."""
+        if desc_act:
+            Hc, dead_p = hessian.detach().float()[perm][:, perm], dead[perm]
+        else:
+            Hc, dead_p = hessian.detach().float().clone(), dead
+        Hc[dead_p, dead_p] = 1
+        return Hc
+
+    U, damp_used = damped_inverse_cholesky(working_hessian, damp_percent)
     P = gptaq_p_matrix(D, U, alpha) if D is not None else None
     del D
 

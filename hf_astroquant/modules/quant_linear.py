@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import offload
 from . import kernels
 from .packing import pack_cols, pack_rows, packed_rows, unpack_cols, unpack_rows
 
@@ -146,6 +147,12 @@ class QuantLinear(nn.Module):
         device = self.qweight.device
         dtype = dtype or (self.bias.dtype if self.bias is not None else torch.float32)
         name = self.backend
+        if offload.is_offloaded(self):
+            # accelerate loads the buffers around each forward; a kernel layout built from them would
+            # stay resident and undo the offload, so de-quantize from the loaded buffers instead.
+            if name not in ("auto", "reference"):
+                _warn_once(f"astroquant: backend={name!r} ignored for offloaded layers; they run the reference path")
+            name = "reference"
         if name == "auto":
             name = kernels.auto_backend(self.bits, self.n_groups, device, dtype)
         weights = None
