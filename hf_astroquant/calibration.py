@@ -123,7 +123,11 @@ def prepare_calibration(data: Any, tokenizer: Any, n_samples: int, seqlen: int, 
     if isinstance(tokenizer, str):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        except Exception as exc:  # missing files, no network, not a tokenizer: all end here
+            raise CalibrationDataError(f"could not load tokenizer {tokenizer!r} with AutoTokenizer "
+                                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
     windows = sample_windows(ids, n_samples, seqlen, seed)
     return windows, {"source": source, "n_samples": n_samples, "seqlen": seqlen, "seed": seed}

@@ -226,6 +226,9 @@ class AstroQuantConfig(QuantizationConfigMixin):
             _fail("checkpoint_format", self.checkpoint_format, repr(CHECKPOINT_FORMAT))
         if self.dataset is not None:
             _check_dataset_type(self.dataset)
+        if self.tokenizer is not None and not isinstance(self.tokenizer, (str, os.PathLike)) \
+                and not callable(self.tokenizer):
+            _fail("tokenizer", type(self.tokenizer).__name__, "None, a tokenizer, or a tokenizer name or path")
 
     @property
     def needs_calibration_data(self) -> bool:

@@ -77,7 +77,17 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def block_targets(block_name: str, block: nn.Module, should_convert: Callable[[str], bool]) -> dict[str, nn.Linear]:
-    """Linears of one block to quantize, by full module name."""
+    """Linears of one block to quantize, by full module name. Linear-like layers of other types
+    (GPT-2's Conv1D) are refused by name rather than silently left in full precision."""
+    from transformers.pytorch_utils import Conv1D
+
+    for rel, mod in block.named_modules():
+        if isinstance(mod, Conv1D) and should_convert(f"{block_name}.{rel}"):
+            raise ValueError(
+                f"{block_name}.{rel} is a transformers Conv1D ({mod.weight.shape[0]}→{mod.weight.shape[1]}); "
+                "hf_astroquant packs nn.Linear layers only. Keep it in full precision with "
+                "modules_to_not_convert, or use a model whose projections are nn.Linear."
+            )
     return {
         f"{block_name}.{rel}": mod
         for rel, mod in block.named_modules()

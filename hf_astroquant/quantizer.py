@@ -88,6 +88,11 @@ class AstroQuantizer(HfQuantizer):
         if not self.pre_quantized:
             self.report = quantize_model(model, cfg, self._should_convert)
             quantized = sorted(n for n, m in model.named_modules() if isinstance(m, QuantLinear))
+            if not quantized:
+                raise ValueError(
+                    f"astroquant quantized no layer of {type(model).__name__}: every Linear in its decoder blocks "
+                    f"was excluded or never reached (modules_to_not_convert={cfg.modules_to_not_convert!r})"
+                )
             cfg.quantized_modules = quantized
             cfg.modules_to_not_convert = sorted(set(self.modules_to_not_convert) | set(self.report.skipped))
             cfg.calibration = self.report.calibration or None
