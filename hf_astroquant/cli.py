@@ -135,12 +135,29 @@ def _torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def _load_fp(source: str, load_kwargs: dict, dtype: str, device_map: str | None):
+def _placement(args) -> dict:
+    """from_pretrained's device_map / max_memory / offload_folder from the quantize flags."""
+    kwargs: dict[str, Any] = {}
+    if args.device_map:
+        kwargs["device_map"] = args.device_map
+    if args.max_memory:
+        budget: dict[Any, str] = {}
+        for item in args.max_memory:
+            device, sep, size = item.partition("=")
+            if not sep or not device or not size:
+                raise CliError(f"--max-memory {item!r}: expected DEVICE=SIZE, e.g. cpu=8GiB or 0=20GiB")
+            budget[int(device) if device.isdigit() else device] = size
+        kwargs["max_memory"] = budget
+        kwargs.setdefault("device_map", "auto")
+    if args.offload_folder:
+        kwargs["offload_folder"] = args.offload_folder
+    return kwargs
+
+
+def _load_fp(source: str, load_kwargs: dict, dtype: str, placement: dict):
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(load_kwargs, dtype=_torch_dtype(dtype))
-    if device_map:
-        kwargs["device_map"] = device_map
+    kwargs = dict(load_kwargs, dtype=_torch_dtype(dtype), **placement)
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     return drop_gguf_marker(model) if "gguf_file" in load_kwargs else model
 
@@ -210,7 +227,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory() as fp_dir:
             if "gguf_file" in load_kwargs:  # de-quantize once; quantize from the plain checkpoint
                 print(f"de-quantizing {args.model} ...", file=sys.stderr)
-                fp = _load_fp(source, load_kwargs, args.dtype, None)
+                fp = _load_fp(source, load_kwargs, args.dtype, {})
                 fp.save_pretrained(fp_dir)
                 del fp
                 base_src, base_kwargs = fp_dir, {}
@@ -219,15 +236,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 text, what = evaluation_text(args.eval_data)
                 eval_ids = tok(text, return_tensors="pt").input_ids[0]
                 ppl = {"data": what, "seqlen": args.eval_seqlen}
-                fp = _load_fp(base_src, base_kwargs, args.dtype, args.device_map)
+                fp = _load_fp(base_src, base_kwargs, args.dtype, _placement(args))
                 ppl["base"] = perplexity(fp, eval_ids, args.eval_seqlen, args.eval_windows)
                 del fp
             start = time.perf_counter()
             from transformers import AutoModelForCausalLM
 
-            kwargs = dict(base_kwargs, dtype=_torch_dtype(args.dtype), quantization_config=cfg)
-            if args.device_map:
-                kwargs["device_map"] = args.device_map
+            kwargs = dict(base_kwargs, dtype=_torch_dtype(args.dtype), quantization_config=cfg, **_placement(args))
             model = AutoModelForCausalLM.from_pretrained(base_src, **kwargs)
             seconds = time.perf_counter() - start
         model.name_or_path = args.model
@@ -301,7 +316,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows.append((f"perplexity ({what}, seqlen {args.seqlen})", f"{ppl['quantized']:.2f}"))
         if args.baseline:
             source, load_kwargs, _ = resolve_source(args.baseline)
-            base = _load_fp(source, load_kwargs, args.dtype, None)
+            base = _load_fp(source, load_kwargs, args.dtype, {})
             ppl["base"] = perplexity(base, ids, args.seqlen, args.max_windows)
             rows.append((f"perplexity, baseline {args.baseline}", f"{ppl['base']:.2f}"))
             del base
@@ -375,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     q.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the model is loaded and calibrated in")
     q.add_argument("--device-map", default=None, help="transformers device_map, e.g. auto, cpu, cuda:0")
+    q.add_argument("--max-memory", nargs="+", metavar="DEVICE=SIZE",
+                   help="memory caps for device_map='auto' (implied), e.g. cpu=8GiB 0=20GiB; what does not fit is "
+                        "offloaded to --offload-folder and calibrated one block at a time")
+    q.add_argument("--offload-folder", metavar="DIR", help="where accelerate offloads weights to disk")
     q.add_argument("--eval-data", default=None, metavar="wikitext2|FILE",
                    help="also measure perplexity before and after on this text")
     q.add_argument("--eval-seqlen", type=int, default=2048)

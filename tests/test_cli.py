@@ -79,6 +79,8 @@ def test_flags_reach_the_config():
     (["eval", "{fp}", "--data", ""], "nothing to evaluate"),
     (["export", "{fp}", "--format", "gptq", "--out", "{tmp}/g"], "cannot export to GPTQ: .* not an hf_astroquant"),
     (["push", "{fp}", "bad repo id"], "repo_id='bad repo id' is not a Hub repository id"),
+    (["quantize", "{fp}", "--out", "{tmp}/o", "--dataset", "{calib}", "--max-memory", "lots"],
+     "--max-memory 'lots': expected DEVICE=SIZE"),
 ])
 def test_bad_input_is_one_clear_line(source, tmp_path, capsys, monkeypatch, argv, message):
     import re
@@ -142,6 +144,21 @@ def test_quantize_eval_export_push_end_to_end(source, tmp_path, capsys, hub):
     ids = calib_ids(2, 16, seed=4)
     with torch.no_grad():
         assert torch.equal(pushed(ids).logits, model(ids).logits)
+
+
+def test_offloaded_quantize_with_resume_matches_the_plain_run(source, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    common = ["quantize", source / "fp", "--dataset", source / "calib.txt", "--seqlen", "32", "--n-samples", "4",
+              "--group-size", "32", "--backend", "reference"]
+    code, _, err = _run(common + ["--out", tmp_path / "plain"], capsys)
+    assert code == 0, err
+    code, _, err = _run(common + ["--out", tmp_path / "off", "--max-memory", "cpu=10KB", "--offload-folder",
+                                  tmp_path / "offload", "--resume-dir", tmp_path / "resume"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "resume" / "state.json").exists() and any((tmp_path / "offload").iterdir())
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "off" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_out_dir_is_never_half_written(source, tmp_path, capsys, monkeypatch):
