@@ -19,6 +19,8 @@ SPEED = RESULTS / "speed.jsonl"
 SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
 EXPORT = RESULTS / "export.jsonl"  # bench_export.py: GPTQ exports in GPTQModel
 EXPORT_START, EXPORT_END = "<!-- export:start -->", "<!-- export:end -->"
+OFFLOAD = RESULTS / "offload.json"
+OFFLOAD_START, OFFLOAD_END = "<!-- offload:start -->", "<!-- offload:end -->"
 
 
 def load_rows() -> list[dict]:
@@ -113,6 +115,26 @@ def render_export(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render_offload(r: dict) -> str:
+    """The disk-offload calibration run against the unconstrained one (bench_offload.py)."""
+    mb = lambda b: f"{b / 1e6:,.0f} MB"  # noqa: E731
+    off, full = r["offloaded"], r["unconstrained"]
+    return "\n".join([
+        "| run | placement | peak RSS above baseline | wall time |", "|---|---|---|---|",
+        f"| `device_map=\"auto\", max_memory={{\"cpu\": {mb(r['cap_bytes'])!r}}}` + offload_folder | "
+        f"{', '.join(off['placement'])} | {mb(off['peak_rss_above_base'])} | {off['seconds']:.0f} s |",
+        f"| no device map (all in memory) | {', '.join(full['placement'])} | {mb(full['peak_rss_above_base'])} | "
+        f"{full['seconds']:.0f} s |",
+        "",
+        f"Model {mb(r['model_bytes'])} ({r['model_over_cap']}× the cap); one block {mb(r['block_bytes'])}; its "
+        f"activations {mb(r['activation_bytes'])} (hidden states in/out, the MLP activation, and down_proj's "
+        f"Hessian with the two factors of its size that inverting it needs). Offloaded peak / (block + "
+        f"activations) = **{r['peak_over_block_plus_activations']}** (counting one Hessian only: "
+        f"{r['peak_over_block_plus_activations_one_hessian']}). Checkpoints bit-identical: "
+        f"**{r['checkpoints_bit_identical']}** ({r['tensors_compared']} tensors). {r['calibration']}.",
+    ])
+
+
 def _replace(text: str, start: str, end: str, body: str) -> str:
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
@@ -134,6 +156,10 @@ def main() -> None:
             table = render_rows(read_jsonl(path))
             text = _replace(text, start, end, table)
             print(table)
+    if OFFLOAD.exists():
+        table = render_offload(json.loads(OFFLOAD.read_text()))
+        text = _replace(text, OFFLOAD_START, OFFLOAD_END, table)
+        print(table)
     readme.write_text(text)
     print(main_table)
 

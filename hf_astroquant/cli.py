@@ -75,6 +75,7 @@ _OPTION_ARGS: dict[str, dict[str, Any]] = {
     "calibration_batch_size": dict(type=_optional_int, metavar="{INT,auto}"),
     "backend": dict(choices=BACKENDS),
     "resume_dir": dict(metavar="DIR"),
+    "solve_devices": dict(nargs="+", metavar="DEVICE"),
 }
 
 

@@ -95,6 +95,11 @@ class AstroQuantConfig(QuantizationConfigMixin):
             given a directory that holds an interrupted run of the same model, options and data
             starts after its last finished block and gives the same result bit for bit. A run
             option: never written to the checkpoint.
+        solve_devices: spread the Linears that share one input (q/k/v, gate/up) over devices and
+            solve them in parallel: None (solve where the block is), a list of devices
+            (["cuda:0", "cuda:1"]) or "auto" (the accelerators in the model's device_map). Results
+            can differ in rounding from one device type to another. A run option: never written to
+            the checkpoint.
     """
 
     def __init__(
@@ -122,6 +127,7 @@ class AstroQuantConfig(QuantizationConfigMixin):
         calibration_batch_size: int | None = None,
         backend: str = "auto",
         resume_dir: str | os.PathLike | None = None,
+        solve_devices: list[str] | str | None = None,
         **kwargs: Any,
     ):
         unknown = sorted(set(kwargs) - set(_RECORD_KEYS))
@@ -157,6 +163,7 @@ class AstroQuantConfig(QuantizationConfigMixin):
         self.calibration_batch_size = calibration_batch_size
         self.backend = backend
         self.resume_dir = resume_dir
+        self.solve_devices = solve_devices
         self.checkpoint_format = kwargs.get("checkpoint_format", CHECKPOINT_FORMAT)
         # Filled in after calibration: what data was used, which modules were packed.
         self.calibration = kwargs.get("calibration")
@@ -220,6 +227,7 @@ class AstroQuantConfig(QuantizationConfigMixin):
             if not isinstance(self.resume_dir, (str, os.PathLike)) or not os.fspath(self.resume_dir):
                 _fail("resume_dir", self.resume_dir, "None or a directory path")
             self.resume_dir = os.fspath(self.resume_dir)
+        self._check_solve_devices()
         if self.backend not in BACKENDS:
             _fail("backend", self.backend, ", ".join(repr(b) for b in BACKENDS))
         if self.checkpoint_format != CHECKPOINT_FORMAT:
@@ -229,6 +237,27 @@ class AstroQuantConfig(QuantizationConfigMixin):
         if self.tokenizer is not None and not isinstance(self.tokenizer, (str, os.PathLike)) \
                 and not callable(self.tokenizer):
             _fail("tokenizer", type(self.tokenizer).__name__, "None, a tokenizer, or a tokenizer name or path")
+
+    def _check_solve_devices(self) -> None:
+        import torch
+
+        sd = self.solve_devices
+        allowed = "None, 'auto', or a non-empty list of devices such as ['cuda:0', 'cuda:1']"
+        if sd is None or sd == "auto":
+            return
+        if isinstance(sd, (list, tuple)) and list(sd) == ["auto"]:  # the CLI's --solve-devices auto
+            self.solve_devices = "auto"
+            return
+        if isinstance(sd, str) or not isinstance(sd, (list, tuple)) or not sd:
+            _fail("solve_devices", sd, allowed)
+        for d in sd:
+            try:
+                if not isinstance(d, str):
+                    raise TypeError
+                torch.device(d)
+            except (TypeError, RuntimeError):
+                _fail("solve_devices", sd, allowed)
+        self.solve_devices = list(sd)
 
     @property
     def needs_calibration_data(self) -> bool:
@@ -247,7 +276,7 @@ class AstroQuantConfig(QuantizationConfigMixin):
         """JSON-safe dict for config.json: options and records, never the calibration data."""
         out: dict[str, Any] = {"quant_method": QUANT_METHOD}
         for name in self._option_names():
-            if name in ("dataset", "tokenizer", "backend", "resume_dir"):  # data, and loading/run options
+            if name in ("dataset", "tokenizer", "backend", "resume_dir", "solve_devices"):  # data, loading/run options
                 continue
             out[name] = getattr(self, name)
         for name in _RECORD_KEYS:

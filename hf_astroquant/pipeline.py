@@ -18,6 +18,7 @@ For each decoder block, in order:
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import time
@@ -234,12 +235,19 @@ class _LayerSolver:
         self.options = cfg.solver_options()
         self.packed: dict[str, QuantLinear] = {}
 
-    def __call__(self, name: str, linear: nn.Linear, stats: _Stats) -> None:
+    def __call__(self, name: str, linear: nn.Linear, stats: _Stats, device: torch.device | None = None) -> None:
+        """Solve `linear` (on `device` when given: its weight and statistics are copied there and
+        the result comes back to the Linear's device)."""
         stats.normalize()
         H, D, G = stats.h, stats.d, stats.g
         W = linear.weight.data
         if not torch.isfinite(W).all():
             raise ValueError(f"weights of {name} contain NaN or Inf; cannot quantize")
+        home = W.device
+        if device is not None and device != home:
+            W, H = W.to(device), H.to(device)
+            D = D.to(device) if D is not None else None
+            G = G.to(device) if G is not None else None
         try:
             result, alpha = solve_linear(W, H, self.options, D, G)
         except ValueError as exc:
@@ -251,7 +259,11 @@ class _LayerSolver:
             self.report.asym_alpha[name] = alpha
         logger.debug("%s: relative reconstruction error %.3e (damp %.3g, asym alpha %.3g)", name, err,
                      result.damp_percent, alpha)
-        linear.weight.data.copy_(result.weight.to(W.dtype))
+        if result.weight.device != home:
+            result = dataclasses.replace(result, **{f.name: getattr(result, f.name).to(home)
+                                                    for f in dataclasses.fields(result)
+                                                    if isinstance(getattr(result, f.name), torch.Tensor)})
+        linear.weight.data.copy_(result.weight.to(linear.weight.dtype))
         # Packed now, so a block holds its packed layers rather than full-size codes and weights.
         # The reference path computes F.linear with exactly these de-quantized values, so a forward
         # through the packed layer gives the same outputs as the Linear; a kernel might not.
@@ -260,6 +272,41 @@ class _LayerSolver:
         self.packed[name] = packed
         del result
         _trim_heap()
+
+
+def _solve_stage(solver: _LayerSolver, members: list[str], targets: dict[str, nn.Linear], stats: _Stats,
+                 devices: list[torch.device] | None) -> None:
+    """Solve the Linears of one stage (they share `stats`); with several `devices`, member k on
+    devices[k mod n], in threads (torch releases the GIL inside its kernels)."""
+    stats.normalize()  # once, before any thread reads it
+    if not devices or len(devices) < 2 or len(members) < 2:
+        for name in members:
+            solver(name, targets[name], stats)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(len(devices), len(members))) as pool:
+        futures = [pool.submit(solver, name, targets[name], stats, devices[k % len(devices)])
+                   for k, name in enumerate(members)]
+        for future in futures:
+            future.result()
+
+
+def solve_devices(cfg: AstroQuantConfig, model: nn.Module) -> list[torch.device] | None:
+    """The devices the Linears of a stage are spread over: `cfg.solve_devices`, or for "auto" the
+    accelerators in the model's accelerate device map (None when fewer than two)."""
+    if cfg.solve_devices is None:
+        return None
+    if cfg.solve_devices == "auto":
+        found = set()
+        for where in (getattr(model, "hf_device_map", None) or {}).values():
+            if isinstance(where, int):
+                found.add(torch.device("cuda", where))
+            elif isinstance(where, str) and where not in ("cpu", "disk", "meta"):
+                found.add(torch.device(where))
+        devices = sorted(found, key=str)
+        return devices if len(devices) > 1 else None
+    return [torch.device(d) for d in cfg.solve_devices]
 
 
 def _trim_heap() -> None:
@@ -300,6 +347,7 @@ def _calibrate_block(
     true_sequential: bool,
     fp_captured: list[dict[str, torch.Tensor]] | None = None,
     block_name: str = "",
+    devices: list[torch.device] | None = None,
 ) -> tuple[list[torch.Tensor], list[str]]:
     """Quantize every target Linear of `block` (named `block_name` in the model); return its
     quantized outputs per batch and the targets that no forward pass reached.
@@ -322,8 +370,9 @@ def _calibrate_block(
         except _NonFiniteInput:
             raise ValueError(f"calibration inputs of {name} contain NaN or Inf") from None
 
-    if len(batches) == 1 and true_sequential:
-        # One forward: solve each Linear in its pre-hook, before it runs.
+    if len(batches) == 1 and true_sequential and not (devices and len(devices) > 1):
+        # One forward: solve each Linear in its pre-hook, before it runs. (Spreading a stage over
+        # devices needs the whole stage known first: the staged path below finds it.)
         shared: dict[str, Any] = {"x": None, "h": None}
 
         def solve_now(module, args):
@@ -349,8 +398,8 @@ def _calibrate_block(
     else:
         stages = _stage_hessians(targets, names, batches, kwargs_list, block, done, input_hessian, true_sequential)
         for members, stats in stages:
+            _solve_stage(solver, members, targets, stats, devices)
             for name in members:
-                solver(name, targets[name], stats)
                 swap_in(name)
                 _release(targets[name])
                 done.add(name)
@@ -476,6 +525,7 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
         return report
 
     solver = _LayerSolver(cfg, report)
+    devices = solve_devices(cfg, model)
     asymmetric = solver.options.needs_fp_stream
     # The full-precision stream X̃ lives on the CPU when the blocks run on an accelerator.
     store = torch.device("cpu") if device.type != "cpu" else device
@@ -509,7 +559,7 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
                 if not asymmetric:
                     fp_captured = None
             inputs, missed = _calibrate_block(targets, inputs, kwargs_list, block, solver, cfg.true_sequential,
-                                              fp_captured, name)
+                                              fp_captured, name, devices)
             del fp_captured
             for lname in missed:
                 logger.warning("%s was never called during calibration; it stays in full precision", lname)

@@ -40,6 +40,8 @@ BAD = {
     "calibration_batch_size": [(0, ">= 1"), ("auto", "integer")],
     "backend": [("cuda", "'auto', 'reference'")],
     "resume_dir": [(3, "None or a directory path"), ("", "None or a directory path")],
+    "solve_devices": [("cuda:0", "non-empty list of devices"), ([], "non-empty list"), (["gpu zero"], "list of devices"),
+                      ([0], "list of devices")],
 }
 
 

@@ -95,3 +95,50 @@ def test_meta_weights_without_hooks_are_refused():
     layer = torch.nn.Linear(4, 4, device="meta")
     with pytest.raises(ValueError, match="meta device and no accelerate hook"):
         execution_device(layer)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(method="gptaq"), dict(calibration_batch_size=4, desc_act=True)])
+def test_a_stage_spread_over_devices_gives_the_same_checkpoint(tiny4, kw):
+    # Two CPU "devices": the stage's Linears are solved in parallel threads and copied back, the
+    # path that spreads q/k/v and gate/up over GPUs. On one device type the result must not move.
+    import hf_astroquant.pipeline as pipeline
+
+    calls = []
+    solve = pipeline._solve_stage
+
+    def spy(solver, members, targets, stats, devices):
+        calls.append((tuple(members), devices))
+        return solve(solver, members, targets, stats, devices)
+
+    pipeline._solve_stage = spy
+    try:
+        spread = AutoModelForCausalLM.from_pretrained(tiny4, quantization_config=_cfg(solve_devices=["cpu", "cpu"],
+                                                                                        **kw))
+    finally:
+        pipeline._solve_stage = solve
+    plain = AutoModelForCausalLM.from_pretrained(tiny4, quantization_config=_cfg(**kw))
+    assert any(len(m) == 3 and d == [torch.device("cpu")] * 2 for m, d in calls)  # q/k/v went out together
+    a, b = spread.state_dict(), plain.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "solve_devices" not in spread.config.quantization_config.to_dict()
+
+
+def test_solve_devices_auto_reads_the_accelerators_of_the_device_map():
+    from hf_astroquant.pipeline import solve_devices
+
+    model = torch.nn.Module()
+    model.hf_device_map = {"model.layers.0": 0, "model.layers.1": "cuda:1", "lm_head": "cpu", "x": "disk"}
+    assert solve_devices(AstroQuantConfig(solve_devices="auto"), model) == [torch.device("cuda:0"),
+                                                                            torch.device("cuda:1")]
+    model.hf_device_map = {"": "cpu"}
+    assert solve_devices(AstroQuantConfig(solve_devices="auto"), model) is None  # nothing to spread over
+    assert solve_devices(AstroQuantConfig(solve_devices=["auto"]), model) is None  # the CLI's form
+    assert solve_devices(AstroQuantConfig(solve_devices=["cpu", "meta"]), model) == [torch.device("cpu"),
+                                                                                     torch.device("meta")]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_stage_spread_over_two_gpus(tiny4):
+    cfg = _cfg(solve_devices=["cuda:0", "cuda:1"])
+    model = AutoModelForCausalLM.from_pretrained(tiny4, quantization_config=cfg, device_map={"": 0})
+    assert all(m.qweight.device == torch.device("cuda:0") for m in model.modules() if isinstance(m, QuantLinear))
