@@ -141,10 +141,9 @@ def gptq_quantize(
     """
     from .gptaq import gptaq_p_matrix  # the asymmetric correction; imported here to keep one direction
 
-    W = weight.detach().float().clone()
-    rows, cols = W.shape
+    rows, cols = weight.shape
     if hessian.shape != (cols, cols):
-        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match weight shape {tuple(W.shape)}")
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match weight shape {tuple(weight.shape)}")
     if residual and dxxt is None:
         raise ValueError("ResComp's residual term needs the asymmetric statistic dxxt (D = 2·ΔX·Xᵀ/N)")
     if beam_width is not None and (isinstance(beam_width, bool) or not isinstance(beam_width, int) or beam_width < 1):
@@ -156,6 +155,23 @@ def gptq_quantize(
     diag = torch.diag(hessian).float()
     dead = diag == 0
     diag = diag.masked_fill(dead, 1)  # a column no input reaches: unit curvature, weight zeroed
+    perm = torch.argsort(diag, descending=True) if desc_act else torch.arange(cols, device=weight.device)
+    perm_list = perm.tolist()
+
+    def working_hessian() -> torch.Tensor:
+        """A fresh fp32 copy of H with dead columns fixed, in the sweep's column order."""
+        if desc_act:
+            Hc, dead_p = hessian.detach().float()[perm][:, perm], dead[perm]
+        else:
+            Hc, dead_p = hessian.detach().float().clone(), dead
+        Hc[dead_p, dead_p] = 1
+        return Hc
+
+    # Factor first: the in×in matrices of the factorization are the solve's memory peak, so the
+    # copies of W (and D) are made only once they are done.
+    U, damp_used = damped_inverse_cholesky(working_hessian, damp_percent)
+
+    W = weight.detach().float().clone()
     W[:, dead] = 0
     D = None
     if dxxt is not None:
@@ -170,24 +186,10 @@ def gptq_quantize(
         zeros = torch.zeros(n_groups, rows, device=W.device)
 
     if desc_act:
-        perm = torch.argsort(diag, descending=True)
         W = W[:, perm]
         if D is not None:
             D = D[perm][:, perm]
-    else:
-        perm = torch.arange(cols, device=W.device)
-    perm_list = perm.tolist()
 
-    def working_hessian() -> torch.Tensor:
-        """A fresh fp32 copy of H with dead columns fixed, in the sweep's column order."""
-        if desc_act:
-            Hc, dead_p = hessian.detach().float()[perm][:, perm], dead[perm]
-        else:
-            Hc, dead_p = hessian.detach().float().clone(), dead
-        Hc[dead_p, dead_p] = 1
-        return Hc
-
-    U, damp_used = damped_inverse_cholesky(working_hessian, damp_percent)
     P = gptaq_p_matrix(D, U, alpha) if D is not None else None
     del D
 
@@ -206,6 +208,7 @@ def gptq_quantize(
     sweep = _greedy_sweep if beam_width is None else _beam_sweep
     Wt, codes_t = sweep(Wt, U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, static_groups, alpha, clamp,
                         block_size, beam_width)
+    del U, P, W0t  # before the outputs are assembled: they are the next memory peak
 
     g_idx_perm = torch.tensor(groups_of, dtype=torch.int32)
     Q = Wt.t()  # every column now holds its de-quantized value ŵ
