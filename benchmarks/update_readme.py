@@ -30,7 +30,8 @@ def load_rows() -> list[dict]:
             continue
         rows += read_jsonl(f)
     for f in sorted(RESULTS.glob("*.json")):
-        rows.append(json.loads(f.read_text()))
+        if f != OFFLOAD:  # its own table
+            rows.append(json.loads(f.read_text()))
     return rows
 
 
@@ -121,7 +122,7 @@ def render_offload(r: dict) -> str:
     off, full = r["offloaded"], r["unconstrained"]
     return "\n".join([
         "| run | placement | peak RSS above baseline | wall time |", "|---|---|---|---|",
-        f"| `device_map=\"auto\", max_memory={{\"cpu\": {mb(r['cap_bytes'])!r}}}` + offload_folder | "
+        f"| `device_map=\"auto\", max_memory={{\"cpu\": \"{r['cap_bytes'] // 10**6}MB\"}}` + offload_folder | "
         f"{', '.join(off['placement'])} | {mb(off['peak_rss_above_base'])} | {off['seconds']:.0f} s |",
         f"| no device map (all in memory) | {', '.join(full['placement'])} | {mb(full['peak_rss_above_base'])} | "
         f"{full['seconds']:.0f} s |",
