@@ -142,3 +142,21 @@ def test_a_stage_spread_over_two_gpus(tiny4):
     cfg = _cfg(solve_devices=["cuda:0", "cuda:1"])
     model = AutoModelForCausalLM.from_pretrained(tiny4, quantization_config=cfg, device_map={"": 0})
     assert all(m.qweight.device == torch.device("cuda:0") for m in model.modules() if isinstance(m, QuantLinear))
+
+
+def test_tied_embeddings_offloaded_to_disk(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True)).save_pretrained(
+        tmp_path / "fp")
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=_cfg())
+    off = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=_cfg(), device_map="auto",
+                                               max_memory={"cpu": "20KB"}, offload_folder=str(tmp_path / "o"))
+    ids = calib_ids(2, 16, seed=3)
+    off.save_pretrained(tmp_path / "s")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "s", quantization_config=AstroQuantConfig(backend="reference"))
+    with torch.no_grad():
+        expected = full(ids).logits
+        assert torch.equal(off(ids).logits, expected) and torch.equal(back(ids).logits, expected)
