@@ -29,10 +29,15 @@ import torch
 from torch import nn
 
 
-def offload_hook(module: nn.Module):
-    """The module's own offloading `AlignDevicesHook`, or None (also looks inside a SequentialHook)."""
+def _hooks(module: nn.Module) -> list:
+    """The accelerate hooks on `module` itself, a SequentialHook unpacked."""
     hook = getattr(module, "_hf_hook", None)
-    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+    return list(getattr(hook, "hooks", None) or ([hook] if hook is not None else []))
+
+
+def offload_hook(module: nn.Module):
+    """The module's own offloading `AlignDevicesHook`, or None."""
+    for h in _hooks(module):
         if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None:
             return h
     return None
@@ -46,8 +51,7 @@ def execution_device(module: nn.Module) -> torch.device:
     """The device `module` computes on: the hook's execution device when accelerate dispatched it,
     else the device of its first tensor that is not on meta, else the CPU."""
     for m in module.modules():
-        hook = getattr(m, "_hf_hook", None)
-        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        for h in _hooks(m):
             device = getattr(h, "execution_device", None)
             if device is not None:
                 return torch.device(device if not isinstance(device, int) else f"cuda:{device}")

@@ -241,8 +241,7 @@ class _LayerSolver:
         stats.normalize()
         H, D, G = stats.h, stats.d, stats.g
         W = linear.weight.data
-        if not torch.isfinite(W).all():
-            raise ValueError(f"weights of {name} contain NaN or Inf; cannot quantize")
+        _check_finite_weights(name, W)
         home = W.device
         if device is not None and device != home:
             W, H = W.to(device), H.to(device)
@@ -272,6 +271,11 @@ class _LayerSolver:
         self.packed[name] = packed
         del result
         _trim_heap()
+
+
+def _check_finite_weights(name: str, weight: torch.Tensor) -> None:
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"weights of {name} contain NaN or Inf; cannot quantize")
 
 
 def _solve_stage(solver: _LayerSolver, members: list[str], targets: dict[str, nn.Linear], stats: _Stats,
@@ -454,8 +458,11 @@ def _stage_hessians(targets, names, batches, kwargs_list, block, done, input_hes
             return
 
 
-def _place(model: nn.Module, name: str, layer: QuantLinear, homes: dict) -> None:
-    """Put the packed `layer` in place of the Linear `name`, back where that Linear's weights lived."""
+def _place(model: nn.Module, name: str, layer: QuantLinear, homes: dict, record: dict | None = None) -> None:
+    """Put the packed `layer` in place of the Linear `name`, back where that Linear's weights lived;
+    `record` (a checkpoint's tensors) gets its tensors first: offloading leaves them on meta."""
+    if record is not None:
+        record.update({f"{name}.{k}": v for k, v in layer.state_dict().items()})
     set_submodule(model, name, layer)
     if name in homes:
         offload.offload(layer, homes[name])
@@ -500,7 +507,7 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
             logger.warning("astroquant: resuming from %s: %d of %d blocks were already done", cfg.resume_dir,
                            first, n_blocks)
 
-    def finish_block(i: int, packed: dict[str, torch.Tensor], inputs, fp_inputs) -> None:
+    def finish_block(i: int, packed: dict[str, torch.Tensor] | None, inputs, fp_inputs) -> None:
         if checkpoints is not None:
             report.seconds = earlier_seconds + time.perf_counter() - start
             checkpoints.save_block(i, packed, inputs, fp_inputs, _report_state(report), n_blocks)
@@ -508,17 +515,15 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
     todo = list(range(first, n_blocks))
     if not calibrated:
         for i in tqdm(todo, desc="astroquant rtn", unit="block"):
-            packed = {}
+            packed = {} if checkpoints is not None else None
             targets = block_targets(names[i], blocks[i], should_convert)
             homes = offload.onload(targets)
             for lname, linear in targets.items():
                 W = linear.weight.data
-                if not torch.isfinite(W).all():
-                    raise ValueError(f"weights of {lname} contain NaN or Inf; cannot quantize")
+                _check_finite_weights(lname, W)
                 res = rtn_quantize(W, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, mse=cfg.mse)
                 layer = QuantLinear.from_result(res, cfg.group_size, cfg.bits, linear.bias)
-                packed.update({f"{lname}.{k}": v for k, v in layer.state_dict().items()})
-                _place(model, lname, layer, homes)
+                _place(model, lname, layer, homes, packed)
                 report.layer_errors[lname] = float(((res.weight - W.float()) ** 2).sum() / (W.float() ** 2).sum())
             finish_block(i, packed, None, None)
         report.seconds = earlier_seconds + time.perf_counter() - start
@@ -564,13 +569,12 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
             for lname in missed:
                 logger.warning("%s was never called during calibration; it stays in full precision", lname)
                 report.skipped.append(lname)
-            packed = {}
+            packed = {} if checkpoints is not None else None
             for lname, linear in targets.items():
                 if lname in solver.packed:
                     layer = solver.packed.pop(lname)
                     layer.set_backend("auto")  # calibration ran the reference path; inference picks
-                    packed.update({f"{lname}.{k}": v for k, v in layer.state_dict().items()})
-                    _place(model, lname, layer, homes)
+                    _place(model, lname, layer, homes, packed)
                 elif lname in homes:  # never reached: keep it in full precision, offloaded as before
                     offload.restore(linear, homes[lname])
             finish_block(i, packed, inputs, fp_inputs)

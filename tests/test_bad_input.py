@@ -113,15 +113,6 @@ def test_non_finite_weights_name_the_layer(tmp_path, value):
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=AstroQuantConfig(dataset=calib_ids()))
 
 
-def test_inf_activations_name_the_layer(tmp_path):
-    model = tiny_llama()
-    with torch.no_grad():
-        model.model.layers[0].post_attention_layernorm.weight[7] = float("inf")
-    model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="calibration inputs of model.layers.0.mlp.gate_proj contain NaN or Inf"):
-        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=AstroQuantConfig(dataset=calib_ids()))
-
-
 def test_a_hessian_that_stays_singular_after_damping_is_escalated_then_named():
     cfg = AstroQuantConfig(bits=4, group_size=8, dataset=calib_ids())
     solver = _LayerSolver(cfg, QuantizationReport())
