@@ -47,6 +47,16 @@ for _bits, _group in ((4, 64), (3, 64), (2, 32)):
             ROWS.setdefault(f"{_method}{_suffix}-w{_bits}", dict(bits=_bits, group_size=_group, method=_method,
                                                                   **RECOMMENDED, **_extra))
     ROWS.setdefault(f"rtn-w{_bits}", dict(bits=_bits, group_size=_group, method="rtn"))
+# Preconditioning (issue 4): Astro and each transform, alone and combined, under GPTQ and ResComp
+# on the recommended grid settings; "-plain" rows use plain GPTQ (no act-order, no clipping search).
+PRECONDITIONING = {"astro": dict(astro=True), "rotate": dict(transform="rotate"), "scale": dict(transform="scale"),
+                   "adaptive": dict(transform="adaptive"), "rotate-astro": dict(transform="rotate", astro=True),
+                   "adaptive-astro": dict(transform="adaptive", astro=True)}
+for _bits in (4, 3):
+    for _method in ("gptq", "rescomp"):
+        for _name, _extra in PRECONDITIONING.items():
+            ROWS[f"{_method}-{_name}-w{_bits}"] = dict(bits=_bits, group_size=64, method=_method, **RECOMMENDED, **_extra)
+    ROWS[f"gptq-astro-w{_bits}-plain"] = dict(bits=_bits, astro=True)
 
 
 def packed_ratio(model, out_dir: str) -> float:

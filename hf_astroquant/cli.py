@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ASYM_ALPHA_CHOICES, SUPPORTED_BITS, SUPPORTED_METHODS, SUPPORTED_ROUNDING, AstroQuantConfig
+from .config import ASYM_ALPHA_CHOICES, SUPPORTED_BITS, SUPPORTED_METHODS, SUPPORTED_ROUNDING, SUPPORTED_TRANSFORMS, AstroQuantConfig
 from .gguf import drop_gguf_marker, gguf_license
 from .modules.kernels import BACKENDS
 
@@ -76,6 +76,13 @@ _OPTION_ARGS: dict[str, dict[str, Any]] = {
     "backend": dict(choices=BACKENDS),
     "resume_dir": dict(metavar="DIR"),
     "solve_devices": dict(nargs="+", metavar="DEVICE"),
+    "astro": dict(action=argparse.BooleanOptionalAction),
+    "astro_beta": dict(type=float),
+    "astro_steps": dict(type=int),
+    "astro_lr": dict(type=float),
+    "transform": dict(choices=SUPPORTED_TRANSFORMS),
+    "kurtosis_threshold_attn": dict(type=float),
+    "kurtosis_threshold_mlp": dict(type=float),
 }
 
 

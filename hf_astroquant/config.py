@@ -18,10 +18,11 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_METHODS = ("rtn", "gptq", "gptaq", "rescomp")
 SUPPORTED_ROUNDING = ("gptq", "successive", "beam")
 ASYM_ALPHA_CHOICES = ("auto", "projected")
+SUPPORTED_TRANSFORMS = ("none", "rotate", "scale", "adaptive")
 CHECKPOINT_FORMAT = "astroquant_v1"  # GPTQ int32 layout, true (not minus-one) zero points
 
 # Keys that `to_dict()` emits besides the constructor options; accepted back by `__init__`.
-_RECORD_KEYS = ("quant_method", "checkpoint_format", "calibration", "quantized_modules")
+_RECORD_KEYS = ("quant_method", "checkpoint_format", "calibration", "quantized_modules", "transforms_applied")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -95,6 +96,26 @@ class AstroQuantConfig(QuantizationConfigMixin):
             given a directory that holds an interrupted run of the same model, options and data
             starts after its last finished block and gives the same result bit for bit. A run
             option: never written to the checkpoint.
+        astro: Astro preconditioning: before each Linear is solved, move its weights inside the
+            flat region of its reconstruction objective toward weights whose quantization groups
+            have small extents where rounding errors cost the most (proximal gradient on H only;
+            see `algorithms/astro.py`). The checkpoint format and inference are unchanged.
+        astro_beta: weight of Astro's group-extent term (β ≥ 0); 1 trades the reshaping error
+            against GPTQ's predicted rounding error exactly; 0 disables the reshaping.
+        astro_steps: FISTA steps of Astro's proximal gradient (≥ 1).
+        astro_lr: step size of those steps as a fraction of 1/L (L the gradient's Lipschitz
+            constant), in (0, 1].
+        transform: zero-cost transforms folded into the weights before calibration: "none",
+            "rotate" (an orthogonal rotation of the residual stream with the RMSNorm weights
+            folded into the next Linears, plus a per-head rotation of value/output), "scale"
+            (per-channel scales searched on activation statistics, folded into the preceding
+            norm or Linear) or "adaptive" (per site, rotation or scales chosen by the robust
+            z-score of the weights' kurtosis). Each site's choice is recorded in the saved config
+            (`transforms_applied`).
+        kurtosis_threshold_attn: with transform="adaptive", attention value/output sites whose
+            weight-kurtosis robust z-score exceeds this get the per-head rotation, the others scales.
+        kurtosis_threshold_mlp: with transform="adaptive", MLP down-projection sites whose z-score
+            exceeds this get scales, the others are left as they are.
         solve_devices: spread the Linears that share one input (q/k/v, gate/up) over devices and
             solve them in parallel: None (solve where the block is), a list of devices
             (["cuda:0", "cuda:1"]) or "auto" (the accelerators in the model's device_map). Results
@@ -128,6 +149,13 @@ class AstroQuantConfig(QuantizationConfigMixin):
         backend: str = "auto",
         resume_dir: str | os.PathLike | None = None,
         solve_devices: list[str] | str | None = None,
+        astro: bool = False,
+        astro_beta: float = 1.0,
+        astro_steps: int = 50,
+        astro_lr: float = 1.0,
+        transform: str = "none",
+        kurtosis_threshold_attn: float = 1.0,
+        kurtosis_threshold_mlp: float = 1.0,
         **kwargs: Any,
     ):
         unknown = sorted(set(kwargs) - set(_RECORD_KEYS))
@@ -164,6 +192,14 @@ class AstroQuantConfig(QuantizationConfigMixin):
         self.backend = backend
         self.resume_dir = resume_dir
         self.solve_devices = solve_devices
+        self.astro = astro
+        self.astro_beta = astro_beta
+        self.astro_steps = astro_steps
+        self.astro_lr = astro_lr
+        self.transform = transform
+        self.kurtosis_threshold_attn = kurtosis_threshold_attn
+        self.kurtosis_threshold_mlp = kurtosis_threshold_mlp
+        self.transforms_applied = kwargs.get("transforms_applied")
         self.checkpoint_format = kwargs.get("checkpoint_format", CHECKPOINT_FORMAT)
         # Filled in after calibration: what data was used, which modules were packed.
         self.calibration = kwargs.get("calibration")
@@ -228,6 +264,7 @@ class AstroQuantConfig(QuantizationConfigMixin):
                 _fail("resume_dir", self.resume_dir, "None or a directory path")
             self.resume_dir = os.fspath(self.resume_dir)
         self._check_solve_devices()
+        self._check_preconditioning()
         if self.backend not in BACKENDS:
             _fail("backend", self.backend, ", ".join(repr(b) for b in BACKENDS))
         if self.checkpoint_format != CHECKPOINT_FORMAT:
@@ -237,6 +274,29 @@ class AstroQuantConfig(QuantizationConfigMixin):
         if self.tokenizer is not None and not isinstance(self.tokenizer, (str, os.PathLike)) \
                 and not callable(self.tokenizer):
             _fail("tokenizer", type(self.tokenizer).__name__, "None, a tokenizer, or a tokenizer name or path")
+
+    def _check_preconditioning(self) -> None:
+        _check_bool("astro", self.astro)
+        if isinstance(self.astro_beta, bool) or not isinstance(self.astro_beta, (int, float)) \
+                or not 0 <= self.astro_beta < float("inf"):
+            _fail("astro_beta", self.astro_beta, "a finite number >= 0")
+        self.astro_beta = float(self.astro_beta)
+        _check_int("astro_steps", self.astro_steps, 1)
+        if isinstance(self.astro_lr, bool) or not isinstance(self.astro_lr, (int, float)) or not 0 < self.astro_lr <= 1:
+            _fail("astro_lr", self.astro_lr, "a number in (0, 1]")
+        self.astro_lr = float(self.astro_lr)
+        if self.astro and self.method == "rtn":
+            _fail("astro", self.astro, "False with method='rtn' (Astro needs the calibration Hessian)")
+        if self.transform not in SUPPORTED_TRANSFORMS:
+            _fail("transform", self.transform, ", ".join(repr(t) for t in SUPPORTED_TRANSFORMS))
+        if self.transform in ("scale", "adaptive") and self.method == "rtn":
+            _fail("transform", self.transform, "'none' or 'rotate' with method='rtn' (scales are searched on "
+                  "calibration activations)")
+        for name in ("kurtosis_threshold_attn", "kurtosis_threshold_mlp"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
+                _fail(name, v, "a finite number (a robust z-score)")
+            setattr(self, name, float(v))
 
     def _check_solve_devices(self) -> None:
         import torch
@@ -270,7 +330,9 @@ class AstroQuantConfig(QuantizationConfigMixin):
         return SolverOptions(bits=self.bits, group_size=self.group_size, sym=self.sym, desc_act=self.desc_act,
                              static_groups=self.static_groups, damp_percent=self.damp_percent,
                              block_size=self.block_size, mse=self.mse, method=self.method, alpha=self.alpha,
-                             asym_alpha=self.asym_alpha, rounding=self.rounding, beam_width=self.beam_width)
+                             asym_alpha=self.asym_alpha, rounding=self.rounding, beam_width=self.beam_width,
+                             astro=self.astro, astro_beta=self.astro_beta, astro_steps=self.astro_steps,
+                             astro_lr=self.astro_lr)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict for config.json: options and records, never the calibration data."""

@@ -59,6 +59,7 @@ class QuantizationReport:
     asym_alpha: dict[str, float] = field(default_factory=dict)  # interpolation α used per layer (asymmetric runs)
     fp_stream_bytes: int = 0  # peak bytes held for the full-precision stream (block inputs + captured X̃)
     resumed_blocks: int = 0  # blocks taken from a resume_dir checkpoint instead of calibrated
+    transforms: dict[str, Any] = field(default_factory=dict)  # what transform= folded, per site
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -493,19 +494,26 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
         batches = batch_windows(windows, batch_size)
         logger.info("calibrating on %d windows (%s) in %d batch(es)", len(windows), record["source"], len(batches))
 
-    checkpoints, first, earlier_seconds = None, 0, 0.0
+    pre = _Preconditioner(model, cfg, blocks, names) if cfg.transform != "none" else None
+    checkpoints, first, earlier_seconds, state = None, 0, 0.0, None
     if cfg.resume_dir is not None:
         sample = _embedding_sample(model)
         checkpoints = resume.ResumeDir(cfg.resume_dir, resume.fingerprint(cfg, model, windows, batch_size, sample))
         state = checkpoints.load()
-        if state is not None:
-            first = state["blocks_done"]
-            earlier_seconds = _restore_report(report, state["report"])
-            for i in range(first):
-                _load_block(model, names[i], blocks[i], should_convert, cfg, checkpoints.block_tensors(i))
-            report.resumed_blocks = first
-            logger.warning("astroquant: resuming from %s: %d of %d blocks were already done", cfg.resume_dir,
-                           first, n_blocks)
+        if state is not None and state["blocks_done"] > 0 and cfg.transform not in ("none", "rotate"):
+            raise ValueError(f"resume_dir with transform={cfg.transform!r}: the scales searched for finished "
+                             "blocks are not checkpointed; rerun without resume_dir (or an empty one)")
+    if pre is not None:  # before finished blocks are restored: their norms and embeddings rotate too
+        pre.before_calibration()
+        report.transforms = pre.record
+    if state is not None:
+        first = state["blocks_done"]
+        earlier_seconds = _restore_report(report, state["report"])
+        for i in range(first):
+            _load_block(model, names[i], blocks[i], should_convert, cfg, checkpoints.block_tensors(i))
+        report.resumed_blocks = first
+        logger.warning("astroquant: resuming from %s: %d of %d blocks were already done", cfg.resume_dir,
+                       first, n_blocks)
 
     def finish_block(i: int, packed: dict[str, torch.Tensor] | None, inputs, fp_inputs) -> None:
         if checkpoints is not None:
@@ -513,7 +521,7 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
             checkpoints.save_block(i, packed, inputs, fp_inputs, _report_state(report), n_blocks)
 
     todo = list(range(first, n_blocks))
-    if not calibrated:
+    if not calibrated:  # (transform is "none" or "rotate" here: scales need data)
         for i in tqdm(todo, desc="astroquant rtn", unit="block"):
             packed = {} if checkpoints is not None else None
             targets = block_targets(names[i], blocks[i], should_convert)
@@ -546,6 +554,8 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
             name, block = names[i], blocks[i]
             targets = block_targets(name, block, should_convert)
             homes = offload.onload(targets)
+            if pre is not None:
+                pre.before_block(i, inputs, kwargs_list)
             if on_block is not None:
                 on_block(i, fp_inputs, inputs)
             fp_captured = None
@@ -585,6 +595,59 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
             _trim_heap()
     report.seconds = earlier_seconds + time.perf_counter() - start
     return report
+
+
+class _Preconditioner:
+    """transform="rotate" | "scale" | "adaptive" (preconditioning.py), driven from the block loop:
+    the residual rotation before the first block's inputs are captured, scales per block on the
+    inputs the block sees (before its full-precision stream and its calibration)."""
+
+    def __init__(self, model: nn.Module, cfg: AstroQuantConfig, blocks, names: list[str]):
+        from . import preconditioning as pc
+
+        self.pc, self.model, self.cfg, self.blocks, self.names = pc, model, cfg, blocks, names
+        pc.check_foldable(model, blocks, names, cfg.transform)
+        self.record: dict[str, Any] = {"transform": cfg.transform, "blocks": {n: {} for n in names}}
+        self.scale_sites: list[list[str]] = [[] for _ in names]
+
+    def before_calibration(self) -> None:
+        pc, cfg = self.pc, self.cfg
+        if cfg.transform == "scale":
+            self.scale_sites = [list(pc.SITE_CONSUMERS) for _ in self.names]
+            return
+        if cfg.transform == "rotate":
+            self.record.update(pc.rotate_residual(self.model, self.blocks, self.names, cfg.seed))
+            for n in self.names:
+                self.record["blocks"][n] = {"qkv": "rotate", "gate_up": "rotate", "vo": "rotate", "down": "none"}
+            return
+        # adaptive: the residual rotation, then per site by the kurtosis z-score of the rotated weights
+        self.record.update(pc.rotate_residual(self.model, self.blocks, self.names, cfg.seed,
+                                              value_output=[False] * len(self.names)))
+        kurt = [pc.site_kurtosis(pc.block_parts(b, n)) for b, n in zip(self.blocks, self.names)]
+        choices = pc.adaptive_choices(kurt, cfg.kurtosis_threshold_attn, cfg.kurtosis_threshold_mlp)
+        pc.rotate_value_outputs(self.model, self.blocks, self.names, cfg.seed, [c["vo"] == "rotate" for c in choices])
+        for n, c, k in zip(self.names, choices, kurt):
+            self.record["blocks"][n] = dict(c)
+            self.record.setdefault("kurtosis", {})[n] = {site: round(v, 4) for site, v in k.items()}
+        self.scale_sites = [[site for site, choice in c.items() if choice == "scale"] for c in choices]
+
+    def before_block(self, i: int, inputs: list[torch.Tensor], kwargs_list: list[dict]) -> None:
+        sites = self.scale_sites[i]
+        if not sites:
+            return
+        pc, block, name = self.pc, self.blocks[i], self.names[i]
+        parts = pc.block_parts(block, name)
+        stats = pc.SiteStats(parts)
+        try:
+            for x, kw in zip(inputs, kwargs_list):
+                _run_block(block, x, kw)
+        finally:
+            stats.close()
+        alphas = pc.scale_block(self.model, parts, stats.h, sites, self.cfg.bits, self.cfg.group_size, self.cfg.sym)
+        rec = self.record["blocks"][name]
+        for site, a in alphas.items():
+            rec[site] = "scale" if a > 0 else "none"
+            rec.setdefault("scale_alpha", {})[site] = a
 
 
 def _embedding_sample(model: nn.Module) -> torch.Tensor | None:

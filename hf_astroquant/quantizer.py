@@ -96,6 +96,7 @@ class AstroQuantizer(HfQuantizer):
             cfg.quantized_modules = quantized
             cfg.modules_to_not_convert = sorted(set(self.modules_to_not_convert) | set(self.report.skipped))
             cfg.calibration = self.report.calibration or None
+            cfg.transforms_applied = self.report.transforms or None
             model.config.quantization_config = cfg
             logger.info("astroquant: quantized %d Linear layers in %.1f s", len(quantized), self.report.seconds)
             model.astroquant_report = _report_record(model, self.report)

@@ -42,6 +42,14 @@ BAD = {
     "resume_dir": [(3, "None or a directory path"), ("", "None or a directory path")],
     "solve_devices": [("cuda:0", "non-empty list of devices"), ([], "non-empty list"), (["gpu zero"], "list of devices"),
                       ([0], "list of devices")],
+    "astro": [(1, "True or False"), ("yes", "True or False")],
+    "astro_beta": [(-1.0, "finite number >= 0"), (float("inf"), "finite number >= 0"), ("1", "finite number"),
+                   (True, "finite number")],
+    "astro_steps": [(0, ">= 1"), (10.0, "integer")],
+    "astro_lr": [(0, r"\(0, 1\]"), (1.5, r"\(0, 1\]"), ("1", r"\(0, 1\]")],
+    "transform": [("hadamard", "'none', 'rotate', 'scale', 'adaptive'"), (None, "'none'")],
+    "kurtosis_threshold_attn": [(float("nan"), "finite number"), ("1", "finite number")],
+    "kurtosis_threshold_mlp": [(float("inf"), "finite number"), (None, "finite number")],
 }
 
 

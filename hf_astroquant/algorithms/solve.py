@@ -5,6 +5,7 @@
                rescomp  GPTAQ plus ResComp's compensation-aware residual; at 2 bits GPTAQ alone
                         (`RESCOMP_MIN_BITS`: measured, SmolLM2-135M W2 g32: ResComp 221.7,
                         GPTAQ 208.8; ResComp's reference implementation makes the same choice)
+    astro      reshape W first (Astro, astro.py): the solver starts from, and aims at, the reshaped W′
     asym_alpha the interpolation α of X_α = X + α·ΔX: None (0 for gptq, 1 for gptaq/rescomp),
                a number in [0, 1], "auto" or "projected" (see interpolation.py). For gptq it
                shifts the target to W_ref; for gptaq/rescomp it scales D = 2·ΔX·Xᵀ/N.
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .astro import astro_reshape
 from .gptq import LayerQuantResult, gptq_quantize
 from .interpolation import asymmetric_target, auto_alpha, projected_alpha
 from .rtn import rtn_quantize
@@ -44,6 +46,10 @@ class SolverOptions:
     asym_alpha: float | str | None = None
     rounding: str = "gptq"
     beam_width: int = 4
+    astro: bool = False
+    astro_beta: float = 1.0
+    astro_steps: int = 50
+    astro_lr: float = 1.0
 
     @property
     def needs_fp_stream(self) -> bool:
@@ -78,6 +84,11 @@ def solve_linear(W: torch.Tensor, H: torch.Tensor, opts: SolverOptions, D: torch
     if opts.needs_fp_stream and D is None:
         raise ValueError(f"method={opts.method!r} with asym_alpha={opts.asym_alpha!r} needs the full-precision "
                          "stream statistic D = 2·ΔX·Xᵀ/N")
+    if opts.astro:
+        # Astro reshapes the weights inside the flat region of H first; every solver then takes
+        # the reshaped weights as its starting point and target.
+        W = astro_reshape(W, H, beta=opts.astro_beta, steps=opts.astro_steps, lr=opts.astro_lr,
+                          group_size=opts.group_size, bits=opts.bits, sym=opts.sym, damp_percent=opts.damp_percent)
     a = interpolation_alpha(W, H, D, G, opts) if opts.needs_fp_stream else 0.0
     grid = dict(bits=opts.bits, group_size=opts.group_size, sym=opts.sym, damp_percent=opts.damp_percent,
                 block_size=opts.block_size, mse=opts.mse)

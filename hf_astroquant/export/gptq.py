@@ -39,7 +39,7 @@ GPTQ_FORMATS = ("gptq", "gptq_v2")
 # Config keys whose every value the export can serve (the solver that produced the codes does not
 # matter to an engine; layout-related keys are checked below).
 _SERVABLE_KEYS = set(AstroQuantConfig._option_names()) | {
-    "quant_method", "checkpoint_format", "calibration", "quantized_modules"}
+    "quant_method", "checkpoint_format", "calibration", "quantized_modules", "transforms_applied"}
 _COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                  "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 _LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
