@@ -62,7 +62,7 @@ def main() -> None:
     for h in handles:
         h.remove()
     hessians = {n: 2 * s / k for n, (s, k) in sums.items()}
-    del sums
+    sums.clear()
     result: dict = {"bits": args.bits, "group_size": 64, "calibration": "Python docs 64x512"}
     result["fp_ppl"] = round(perplexity(model, test_ids, 2048, 8), 3)
 

@@ -21,16 +21,19 @@ EXPORT = RESULTS / "export.jsonl"  # bench_export.py: GPTQ exports in GPTQModel
 EXPORT_START, EXPORT_END = "<!-- export:start -->", "<!-- export:end -->"
 OFFLOAD = RESULTS / "offload.json"
 OFFLOAD_START, OFFLOAD_END = "<!-- offload:start -->", "<!-- offload:end -->"
+PRE_START, PRE_END = "<!-- preconditioning:start -->", "<!-- preconditioning:end -->"
+PRECONDITIONING = RESULTS / "preconditioning.jsonl"
+ASTRO = RESULTS / "astro.json"
 
 
 def load_rows() -> list[dict]:
     rows = []
     for f in sorted(RESULTS.glob("*.jsonl")):
-        if f.name.startswith(("ablation", "speed", "export")):  # their own tables
+        if f.name.startswith(("ablation", "speed", "export", "preconditioning")):  # their own tables
             continue
         rows += read_jsonl(f)
     for f in sorted(RESULTS.glob("*.json")):
-        if f != OFFLOAD:  # its own table
+        if f not in (OFFLOAD, ASTRO):  # their own tables
             rows.append(json.loads(f.read_text()))
     return rows
 
@@ -136,6 +139,32 @@ def render_offload(r: dict) -> str:
     ])
 
 
+def render_preconditioning(rows: list[dict], astro: dict | None) -> str:
+    """Each preconditioning row against plain GPTQ with the same grid options (same sitting)."""
+    def key(r):
+        return (r.get("bits"), r.get("group_size"), bool(r.get("desc_act")), bool(r.get("mse")))
+
+    base = {key(r): r for r in rows if r.get("method") == "gptq" and not r.get("astro")
+            and r.get("transform", "none") == "none"}
+    lines = ["| method | preconditioning | bits | group | WikiText-2 ppl | vs same GPTQ | quantize s | × GPTQ time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pre = [p for p in (("Astro" if r.get("astro") else ""), r.get("transform", "none")) if p and p != "none"]
+        b = base.get(key(r))
+        vs = f"{100 * (r['ppl'] / b['ppl'] - 1):+.1f} %" if b and b is not r else ""
+        tx = f"{r['quant_seconds'] / b['quant_seconds']:.2f}" if b and b is not r else ""
+        lines.append(f"| {describe(r)} | {' + '.join(pre) or 'none'} | {r['bits']} | {r.get('group_size', '')} | "
+                     f"{r['ppl']:.2f} | {vs} | {r['quant_seconds']} | {tx} |")
+    if astro:
+        abl = ", ".join(f"{k}: {v}" for k, v in astro["ablation_error_vs_gptq"].items())
+        lines += ["", f"Astro alone (`bench_astro.py`, {astro['bits']} bits g{astro['group_size']} defaults): the reshaped "
+                  f"full-precision model's perplexity {astro['reshaped_fp_ppl']} against {astro['fp_ppl']} "
+                  f"({astro['ppl_change_percent']:+.2f} %); reshaping every Linear took {astro['reshape_seconds']} s. "
+                  f"Solved-layer error after Astro then GPTQ, over GPTQ's own, on the Linears of blocks "
+                  f"{', '.join(map(str, astro['ablation_blocks']))}: {abl}."]
+    return "\n".join(lines)
+
+
 def _replace(text: str, start: str, end: str, body: str) -> str:
     head, rest = text.split(start, 1)
     _, tail = rest.split(end, 1)
@@ -157,6 +186,11 @@ def main() -> None:
             table = render_rows(read_jsonl(path))
             text = _replace(text, start, end, table)
             print(table)
+    if PRECONDITIONING.exists():
+        table = render_preconditioning(read_jsonl(PRECONDITIONING),
+                                       json.loads(ASTRO.read_text()) if ASTRO.exists() else None)
+        text = _replace(text, PRE_START, PRE_END, table)
+        print(table)
     if OFFLOAD.exists():
         table = render_offload(json.loads(OFFLOAD.read_text()))
         text = _replace(text, OFFLOAD_START, OFFLOAD_END, table)

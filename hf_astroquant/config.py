@@ -112,10 +112,11 @@ class AstroQuantConfig(QuantizationConfigMixin):
             norm or Linear) or "adaptive" (per site, rotation or scales chosen by the robust
             z-score of the weights' kurtosis). Each site's choice is recorded in the saved config
             (`transforms_applied`).
-        kurtosis_threshold_attn: with transform="adaptive", attention value/output sites whose
-            weight-kurtosis robust z-score exceeds this get the per-head rotation, the others scales.
-        kurtosis_threshold_mlp: with transform="adaptive", MLP down-projection sites whose z-score
-            exceeds this get scales, the others are left as they are.
+        kurtosis_threshold_attn: with transform="adaptive", the robust z-score of weight kurtosis
+            above which an attention site (q/k/v input, value/output) gets rotation only (the
+            residual rotation; the per-head rotation for value/output); at or below it, scales.
+        kurtosis_threshold_mlp: the same for MLP sites: above it gate/up keep the residual
+            rotation only and down_proj (where no rotation folds) gets nothing; at or below, scales.
         solve_devices: spread the Linears that share one input (q/k/v, gate/up) over devices and
             solve them in parallel: None (solve where the block is), a list of devices
             (["cuda:0", "cuda:1"]) or "auto" (the accelerators in the model's device_map). Results
