@@ -130,9 +130,14 @@ def test_refuses_unquantized_linear_inside_a_block(tmp_path):
 def test_refuses_unknown_options_and_foreign_checkpoints(tmp_path):
     _, saved = _quantized_tiny(tmp_path, bits=4, group_size=16)
     config = json.loads((saved / "config.json").read_text())
-    config["quantization_config"]["transform"] = "rotate"
+    # a folded transform is plain weights to an engine: exported
+    config["quantization_config"].update(transform="rotate", transforms_applied={"transform": "rotate"})
     (saved / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ExportError, match=r"option\(s\) \['transform'\] are not known to the GPTQ export"):
+    export_gptq(saved, tmp_path / "folded")
+    # an option the export does not know (e.g. an online transform) is refused
+    config["quantization_config"]["online_hadamard"] = True
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match=r"option\(s\) \['online_hadamard'\] are not known to the GPTQ export"):
         export_gptq(saved, tmp_path / "x")
     save_tiny(tmp_path / "plain", layers=1, hidden=32, inter=64)
     with pytest.raises(ExportError, match="not an hf_astroquant checkpoint"):
