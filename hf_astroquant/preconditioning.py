@@ -144,9 +144,9 @@ def rotate_residual(model: nn.Module, blocks, names: list[str], seed: int,
     if head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr():
         # lm_head must become E·diag(γ_final)·Q while the embedding becomes E·Q: untie them
         head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
-        for cfg in {id(c): c for c in (model.config, getattr(model.config, "get_text_config", lambda: None)())
-                    if c is not None}.values():
-            cfg.tie_word_embeddings = False
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):  # multimodal configs keep it on the text config
+            model.config.get_text_config().tie_word_embeddings = False
         untied = True
         logger.warning("astroquant: transform rotates the residual stream and the model's input and output "
                        "embeddings are tied; lm_head is untied (stored separately in the checkpoint) so the final "

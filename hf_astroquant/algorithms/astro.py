@@ -48,14 +48,17 @@ PENALTIES = ("predicted", "paper")
 
 
 def water_level(values: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-    """Per row of `values` (..., n): the level t with Σ_i (values_i − t)_+ = budget (budget ≥ 0).
+    """Per row of `values` (..., n): the level t with Σ_i (values_i − t)_+ = budget (budget ≥ 0)."""
+    return _level_of_sorted(values.sort(dim=-1, descending=True)[0], budget)
+
+
+def _level_of_sorted(s: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """`water_level` of rows already sorted in descending order.
 
     The top k sorted values s_1 ≥ … ≥ s_k are the ones above t, t = (Σ_{i≤k} s_i − budget)/k,
     and k is the largest index with s_k > t_k (the condition holds for a prefix of k)."""
-    s, _ = values.sort(dim=-1, descending=True)
-    cs = s.cumsum(-1) - budget.unsqueeze(-1)
     k = torch.arange(1, s.shape[-1] + 1, device=s.device, dtype=s.dtype)
-    levels = cs / k
+    levels = (s.cumsum(-1) - budget.unsqueeze(-1)) / k
     count = (s > levels).sum(-1, keepdim=True).clamp_min(1)
     return levels.gather(-1, count - 1).squeeze(-1)
 
@@ -66,16 +69,11 @@ def prox_group_extent(v: torch.Tensor, tau: torch.Tensor, norm: str = "linf") ->
         t = water_level(v.abs(), tau).clamp_min(0)
         return v.sign() * torch.minimum(v.abs(), t.unsqueeze(-1))
     if norm == "range":
-        # one sort serves both ends: the top level from the descending order, the bottom level
-        # from the same values read backwards (the solver's hot loop: one sort instead of two)
+        # one sort serves both ends: −v sorted descending is v's order reversed and negated (the
+        # solver's hot loop: one sort instead of two)
         s, _ = v.sort(dim=-1, descending=True)
-        k = torch.arange(1, s.shape[-1] + 1, device=s.device, dtype=s.dtype)
-        t = tau.unsqueeze(-1)
-        lev_hi = (s.cumsum(-1) - t) / k
-        hi = lev_hi.gather(-1, (s > lev_hi).sum(-1, keepdim=True).clamp_min(1) - 1)
-        sa = s.flip(-1)
-        lev_lo = (sa.cumsum(-1) + t) / k
-        lo = lev_lo.gather(-1, (sa < lev_lo).sum(-1, keepdim=True).clamp_min(1) - 1)
+        hi = _level_of_sorted(s, tau).unsqueeze(-1)
+        lo = -_level_of_sorted(-s.flip(-1), tau).unsqueeze(-1)
         out = torch.minimum(torch.maximum(v, lo), hi)
         collapsed = lo > hi
         if bool(collapsed.any()):
@@ -128,6 +126,12 @@ def _largest_eigenvalue(H: torch.Tensor, iters: int = 30) -> float:
     return 1.05 * lam
 
 
+def _predicted_costs(H: torch.Tensor, group_size: int, bits: int, sym: bool, damp_percent: float) -> torch.Tensor:
+    """The per-group factor of the predicted-error term, c_g/(12·(2^b − 1)²), in units of the
+    extent that `group_extent` returns (‖·‖_∞ for symmetric grids, whose ρ = 2·‖·‖_∞: factor 4)."""
+    return group_compensated_costs(H, group_size, damp_percent) / (12 * (2**bits - 1) ** 2) * (4.0 if sym else 1.0)
+
+
 def astro_objective(Wp: torch.Tensor, W: torch.Tensor, hessian: torch.Tensor, beta: float, group_size: int,
                     bits: int, sym: bool = False, penalty: str = "predicted", damp_percent: float = 0.01) -> float:
     """F(W′) of the module docstring (the quantity `astro_reshape` decreases)."""
@@ -142,7 +146,7 @@ def astro_objective(Wp: torch.Tensor, W: torch.Tensor, hessian: torch.Tensor, be
         reg0 = float((group_extent(W, gs, norm) * a).sum())
         reg = float((group_extent(Wp, gs, norm) * a).sum())
         return (rec / rec0 if rec0 > 0 else 0.0) + beta * (reg / reg0 if reg0 > 0 else 0.0)
-    c = group_compensated_costs(H, gs, damp_percent) / (12 * (2**bits - 1) ** 2) * (4.0 if sym else 1.0)
+    c = _predicted_costs(H, gs, bits, sym, damp_percent)
     return rec + beta * float((group_extent(Wp, gs, norm).square() * c).sum())
 
 
@@ -174,8 +178,7 @@ def astro_reshape(weight: torch.Tensor, hessian: torch.Tensor, *, beta: float = 
         grad_scale, eta = 2.0 / rec0, lr * rec0 / (2.0 * lam)
         fixed_tau = (eta * beta / reg0) * a.unsqueeze(0).expand(out, a.numel())
     else:
-        # ρ_sym = 2·‖·‖_∞, so c·ρ² = 4·c·‖·‖_∞²: the factor goes into c
-        c = group_compensated_costs(H, gs, damp_percent) / (12 * (2**bits - 1) ** 2) * (4.0 if sym else 1.0)
+        c = _predicted_costs(H, gs, bits, sym, damp_percent)
         grad_scale, eta = 2.0, lr / (2.0 * lam)
         fixed_tau = None
     full = n_in // gs * gs  # columns in whole groups; a shorter last group is handled on its own
