@@ -6,9 +6,10 @@
    protocol's calibration windows, every Linear reshaped with Astro's defaults for 3 bits g64
    asymmetric, then WikiText-2 perplexity (8 windows of 2048) against the untouched model.
 2. The regularizer ablation on the Linears of blocks 1, 16 and 29: the output error
-   tr(ΔW·H·ΔWᵀ) left after GPTQ (recommended grid: act-order, static groups, clipping search) of
-   Astro's reshaped weights, measured against the original W, over GPTQ's own error, for our
-   predicted-error penalty and for the published summary's linear activation-weighted one.
+   tr(ΔW·H·ΔWᵀ) left after GPTQ of Astro's reshaped weights, measured against the original W,
+   over GPTQ's own error, for our predicted-error penalty (β, steps) and for the published
+   summary's linear activation-weighted one; under the recommended grid (act-order, static
+   groups, clipping search) and under plain GPTQ.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
 
 ABLATION_BLOCKS = (1, 16, 29)
-PENALTIES = [("predicted", 1.0), ("predicted", 0.5), ("paper", 0.1), ("paper", 0.01)]
+# (penalty, β, FISTA steps)
+PENALTIES = [("predicted", 1.0, 25), ("predicted", 0.5, 25), ("predicted", 1.0, 50), ("paper", 0.1, 25),
+             ("paper", 0.01, 25)]
+GRIDS = {"recommended": dict(desc_act=True, static_groups=True, mse=True), "plain": {}}
 
 
 def main() -> None:
@@ -67,21 +71,26 @@ def main() -> None:
     result["fp_ppl"] = round(perplexity(model, test_ids, 2048, 8), 3)
 
     # 2. ablation (before the weights are reshaped in place)
-    ablation = {f"{p}-beta{b}": [0.0, 0.0] for p, b in PENALTIES}
-    gptq_total = 0.0
+    names = [f"{p}-beta{b}-steps{k}" for p, b, k in PENALTIES]
+    ablation = {g: {n: [0.0, 0.0] for n in names} for g in GRIDS}
+    gptq_total = dict.fromkeys(GRIDS, 0.0)
     for name, lin in linears.items():
         if int(name.split(".")[0]) not in ABLATION_BLOCKS:
             continue
         W, H = lin.weight.detach().float(), hessians[name]
-        grid = dict(bits=args.bits, group_size=64, desc_act=True, static_groups=True, mse=True)
-        gptq_total += reconstruction_error(W, gptq_quantize(W, H, **grid).weight, H)
-        for p, b in PENALTIES:
-            Wp = astro_reshape(W, H, beta=b, group_size=64, bits=args.bits, penalty=p)
-            ablation[f"{p}-beta{b}"][0] += reconstruction_error(W, gptq_quantize(Wp, H, **grid).weight, H)
-            ablation[f"{p}-beta{b}"][1] += reconstruction_error(W, Wp, H)
+        reshaped = [astro_reshape(W, H, beta=b, steps=k, group_size=64, bits=args.bits, penalty=p)
+                    for p, b, k in PENALTIES]
+        for g, opts in GRIDS.items():
+            grid = dict(bits=args.bits, group_size=64, **opts)
+            gptq_total[g] += reconstruction_error(W, gptq_quantize(W, H, **grid).weight, H)
+            for n, Wp in zip(names, reshaped):
+                ablation[g][n][0] += reconstruction_error(W, gptq_quantize(Wp, H, **grid).weight, H)
+                ablation[g][n][1] += reconstruction_error(W, Wp, H)
     result["ablation_blocks"] = list(ABLATION_BLOCKS)
-    result["ablation_error_vs_gptq"] = {k: round(v[0] / gptq_total, 4) for k, v in ablation.items()}
-    result["ablation_reshape_error_vs_gptq"] = {k: round(v[1] / gptq_total, 4) for k, v in ablation.items()}
+    result["ablation_error_vs_gptq"] = {g: {k: round(v[0] / gptq_total[g], 4) for k, v in a.items()}
+                                        for g, a in ablation.items()}
+    result["ablation_reshape_error_vs_gptq"] = {g: {k: round(v[1] / gptq_total[g], 4) for k, v in a.items()}
+                                                for g, a in ablation.items()}
 
     # 1. reshape every Linear with the defaults, then perplexity
     start = time.perf_counter()

@@ -144,7 +144,8 @@ def render_preconditioning(rows: list[dict], astro: dict | None) -> str:
     def key(r):
         return (r.get("bits"), r.get("group_size"), bool(r.get("desc_act")), bool(r.get("mse")))
 
-    base = {key(r): r for r in rows if r.get("method") == "gptq" and not r.get("astro")
+    rows = list({r["row"]: r for r in rows}.values())  # a rerun of a row replaces it
+    base = {key(r): r for r in rows if r.get("method", "gptq") == "gptq" and not r.get("astro")
             and r.get("transform", "none") == "none"}
     lines = ["| method | preconditioning | bits | group | WikiText-2 ppl | vs same GPTQ | quantize s | × GPTQ time |",
              "|---|---|---|---|---|---|---|---|"]
@@ -156,7 +157,8 @@ def render_preconditioning(rows: list[dict], astro: dict | None) -> str:
         lines.append(f"| {describe(r)} | {' + '.join(pre) or 'none'} | {r['bits']} | {r.get('group_size', '')} | "
                      f"{r['ppl']:.2f} | {vs} | {r['quant_seconds']} | {tx} |")
     if astro:
-        abl = ", ".join(f"{k}: {v}" for k, v in astro["ablation_error_vs_gptq"].items())
+        abl = "; ".join(f"{g} grid: " + ", ".join(f"{k} {v}" for k, v in a.items())
+                        for g, a in astro["ablation_error_vs_gptq"].items())
         lines += ["", f"Astro alone (`bench_astro.py`, {astro['bits']} bits g{astro['group_size']} defaults): the reshaped "
                   f"full-precision model's perplexity {astro['reshaped_fp_ppl']} against {astro['fp_ppl']} "
                   f"({astro['ppl_change_percent']:+.2f} %); reshaping every Linear took {astro['reshape_seconds']} s. "

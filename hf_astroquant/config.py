@@ -102,7 +102,7 @@ class AstroQuantConfig(QuantizationConfigMixin):
             see `algorithms/astro.py`). The checkpoint format and inference are unchanged.
         astro_beta: weight of Astro's group-extent term (β ≥ 0); 1 trades the reshaping error
             against GPTQ's predicted rounding error exactly; 0 disables the reshaping.
-        astro_steps: FISTA steps of Astro's proximal gradient (≥ 1).
+        astro_steps: FISTA steps of Astro's proximal gradient in the Jacobi metric diag(H) (≥ 1).
         astro_lr: step size of those steps as a fraction of 1/L (L the gradient's Lipschitz
             constant), in (0, 1].
         transform: zero-cost transforms folded into the weights before calibration: "none",
@@ -152,7 +152,7 @@ class AstroQuantConfig(QuantizationConfigMixin):
         solve_devices: list[str] | str | None = None,
         astro: bool = False,
         astro_beta: float = 1.0,
-        astro_steps: int = 50,
+        astro_steps: int = 25,
         astro_lr: float = 1.0,
         transform: str = "none",
         kurtosis_threshold_attn: float = 1.0,

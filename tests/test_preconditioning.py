@@ -33,34 +33,62 @@ def _problem(out=12, n=40, seed=0, tokens=400):
 
 # ------------------------------------------------------------------ Astro's proximal maps
 
-def _prox_objective(u, v, tau, norm):
+def _prox_objective(u, v, tau, norm, d=None):
     rho = u.abs().max() if norm == "linf" else u.max() - u.min()
-    return float(tau * rho + 0.5 * (u - v).square().sum())
+    d = torch.ones_like(v) if d is None else d
+    return float(tau * rho + 0.5 * (d * (u - v).square()).sum())
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("norm", ["linf", "range"])
 @pytest.mark.parametrize("tau", [0.0, 0.05, 0.7, 5.0, 50.0])
-def test_prox_is_the_minimizer_against_a_brute_force_search(norm, tau):
-    """The prox solves min_u τ·ρ(u) + ½‖u − v‖²; its solution is v clipped at levels, so search the
-    levels on a fine grid (the slow, obviously correct reference) and compare objective values."""
+def test_prox_is_the_minimizer_against_a_brute_force_search(norm, tau, weighted):
+    """The prox solves min_u τ·ρ(u) + ½·Σ d_i·(u_i − v_i)²; its solution is v clipped at levels (or,
+    for the range, a constant), so search the levels on a fine grid (the slow, obviously correct
+    reference) and compare objective values."""
     g = torch.Generator().manual_seed(int(tau * 100))
     for _ in range(5):
         v = torch.randn(7, generator=g, dtype=torch.float64)
-        got = prox_group_extent(v.unsqueeze(0), torch.tensor([tau], dtype=torch.float64), norm)[0]
+        d = torch.rand(7, generator=g, dtype=torch.float64) * 5 + 0.1 if weighted else None
+        got = prox_group_extent(v.unsqueeze(0), torch.tensor([tau], dtype=torch.float64), norm,
+                                None if d is None else d.unsqueeze(0))[0]
         grid = torch.linspace(float(v.min()) - 0.01, float(v.max()) + 0.01, 301, dtype=torch.float64)
         if norm == "linf":
-            best = min(_prox_objective(v.clamp(-t, t), v, tau, norm) for t in grid.clamp_min(0).tolist())
+            best = min(_prox_objective(v.clamp(-t, t), v, tau, norm, d) for t in grid.clamp_min(0).tolist())
         else:
-            best = min(_prox_objective(v.clamp(lo, hi), v, tau, norm)
+            best = min(_prox_objective(v.clamp(lo, hi), v, tau, norm, d)
                        for lo in grid.tolist() for hi in grid.tolist()[::3] if lo <= hi)
-            best = min(best, _prox_objective(torch.full_like(v, float(v.mean())), v, tau, norm))
-        assert _prox_objective(got, v, tau, norm) <= best + 1e-6
+            best = min(best, min(_prox_objective(torch.full_like(v, c), v, tau, norm, d) for c in grid.tolist()))
+        assert _prox_objective(got, v, tau, norm, d) <= best + 1e-6
 
 
 def test_water_level_solves_its_equation():
     v = torch.tensor([[3.0, 1.0, 2.0, -1.0]])
     t = water_level(v, torch.tensor([1.5]))
     assert float((v - t).clamp_min(0).sum()) == pytest.approx(1.5)
+
+
+def _level_by_sorting(v: torch.Tensor, budget: float) -> float:
+    """The obvious reference: try each count k of values above the level, keep the consistent one."""
+    s = sorted(v.tolist(), reverse=True)
+    for k in range(1, len(s) + 1):
+        t = (sum(s[:k]) - budget) / k
+        if k == len(s) or s[k] <= t:
+            return t
+    raise AssertionError
+
+
+def test_water_level_matches_the_sorting_reference_with_ties_and_extreme_budgets():
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(200, 16, generator=g)
+    rows[:50] = rows[:50].round()  # many ties
+    budgets = torch.rand(200, generator=g) * 3
+    budgets[:20] = 0.0  # the level is the maximum
+    budgets[20:40] = 100.0  # the level falls below every value
+    t = water_level(rows, budgets)
+    for r in range(200):
+        assert float(t[r]) == pytest.approx(_level_by_sorting(rows[r], float(budgets[r])), abs=1e-5)
+        assert float((rows[r] - t[r]).clamp_min(0).sum()) == pytest.approx(float(budgets[r]), abs=1e-4)
 
 
 def test_group_extent_handles_a_shorter_last_group():

@@ -48,7 +48,7 @@ class SolverOptions:
     beam_width: int = 4
     astro: bool = False
     astro_beta: float = 1.0
-    astro_steps: int = 50
+    astro_steps: int = 25
     astro_lr: float = 1.0
 
     @property
