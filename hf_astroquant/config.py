@@ -6,7 +6,9 @@ The config is what transformers stores in ``config.json`` under ``quantization_c
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -39,6 +41,13 @@ def _check_int(name: str, value: Any, minimum: int | None = None) -> None:
         _fail(name, value, f"an integer{'' if minimum is None else f' >= {minimum}'}")
     if minimum is not None and value < minimum:
         _fail(name, value, f"an integer >= {minimum}")
+
+
+def _check_number(name: str, value: Any, allowed: str, ok: Callable[[float], bool]) -> float:
+    """A real number (not a bool) for which `ok` holds, as a float; else the error naming `allowed`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        _fail(name, value, allowed)
+    return float(value)
 
 
 class AstroQuantConfig(QuantizationConfigMixin):
@@ -222,24 +231,17 @@ class AstroQuantConfig(QuantizationConfigMixin):
             _fail("group_size", self.group_size, "-1 (one group per output channel) or a positive integer")
         for name in ("sym", "desc_act", "static_groups", "true_sequential", "mse"):
             _check_bool(name, getattr(self, name))
-        if isinstance(self.damp_percent, bool) or not isinstance(self.damp_percent, (int, float)):
-            _fail("damp_percent", self.damp_percent, "a number in (0, 1]")
-        if not 0 < self.damp_percent <= 1:
-            _fail("damp_percent", self.damp_percent, "a number in (0, 1]")
-        self.damp_percent = float(self.damp_percent)
+        self.damp_percent = _check_number("damp_percent", self.damp_percent, "a number in (0, 1]", lambda v: 0 < v <= 1)
         if self.method not in SUPPORTED_METHODS:
             _fail("method", self.method, ", ".join(repr(m) for m in SUPPORTED_METHODS))
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
-            _fail("alpha", self.alpha, "a number in [0, 1]")
-        self.alpha = float(self.alpha)
+        self.alpha = _check_number("alpha", self.alpha, "a number in [0, 1]", lambda v: 0 <= v <= 1)
         a = self.asym_alpha
         if isinstance(a, str):
             if a not in ASYM_ALPHA_CHOICES:
                 _fail("asym_alpha", a, "None, a number in [0, 1], 'auto' or 'projected'")
         elif a is not None:
-            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1:
-                _fail("asym_alpha", a, "None, a number in [0, 1], 'auto' or 'projected'")
-            self.asym_alpha = float(a)
+            self.asym_alpha = _check_number("asym_alpha", a, "None, a number in [0, 1], 'auto' or 'projected'",
+                                            lambda v: 0 <= v <= 1)
         if self.rounding not in SUPPORTED_ROUNDING:
             _fail("rounding", self.rounding, ", ".join(repr(r) for r in SUPPORTED_ROUNDING))
         _check_int("beam_width", self.beam_width, 1)
@@ -278,14 +280,10 @@ class AstroQuantConfig(QuantizationConfigMixin):
 
     def _check_preconditioning(self) -> None:
         _check_bool("astro", self.astro)
-        if isinstance(self.astro_beta, bool) or not isinstance(self.astro_beta, (int, float)) \
-                or not 0 <= self.astro_beta < float("inf"):
-            _fail("astro_beta", self.astro_beta, "a finite number >= 0")
-        self.astro_beta = float(self.astro_beta)
+        self.astro_beta = _check_number("astro_beta", self.astro_beta, "a finite number >= 0",
+                                        lambda v: 0 <= v < math.inf)
         _check_int("astro_steps", self.astro_steps, 1)
-        if isinstance(self.astro_lr, bool) or not isinstance(self.astro_lr, (int, float)) or not 0 < self.astro_lr <= 1:
-            _fail("astro_lr", self.astro_lr, "a number in (0, 1]")
-        self.astro_lr = float(self.astro_lr)
+        self.astro_lr = _check_number("astro_lr", self.astro_lr, "a number in (0, 1]", lambda v: 0 < v <= 1)
         if self.astro and self.method == "rtn":
             _fail("astro", self.astro, "False with method='rtn' (Astro needs the calibration Hessian)")
         if self.transform not in SUPPORTED_TRANSFORMS:
@@ -294,10 +292,8 @@ class AstroQuantConfig(QuantizationConfigMixin):
             _fail("transform", self.transform, "'none' or 'rotate' with method='rtn' (scales are searched on "
                   "calibration activations)")
         for name in ("kurtosis_threshold_attn", "kurtosis_threshold_mlp"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or abs(v) == float("inf"):
-                _fail(name, v, "a finite number (a robust z-score)")
-            setattr(self, name, float(v))
+            setattr(self, name, _check_number(name, getattr(self, name), "a finite number (a robust z-score)",
+                                              math.isfinite))
 
     def _check_solve_devices(self) -> None:
         import torch

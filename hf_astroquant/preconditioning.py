@@ -72,8 +72,7 @@ def check_rmsnorm(norm: nn.Module, name: str, transform: str) -> None:
     else:
         x = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.device, torch.float32)
         expect = w.float() * (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps))
-        with torch.no_grad():
-            got = norm(x.to(w.dtype)).float()
+        got = norm(x.to(w.dtype)).float()
         ok = torch.allclose(got, expect, rtol=1e-4, atol=1e-5 * float(expect.abs().max()) + 1e-6)
     if not ok:
         raise TransformError(f"{name} ({type(norm).__name__}) is not a plain RMSNorm γ·x/rms(x) (offset, bias "
@@ -173,15 +172,14 @@ def rotate_residual(model: nn.Module, blocks, names: list[str], seed: int,
 
 
 @torch.no_grad()
-def rotate_value_outputs(model: nn.Module, blocks, names: list[str], seed: int, which: list[bool]) -> str:
-    """The per-head value/output rotation in the blocks where `which` is True; returns its kind."""
-    n_heads, n_kv, hd = _heads(model)
-    R, rkind = zip(*(rotation(hd, seed + 1 + h) for h in range(n_kv)))
+def rotate_value_outputs(model: nn.Module, blocks, names: list[str], seed: int, which: list[bool]) -> None:
+    """The per-head value/output rotation in the blocks where `which` is True."""
+    _, n_kv, hd = _heads(model)
+    R = [rotation(hd, seed + 1 + h)[0] for h in range(n_kv)]
     for name, block, on in zip(names, blocks, which):
         if on:
             p = block_parts(block, name)
             rotate_value_output(model, p, [r.to(p["v_proj"].weight.device) for r in R])
-    return rkind[0]
 
 
 @torch.no_grad()

@@ -131,16 +131,13 @@ def gptq_quantize(
     residual: bool = False,
     clamp: bool = True,
     beam_width: int | None = None,
-    grid_weight: torch.Tensor | None = None,
 ) -> LayerQuantResult:
     """Quantize `weight` (out × in) against the Hessian `hessian` (in × in).
 
     Plain GPTQ by default. With `dxxt` (D = 2·ΔX·Xᵀ/N) the sweep carries GPTAQ's P-term with step
     scale `alpha`; `residual=True` adds ResComp's compensation-aware residual (needs `dxxt`).
     `beam_width` K runs the bounded search with K partial solutions per row (K = 1 reproduces the
-    greedy sweep with static grids); None is the greedy sweep. `grid_weight` (out × in), when
-    given, is what the static grids are fitted on instead of `weight` (Astro's reshaped weights:
-    the grid comes from them, the target stays `weight`); it implies static groups.
+    greedy sweep with static grids); None is the greedy sweep.
     """
     from .gptaq import gptaq_p_matrix  # the asymmetric correction; imported here to keep one direction
 
@@ -153,9 +150,7 @@ def gptq_quantize(
         raise ValueError(f"beam_width={beam_width!r} is not valid; allowed: an integer >= 1")
     gs = cols if group_size == -1 else group_size
     n_groups = math.ceil(cols / gs)
-    static_groups = static_groups or beam_width is not None or grid_weight is not None
-    if grid_weight is not None and grid_weight.shape != weight.shape:
-        raise ValueError(f"grid_weight shape {tuple(grid_weight.shape)} does not match weight shape {tuple(weight.shape)}")
+    static_groups = static_groups or beam_width is not None
 
     diag = torch.diag(hessian).float()
     dead = diag == 0
@@ -185,9 +180,7 @@ def gptq_quantize(
         D[dead, :] = 0
 
     if static_groups:
-        G = W if grid_weight is None else grid_weight.detach().float().masked_fill(dead, 0)
-        scales, zeros = fit_groups(G, gs, bits, sym, mse=mse)
-        del G
+        scales, zeros = fit_groups(W, gs, bits, sym, mse=mse)
     else:
         scales = torch.zeros(n_groups, rows, device=W.device)
         zeros = torch.zeros(n_groups, rows, device=W.device)
