@@ -53,10 +53,14 @@ PRECONDITIONING = {"astro": dict(astro=True), "rotate": dict(transform="rotate")
                    "adaptive": dict(transform="adaptive"), "rotate-astro": dict(transform="rotate", astro=True),
                    "adaptive-astro": dict(transform="adaptive", astro=True)}
 for _bits in (4, 3):
-    for _method in ("gptq", "rescomp"):
+    for _method in ("gptq", "gptaq", "rescomp"):
         for _name, _extra in PRECONDITIONING.items():
             ROWS[f"{_method}-{_name}-w{_bits}"] = dict(bits=_bits, group_size=64, method=_method, **RECOMMENDED, **_extra)
     ROWS[f"gptq-astro-w{_bits}-plain"] = dict(bits=_bits, astro=True)
+for _method in ("gptq", "gptaq", "rescomp"):  # 2 bits g32, where outliers cost most
+    for _name in ("rotate", "rotate-astro"):
+        ROWS[f"{_method}-{_name}-w2"] = dict(bits=2, group_size=32, method=_method, **RECOMMENDED,
+                                            **PRECONDITIONING[_name])
 
 
 def packed_ratio(model, out_dir: str) -> float:

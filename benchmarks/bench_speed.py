@@ -11,6 +11,12 @@ they have exactly the layout and forward path of a GPTQ checkpoint.
 Each row runs in a fresh process: load (peak RSS after loading), decode tokens/s at batch 1
 (greedy generate of 64 new tokens after a 32-token prompt, minus the prompt's own forward),
 prefill tokens/s (one forward of batch x seqlen), checkpoint bytes on disk.
+
+    python benchmarks/bench_speed.py --device cuda --out benchmarks/results/speed-cuda.jsonl
+
+runs the GPU rows instead: fp16 and bf16 against 4/3/2 bits with fp16 activations (the Triton
+kernel) and 4 bits with bf16 activations (the aten int4 kernel), plus peak GPU memory. The model is
+loaded on CPU and moved to the GPU, where each packed layer prepares its CUDA path on first use.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import protocol  # noqa: E402
 SYNTH = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
              num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
 PREFILL = {"smollm2": (16, 512), "synthetic-1.1b": (1, 512)}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def synthetic_checkpoint() -> str:
@@ -73,7 +79,7 @@ def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def measure(model_name: str, variant: str, dtype_name: str, backend: str) -> dict:
+def measure(model_name: str, variant: str, dtype_name: str, backend: str, device: str = "cpu") -> dict:
     import hf_astroquant
     from transformers import AutoModelForCausalLM
 
@@ -86,9 +92,13 @@ def measure(model_name: str, variant: str, dtype_name: str, backend: str) -> dic
         kw = {"quantization_config": hf_astroquant.AstroQuantConfig(backend=backend)}
     rss_before = rss_gib()
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).eval().to(device)
     row = {"model": model_name, "variant": variant, "dtype": dtype_name, "load_seconds": round(time.perf_counter() - start, 1),
            "load_peak_rss_gib": round(rss_gib(), 2), "rss_before_load_gib": round(rss_before, 2)}
+    cuda = device == "cuda"
+    if cuda:
+        row["device"] = torch.cuda.get_device_name()
+        row["gpu_weights_gib"] = round(torch.cuda.memory_allocated() / 2**30, 3)
     if variant != "fp":
         row["backend"] = backend
         layers = [m for m in model.modules() if isinstance(m, hf_astroquant.QuantLinear)]
@@ -97,26 +107,39 @@ def measure(model_name: str, variant: str, dtype_name: str, backend: str) -> dic
 
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (1, 32), generator=g)
+    prompt = torch.randint(0, vocab, (1, 32), generator=g).to(device)
     new = 64
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     with torch.no_grad():
         def gen(n):
+            sync()
             t = time.perf_counter()
             model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            sync()
             return time.perf_counter() - t
 
-        gen(4)  # warm-up
+        gen(4)  # warm-up (on CUDA this also runs the Triton autotuner for the decode shapes)
         t_all = min(gen(new + 1) for _ in range(2))
         t_prompt = min(gen(1) for _ in range(3))
         row["decode_tok_s"] = round(new / (t_all - t_prompt), 2)
         b, s = PREFILL[model_name]
-        ids = torch.randint(0, vocab, (b, s), generator=g)
+        ids = torch.randint(0, vocab, (b, s), generator=g).to(device)
         model(ids[:1, :64], use_cache=False)  # warm-up
+        if cuda:
+            model(ids, use_cache=False, logits_to_keep=1)  # the autotuner's prefill shapes
+        sync()
         t = time.perf_counter()
         model(ids, use_cache=False, logits_to_keep=1)
+        sync()
         row["prefill_tok_s"] = round(b * s / (time.perf_counter() - t), 1)
         row["prefill_shape"] = f"{b}x{s}"
     row["peak_rss_gib"] = round(rss_gib(), 2)
+    if cuda:
+        row["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     row.update(torch_threads=torch.get_num_threads(), torch=torch.__version__, machine=machine())
     return row
 
@@ -135,18 +158,23 @@ def machine() -> str:
 
 ROWS = [(m, v, d) for m in ("smollm2", "synthetic-1.1b")
         for v, d in (("fp", "fp32"), ("fp", "bf16"), ("w4", "fp32"), ("w4", "bf16"), ("w3", "bf16"), ("w2", "bf16"))]
+CUDA_ROWS = [(m, v, d) for m in ("smollm2", "synthetic-1.1b")
+             for v, d in (("fp", "fp16"), ("fp", "bf16"), ("w4", "fp16"), ("w4", "bf16"), ("w3", "fp16"), ("w2", "fp16"))]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["smollm2", "synthetic-1.1b"], choices=["smollm2", "synthetic-1.1b"])
-    ap.add_argument("--backend", default="auto", help="forward path of the packed rows (auto, reference, int4, int8)")
+    ap.add_argument("--backend", default="auto", help="forward path of the packed rows (auto, reference, int4, int8, triton)")
     ap.add_argument("--out", required=True, help="JSON-lines file; each row is appended as it finishes")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the rows run (default: cpu)")
     ap.add_argument("--build-only", action="store_true", help="build the checkpoints, measure nothing")
     ap.add_argument("--row", nargs=3, metavar=("MODEL", "VARIANT", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device on this machine")
     if args.row:
-        row = measure(*args.row, args.backend)
+        row = measure(*args.row, args.backend, args.device)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
@@ -157,10 +185,10 @@ def main() -> None:
             packed_checkpoint(model, bits)
     if args.build_only:
         return
-    for model, variant, dtype in ROWS:
+    for model, variant, dtype in CUDA_ROWS if args.device == "cuda" else ROWS:
         if model in args.models:
             subprocess.run([sys.executable, __file__, "--row", model, variant, dtype, "--backend", args.backend,
-                            "--out", args.out], check=True)
+                            "--device", args.device, "--out", args.out], check=True)
 
 
 if __name__ == "__main__":

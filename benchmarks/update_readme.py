@@ -145,6 +145,7 @@ def render_preconditioning(rows: list[dict], astro: dict | None) -> str:
         return (r.get("bits"), r.get("group_size"), bool(r.get("desc_act")), bool(r.get("mse")))
 
     rows = list({r["row"]: r for r in rows}.values())  # a rerun of a row replaces it
+    rows.sort(key=lambda r: -r["bits"])  # widest first; file order within a width
     base = {key(r): r for r in rows if r.get("method", "gptq") == "gptq" and not r.get("astro")
             and r.get("transform", "none") == "none"}
     lines = ["| method | preconditioning | bits | group | WikiText-2 ppl | vs same GPTQ | quantize s | × GPTQ time |",

@@ -98,9 +98,10 @@ class AstroQuantConfig(QuantizationConfigMixin):
             largest that fits a memory budget (one pass over everything when it fits).
         backend: forward path of the packed layers: "auto" (the fastest kernel that can run each
             layer on its device), "reference" (de-quantize then matmul), "int4" (PyTorch's int4
-            kernels, 2/3/4 bits) or "int8" (PyTorch's int8 kernel on CPU, 8 bits, one group per
-            row). A loading option: never written to the checkpoint; pass
-            `AstroQuantConfig(backend=...)` to `from_pretrained` of a saved model to override it.
+            kernels, 2/3/4 bits), "int8" (PyTorch's int8 kernel on CPU, 8 bits, one group per
+            row) or "triton" (our Triton kernel on CUDA, any bit width and group layout). A
+            loading option: never written to the checkpoint; pass `AstroQuantConfig(backend=...)`
+            to `from_pretrained` of a saved model to override it.
         resume_dir: a directory where every finished block is checkpointed (atomically); a run
             given a directory that holds an interrupted run of the same model, options and data
             starts after its last finished block and gives the same result bit for bit. A run

@@ -105,7 +105,7 @@ def test_a_kernel_that_disagrees_with_the_reference_is_never_used(monkeypatch, c
 
 def test_bad_backend_names_are_refused():
     layer = _layer(4, 32, 128, 32)
-    with pytest.raises(ValueError, match="backend='fast' is not one of 'auto', 'reference', 'int4', 'int8'"):
+    with pytest.raises(ValueError, match="backend='fast' is not one of 'auto', 'reference', 'int4', 'int8', 'triton'"):
         layer.set_backend("fast")
     with pytest.raises(ValueError, match="backend='int5'"):
         set_backend(torch.nn.Sequential(layer), "int5")

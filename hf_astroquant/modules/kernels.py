@@ -1,4 +1,5 @@
-"""Fast forward paths of `QuantLinear`: PyTorch's own weight-only int4 and int8 kernels.
+"""Fast forward paths of `QuantLinear`: PyTorch's own weight-only int4 and int8 kernels, and our
+Triton de-quantize-matmul (`triton_kernel.py`, CUDA) for every bit width and group layout.
 
 int4 (``aten._weight_int4pack_mm_for_cpu`` on CPU, ``aten._weight_int4pack_mm`` on CUDA; both run
 in bf16 whatever the activations' dtype, see `INT4_COMPUTE_DTYPE`) computes y = x·Wᵀ with
@@ -22,6 +23,10 @@ int8 (``aten._weight_int8pack_mm``, CPU) has one scale per output row and no zer
 group per row, W = (q − z)·s = s·(q − 128) + s·(128 − z), so
 y = int8mm(x, q − 128, s) + (Σ_k x_k) · s·(128 − z).
 
+Triton (CUDA) reads the GPTQ-layout buffers themselves (nothing repacked, nothing copied) and keeps
+the activations' dtype; `auto` prefers it on CUDA except for bf16 activations with ≤ 4 bits, where
+the aten int4 kernel computes in its own dtype anyway.
+
 Everything here is a pure function of the packed tensors; `QuantLinear` owns the caching.
 """
 
@@ -32,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "reference", "int4", "int8")
+BACKENDS = ("auto", "reference", "int4", "int8", "triton")
 # The int4 kernels always compute in bf16: the CUDA kernel takes nothing else, and the CPU kernel's
 # fp32 and fp16 paths are not vectorized (10-100x slower than bf16 on an AVX2 machine). Rounding
 # the inputs to bf16 (2^-9 relative) costs far less than the weights' own 2-4-bit rounding; the
@@ -111,6 +116,35 @@ class Int8Weights:
         return y.reshape(*shape[:-1], y.shape[-1])
 
 
+@dataclass
+class TritonWeights:
+    """A layer's own GPTQ-layout buffers, run through the Triton kernel (no copy)."""
+
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.hf_astroquant.dequant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
+
+
+def triton_weights(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                   bits: int) -> TritonWeights:
+    """The Triton path for a layer whose buffers live on `qweight.device`. Raises `Unsupported`."""
+    from . import triton_kernel
+
+    reason = triton_kernel.available()
+    if reason:
+        raise Unsupported(reason)
+    device = qweight.device
+    if device.type != "cuda" and not (device.type == "cpu" and triton_kernel.interpreting()):
+        raise Unsupported(f"the Triton kernel runs on CUDA, not {device.type} (on CPU only under "
+                          "TRITON_INTERPRET=1, for testing)")
+    return TritonWeights(qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), g_idx.contiguous(), bits)
+
+
 def group_order(g_idx: torch.Tensor, group_size: int, in_features: int) -> tuple[torch.Tensor | None, int]:
     """(input column permutation or None, kernel group) such that after permuting, every run of
     `kernel group` columns belongs to one quantization group. Raises `Unsupported`."""
@@ -187,11 +221,19 @@ def int8_weights(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
     return Int8Weights(weight.to(device), s.to(device=device, dtype=dtype), offset.to(device=device, dtype=dtype))
 
 
-def auto_backend(bits: int, n_groups: int, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend `backend="auto"` picks: int4 kernels for 2/3/4 bits, the int8
-    kernel for one-group 8-bit layers on CPU, the reference path otherwise."""
-    if bits <= 4 and device.type in ("cpu", "cuda"):
-        return "int4"
-    if bits == 8 and n_groups == 1 and device.type == "cpu":
-        return "int8"
-    return "reference"
+def auto_backends(bits: int, n_groups: int, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The fast paths `backend="auto"` tries, in order (the reference path when none can run).
+
+    CPU: the int4 kernel for 2/3/4 bits, the int8 kernel for one-group 8-bit layers.
+    CUDA: the aten int4 kernel first for ≤ 4 bits with bf16 activations (its compute dtype), else
+    Triton first, which keeps fp16/fp32 activations unrounded; each falls back to the other.
+    """
+    if device.type == "cpu":
+        if bits <= 4:
+            return ["int4"]
+        return ["int8"] if bits == 8 and n_groups == 1 else []
+    if device.type == "cuda":
+        if bits <= 4:
+            return ["int4", "triton"] if dtype == torch.bfloat16 else ["triton", "int4"]
+        return ["triton"]
+    return []

@@ -13,9 +13,10 @@ Forward paths (`backend`, chosen when the layer is prepared for a device and dty
     "reference"  de-quantize in fp32, cast to the activation dtype, F.linear: the oracle
     "int4"       PyTorch's int4 weight-only kernels (CPU; CUDA with bf16), for 2/3/4 bits
     "int8"       PyTorch's int8 weight-only kernel (CPU), 8 bits with one group per row
-    "auto"       the fastest of these that can represent the layer (see `kernels.auto_backend`)
+    "triton"     our Triton de-quantize-matmul (CUDA), any bit width, group size and g_idx
+    "auto"       the first of these that can represent the layer (see `kernels.auto_backends`)
 A fast path is checked against the reference on a probe input when it is built; a layer it cannot
-represent, or where the check fails, runs the reference path (logged once).
+represent, or where the check fails, runs the next candidate or the reference path (logged once).
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ class QuantLinear(nn.Module):
         return torch.arange(self.in_features, device=self.g_idx.device, dtype=torch.int32) // self.group_size
 
     def set_backend(self, backend: str) -> None:
-        """Choose the forward path ("auto", "reference", "int4", "int8"); takes effect at the next
+        """Choose the forward path ("auto", "reference", "int4", "int8", "triton"); takes effect at the next
         `prepare` or forward."""
         kernels.check_backend(backend)
         self._drop_fast()
@@ -153,24 +154,30 @@ class QuantLinear(nn.Module):
             if name not in ("auto", "reference"):
                 _warn_once(f"astroquant: backend={name!r} ignored for offloaded layers; they run the reference path")
             name = "reference"
-        if name == "auto":
-            name = kernels.auto_backend(self.bits, self.n_groups, device, dtype)
-        weights = None
-        if name != "reference":
-            codes, zeros = self.unpack()
+        candidates = (kernels.auto_backends(self.bits, self.n_groups, device, dtype) if name == "auto"
+                      else [] if name == "reference" else [name])
+        name, weights, reasons = "reference", None, []
+        codes, zeros = self.unpack() if candidates else (None, None)
+        for candidate in candidates:
             try:
-                if name == "int4":
-                    weights = kernels.int4_weights(codes, zeros, self.scales, self.g_idx, self.group_size,
-                                                   self.bits, dtype, device)
+                if candidate == "triton":
+                    built = kernels.triton_weights(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
+                elif candidate == "int4":
+                    built = kernels.int4_weights(codes, zeros, self.scales, self.g_idx, self.group_size, self.bits,
+                                                 dtype, device)
                 else:
-                    weights = kernels.int8_weights(codes, zeros, self.scales, self.n_groups, dtype, device)
-                self._check(weights, codes, zeros, dtype)
+                    built = kernels.int8_weights(codes, zeros, self.scales, self.n_groups, dtype, device)
+                self._check(built, codes, zeros, dtype)
             except kernels.Unsupported as exc:
                 if self.backend != "auto":
                     raise ValueError(f"QuantLinear ({self.extra_repr()}): backend={self.backend!r} cannot run "
                                      f"this layer: {exc}") from None
-                _warn_once(f"astroquant: reference forward for a layer ({self.extra_repr()}): {exc}")
-                name, weights = "reference", None
+                reasons.append(f"{candidate}: {exc}")
+                continue
+            name, weights = candidate, built
+            break
+        if reasons and weights is None:
+            _warn_once(f"astroquant: reference forward for a layer ({self.extra_repr()}): {'; '.join(reasons)}")
         self._fast = (device, dtype, name, weights)
         self.active_backend = name
         if isinstance(weights, kernels.Int4Weights) and weights.invertible and torch.equal(weights.codes(), codes):
