@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_astroquant import AstroQuantConfig, QuantLinear, set_backend
 from hf_astroquant.modules import kernels
-from test_kernels import TOL, _layer
+from test_kernels import TOL, _compare, _layer
 from tiny import calib_ids, save_tiny
 
 triton_kernel = pytest.importorskip("hf_astroquant.modules.triton_kernel")
@@ -30,37 +30,20 @@ if not CUDA and not triton_kernel.interpreting():
                 allow_module_level=True)
 
 
-def _error(layer, x):
-    ref = x.float() @ layer.dequantize_weight().t()
-    got = triton_kernel.dequant_matmul(x, layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits)
-    assert got.dtype == x.dtype and got.shape == ref.shape
-    return float((got.float() - ref).abs().max() / ref.abs().max())
-
-
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("shape,group_size", [((96, 256), 64), ((33, 100), 32), ((40, 96), 48), ((17, 160), -1)])
 @pytest.mark.parametrize("order", ["plain", "act-order", "act-order static"])
 def test_triton_matches_reference_for_every_width_group_layout_and_order(bits, shape, group_size, order):
     layer = _layer(bits, *shape, group_size, desc_act=order != "plain", static_groups=order.endswith("static"),
-                   seed=bits + shape[0]).to(DEVICE)
-    layer.set_backend("triton")
-    x = torch.randn(3, 5, shape[1], device=DEVICE)
-    assert layer.prepare(torch.float32) == "triton"
-    layer.set_backend("reference")
-    want = layer(x)
-    layer.set_backend("triton")
-    got = layer(x)
-    assert layer.active_backend == "triton"
-    err = float((got - want).abs().max() / want.abs().max())
-    assert err <= TOL[torch.float32], err
+                   seed=bits + shape[0])
+    assert _compare(layer, "triton", torch.float32, device=DEVICE) == "triton"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [3, 4])
 def test_triton_keeps_half_precision_activations(bits, dtype):
-    layer = _layer(bits, 40, 192, 64, desc_act=True, seed=bits).to(DEVICE)
-    x = torch.randn(7, 192, device=DEVICE).to(dtype)
-    assert _error(layer, x) <= TOL[dtype]
+    layer = _layer(bits, 40, 192, 64, desc_act=True, seed=bits)
+    assert _compare(layer, "triton", dtype, device=DEVICE) == "triton"
 
 
 @pytest.mark.parametrize("config", [
@@ -171,14 +154,7 @@ def test_a_quantized_model_runs_triton_end_to_end_and_compiles(tmp_path):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("desc_act", [False, True])
 def test_auto_on_cuda_matches_reference_for_every_dtype(bits, desc_act):
-    layer = _layer(bits, 96, 256, 64, desc_act=desc_act, seed=bits).cuda()
+    layer = _layer(bits, 96, 256, 64, desc_act=desc_act, seed=bits)
     for dtype, first in [(torch.float16, "triton"), (torch.float32, "triton"),
                          (torch.bfloat16, "int4" if bits <= 4 else "triton")]:
-        x = torch.randn(4, 256, device="cuda").to(dtype)
-        layer.set_backend("reference")
-        want = layer(x).float()
-        layer.set_backend("auto")
-        got = layer(x).float()
-        assert layer.active_backend == first
-        compute = kernels.INT4_COMPUTE_DTYPE if first == "int4" else dtype
-        assert float((got - want).abs().max() / want.abs().max()) <= TOL[compute]
+        assert _compare(layer, "auto", dtype, device="cuda", lead=(4,)) == first

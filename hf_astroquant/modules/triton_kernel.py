@@ -14,13 +14,13 @@ tiles to fill a GPU otherwise).
 Nothing is repacked: the kernel reads the layer's own buffers. On CUDA an autotuner picks the tile
 sizes and SPLIT_K per (batch bucket, N, K); the configurations are a guess until timed on a GPU.
 The kernel is also runnable on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set before
-triton is first imported), which is how CI checks it against the reference path; that is for testing
+triton and this module are imported), which is how CI checks it against the reference path; that is for testing
 only (thousands of times slower). The interpreter's tl.dot mishandles bf16 operands, so there a bf16
 product runs as an fp32 dot of the bf16-rounded operands (the same values a bf16 tensor-core dot
 multiplies, accumulated in fp32 as on the GPU).
 
-The kernel is built (`triton.jit`) on first use, once per interpreter setting, because Triton
-decides at decoration time whether a function is compiled or interpreted.
+Triton decides when a function is decorated (`triton.jit`, here at import) whether it is compiled
+or interpreted; the autotuned wrapper is built on first use on CUDA.
 """
 
 from __future__ import annotations
@@ -48,6 +48,19 @@ def interpreting() -> bool:
     return triton is not None and bool(triton.knobs.runtime.interpret)
 
 
+def _unpack_bits(ptr, offsets, next_word, shift, mask, BITS: tl.constexpr):
+    """The BITS-bit values at bit `shift` of the int32 words at ptr + offsets, as int32. A 3-bit
+    value may straddle two words: its high bits are the low bits of the word at + next_word."""
+    words = tl.load(ptr + offsets, mask=mask, other=0)
+    values = words.to(tl.uint32, bitcast=True) >> shift.to(tl.uint32)  # logical shift: no sign bits
+    if BITS == 3:
+        spill = (shift + BITS > 32) & mask
+        following = tl.load(ptr + offsets + next_word, mask=spill, other=0)
+        left = tl.where(spill, 32 - shift, 0).to(tl.uint32)  # never a shift by 32
+        values = values | tl.where(spill, following.to(tl.uint32, bitcast=True) << left, 0)
+    return (values & ((1 << BITS) - 1)).to(tl.int32)
+
+
 def _dequant_matmul(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_ptr,
                     M, N, K, m_bucket, stride_xm, stride_xk, zero_words_per_row,
                     BITS: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -59,11 +72,8 @@ def _dequant_matmul(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_ptr
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = rm < M
     mask_n = rn < N
-    mask_value = (1 << BITS) - 1
     # zero point of column n: value n of its group's row in qzeros
-    z_bit = rn * BITS
-    z_word = z_bit // 32
-    z_shift = z_bit % 32
+    z_bit = (rn * BITS)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -71,25 +81,10 @@ def _dequant_matmul(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, y_ptr
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         mask_kn = mask_k[:, None] & mask_n[None, :]
-        q_bit = rk * BITS
-        q_word = (q_bit // 32)[:, None]
-        q_shift = (q_bit % 32)[:, None]
-        words = tl.load(qweight_ptr + q_word * N + rn[None, :], mask=mask_kn, other=0)
-        q = words.to(tl.uint32, bitcast=True) >> q_shift.to(tl.uint32)
+        q_bit = (rk * BITS)[:, None]
+        q = _unpack_bits(qweight_ptr, (q_bit // 32) * N + rn[None, :], N, q_bit % 32, mask_kn, BITS)
         g = tl.load(g_idx_ptr + rk, mask=mask_k, other=0)[:, None]
-        z_words = tl.load(qzeros_ptr + g * zero_words_per_row + z_word[None, :], mask=mask_kn, other=0)
-        z = z_words.to(tl.uint32, bitcast=True) >> z_shift[None, :].to(tl.uint32)
-        if BITS == 3:  # a value may straddle two words: its high bits are the next word's low bits
-            q_spill = (q_shift + BITS > 32) & mask_kn
-            q_next = tl.load(qweight_ptr + (q_word + 1) * N + rn[None, :], mask=q_spill, other=0)
-            q_left = tl.where(q_spill, 32 - q_shift, 0).to(tl.uint32)
-            q = q | tl.where(q_spill, q_next.to(tl.uint32, bitcast=True) << q_left, 0)
-            z_spill = (z_shift[None, :] + BITS > 32) & mask_kn
-            z_next = tl.load(qzeros_ptr + g * zero_words_per_row + z_word[None, :] + 1, mask=z_spill, other=0)
-            z_left = tl.where(z_spill, 32 - z_shift[None, :], 0).to(tl.uint32)
-            z = z | tl.where(z_spill, z_next.to(tl.uint32, bitcast=True) << z_left, 0)
-        q = (q & mask_value).to(tl.int32)
-        z = (z & mask_value).to(tl.int32)
+        z = _unpack_bits(qzeros_ptr, g * zero_words_per_row + z_bit // 32, 1, z_bit % 32, mask_kn, BITS)
         s = tl.load(scales_ptr + g * N + rn[None, :], mask=mask_kn, other=0.0).to(tl.float32)
         w = (q - z).to(tl.float32) * s
         w = w.to(x.dtype)  # the activations' precision, as a de-quantize-then-matmul would use
@@ -125,13 +120,15 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs
 
 
+if triton is not None:  # compiled or interpreted as TRITON_INTERPRET says at import
+    _unpack_bits = triton.jit(_unpack_bits)
+    _dequant_matmul = triton.jit(_dequant_matmul)
+
+
 @functools.cache
-def _kernel(interpret: bool):
-    fn = triton.jit(_dequant_matmul)
-    if interpret:
-        return fn
+def _autotuned():
     return triton.autotune(_gpu_configs(), key=["m_bucket", "N", "K", "BITS", "DOT_FP32"], reset_to_zero=["y_ptr"],
-                           prune_configs_by={"early_config_prune": _prune})(fn)
+                           prune_configs_by={"early_config_prune": _prune})(_dequant_matmul)
 
 
 # For the interpreter, one fixed configuration (tests pass others to cover every code path).
@@ -160,18 +157,13 @@ def dequant_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
             x2.stride(0), x2.stride(1), qzeros.shape[1])
     consts = {"BITS": bits, "DOT_FP32": x.dtype == torch.float32 or (interpret and x.dtype == torch.bfloat16)}
     if config is None:
-        kernel = _kernel(False)
-
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-        kernel[grid](*args, **consts)
-    else:
-        kernel = _kernel(interpret)
-        if not interpret:  # a fixed config on CUDA bypasses the autotuner
-            kernel = kernel.fn
+        _autotuned()[grid](*args, **consts)
+    else:  # a fixed configuration bypasses the autotuner
         grid = (triton.cdiv(M, config["BLOCK_M"]), triton.cdiv(N, config["BLOCK_N"]), config["SPLIT_K"])
-        kernel[grid](*args, **consts, **config)
+        _dequant_matmul[grid](*args, **consts, **config)
     return y.to(x.dtype).reshape(*shape[:-1], N)
 
 
