@@ -10,6 +10,11 @@
    over GPTQ's own error, for our predicted-error penalty (β, steps) and for the published
    summary's linear activation-weighted one; under the recommended grid (act-order, static
    groups, clipping search) and under plain GPTQ.
+
+With `--betas`, part 1 is repeated for each β (from the original weights each time) and part 2
+is left out: the reshaped full-precision model's perplexity change as a function of β.
+
+    python benchmarks/bench_astro.py --betas 1 0.5 0.25 0.1 --out benchmarks/results/astro-beta.json
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--bits", type=int, default=3)
+    ap.add_argument("--betas", type=float, nargs="+", help="only part 1, once per β")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -69,6 +75,23 @@ def main() -> None:
     sums.clear()
     result: dict = {"bits": args.bits, "group_size": 64, "calibration": "Python docs 64x512"}
     result["fp_ppl"] = round(perplexity(model, test_ids, 2048, 8), 3)
+
+    if args.betas:
+        originals = {name: lin.weight.detach().clone() for name, lin in linears.items()}
+        result["by_beta"] = {}
+        for beta in args.betas:
+            start = time.perf_counter()
+            with torch.no_grad():
+                for name, lin in linears.items():
+                    lin.weight.copy_(astro_reshape(originals[name], hessians[name], beta=beta, group_size=64,
+                                                   bits=args.bits))
+            seconds = round(time.perf_counter() - start, 1)
+            ppl = round(perplexity(model, test_ids, 2048, 8), 3)
+            result["by_beta"][str(beta)] = {"reshaped_fp_ppl": ppl, "reshape_seconds": seconds,
+                                            "ppl_change_percent": round(100 * (ppl / result["fp_ppl"] - 1), 3)}
+            print(beta, result["by_beta"][str(beta)], flush=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        return
 
     # 2. ablation (before the weights are reshaped in place)
     names = [f"{p}-beta{b}-steps{k}" for p, b, k in PENALTIES]

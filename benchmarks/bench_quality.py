@@ -57,6 +57,8 @@ for _bits in (4, 3):
         for _name, _extra in PRECONDITIONING.items():
             ROWS[f"{_method}-{_name}-w{_bits}"] = dict(bits=_bits, group_size=64, method=_method, **RECOMMENDED, **_extra)
     ROWS[f"gptq-astro-w{_bits}-plain"] = dict(bits=_bits, astro=True)
+for _beta in (0.5, 0.25):  # Astro's trade: a smaller β moves the full-precision model less
+    ROWS[f"gptq-astro-beta{_beta}-w3"] = dict(bits=3, group_size=64, **RECOMMENDED, astro=True, astro_beta=_beta)
 for _method in ("gptq", "gptaq", "rescomp"):  # 2 bits g32, where outliers cost most
     for _name in ("rotate", "rotate-astro"):
         ROWS[f"{_method}-{_name}-w2"] = dict(bits=2, group_size=32, method=_method, **RECOMMENDED,
@@ -103,6 +105,7 @@ def run_row(name: str, ckpt: str, windows: torch.Tensor, test_ids: torch.Tensor,
             alphas = sorted(report.asym_alpha.values())
             row["asym_alpha_median"] = round(alphas[len(alphas) // 2], 3)
         row["fp_stream_gib"] = round(report.fp_stream_bytes / 2**30, 3)
+        row["phase_seconds"] = {k: round(v, 1) for k, v in report.phase_seconds.items()}
         with tempfile.TemporaryDirectory() as d:
             row["checkpoint_ratio_vs_fp16"] = round(packed_ratio(model, d), 4)
     row["ppl"] = round(perplexity(model, test_ids, 2048, n_windows), 2)

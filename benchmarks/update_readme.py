@@ -11,9 +11,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ABLATION = RESULTS / "ablation.jsonl"  # issue 3's ablation, one sitting: its own table
+ABLATION = RESULTS / "ablation-s4.jsonl"  # issue 3's ablation, one sitting, rows run alone: its own table
 ABL_START, ABL_END = "<!-- ablation:start -->", "<!-- ablation:end -->"
-ABLATION_PPL = RESULTS / "ablation-s3.jsonl"  # a sitting whose timings other work disturbed: perplexity only
+# sittings whose timings other work disturbed: perplexity only
+ABLATION_PPL = (RESULTS / "ablation.jsonl", RESULTS / "ablation-s3.jsonl")
 ABL2_START, ABL2_END = "<!-- ablation-ppl:start -->", "<!-- ablation-ppl:end -->"
 SPEED = RESULTS / "speed.jsonl"
 SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
@@ -24,6 +25,7 @@ OFFLOAD_START, OFFLOAD_END = "<!-- offload:start -->", "<!-- offload:end -->"
 PRE_START, PRE_END = "<!-- preconditioning:start -->", "<!-- preconditioning:end -->"
 PRECONDITIONING = RESULTS / "preconditioning.jsonl"
 ASTRO = RESULTS / "astro.json"
+ASTRO_BETA = RESULTS / "astro-beta.json"  # bench_astro.py --betas: the reshaped fp model's perplexity per β
 
 
 def load_rows() -> list[dict]:
@@ -33,7 +35,7 @@ def load_rows() -> list[dict]:
             continue
         rows += read_jsonl(f)
     for f in sorted(RESULTS.glob("*.json")):
-        if f not in (OFFLOAD, ASTRO):  # their own tables
+        if f not in (OFFLOAD, ASTRO, ASTRO_BETA):  # their own tables
             rows.append(json.loads(f.read_text()))
     return rows
 
@@ -73,14 +75,18 @@ def render_ablation(rows: list[dict]) -> str:
     """The ablation rows with time and peak RSS relative to GPTQ at the same bit width."""
     base = {r["bits"]: r for r in rows if r.get("method", "gptq") == "gptq" and not r.get("asym_alpha")
             and r.get("rounding", "gptq") == "gptq"}
-    lines = ["| method | bits | group | WikiText-2 ppl | quantize s | × GPTQ time | peak RSS GiB | × GPTQ RSS "
-             "| fp stream GiB | median α |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | bits | group | WikiText-2 ppl | quantize s | × GPTQ time | solve s | statistics s "
+             "| fp stream s | other s | peak RSS GiB | × GPTQ RSS | fp stream GiB | median α |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (-r["bits"], r["ppl"])):
         b = base.get(r["bits"])
         t = f"{r['quant_seconds'] / b['quant_seconds']:.2f}" if b else ""
         m = f"{r['peak_rss_gib'] / b['peak_rss_gib']:.2f}" if b else ""
+        ph = r.get("phase_seconds", {})  # bench_quality.py records where the seconds went
+        phases = " | ".join(str(ph.get(k, "")) for k in ("solve", "statistics", "fp_stream", "other"))
         lines.append(f"| {describe(r)} | {r['bits']} | {r['group_size']} | {r['ppl']:.2f} | {r['quant_seconds']} | {t} "
-                     f"| {r['peak_rss_gib']} | {m} | {r.get('fp_stream_gib', '')} | {r.get('asym_alpha_median', '')} |")
+                     f"| {phases} | {r['peak_rss_gib']} | {m} | {r.get('fp_stream_gib', '')} | "
+                     f"{r.get('asym_alpha_median', '')} |")
     return "\n".join(lines)
 
 
@@ -139,7 +145,7 @@ def render_offload(r: dict) -> str:
     ])
 
 
-def render_preconditioning(rows: list[dict], astro: dict | None) -> str:
+def render_preconditioning(rows: list[dict], astro: dict | None, astro_beta: dict | None = None) -> str:
     """Each preconditioning row against plain GPTQ with the same grid options (same sitting)."""
     def key(r):
         return (r.get("bits"), r.get("group_size"), bool(r.get("desc_act")), bool(r.get("mse")))
@@ -151,7 +157,8 @@ def render_preconditioning(rows: list[dict], astro: dict | None) -> str:
     lines = ["| method | preconditioning | bits | group | WikiText-2 ppl | vs same GPTQ | quantize s | × GPTQ time |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        pre = [p for p in (("Astro" if r.get("astro") else ""), r.get("transform", "none")) if p and p != "none"]
+        astro = ("Astro" + (f" β={r['astro_beta']}" if r.get("astro_beta", 1.0) != 1.0 else "")) if r.get("astro") else ""
+        pre = [p for p in (astro, r.get("transform", "none")) if p and p != "none"]
         b = base.get(key(r))
         vs = f"{100 * (r['ppl'] / b['ppl'] - 1):+.1f} %" if b and b is not r else ""
         tx = f"{r['quant_seconds'] / b['quant_seconds']:.2f}" if b and b is not r else ""
@@ -165,6 +172,11 @@ def render_preconditioning(rows: list[dict], astro: dict | None) -> str:
                   f"({astro['ppl_change_percent']:+.2f} %); reshaping every Linear took {astro['reshape_seconds']} s. "
                   f"Solved-layer error after Astro then GPTQ, over GPTQ's own, on the Linears of blocks "
                   f"{', '.join(map(str, astro['ablation_blocks']))}: {abl}."]
+    if astro_beta:
+        by = "; ".join(f"β = {b}: {v['reshaped_fp_ppl']} ({v['ppl_change_percent']:+.2f} %)"
+                       for b, v in astro_beta["by_beta"].items())
+        lines += ["", f"The reshaped full-precision model's perplexity by β (`bench_astro.py --betas`, "
+                  f"{astro_beta['bits']} bits g{astro_beta['group_size']}; unreshaped {astro_beta['fp_ppl']}): {by}."]
     return "\n".join(lines)
 
 
@@ -184,14 +196,16 @@ def main() -> None:
     text = _replace(readme.read_text(), START, END, main_table)
     sections = [(ABLATION, ABL_START, ABL_END, render_ablation), (ABLATION_PPL, ABL2_START, ABL2_END, render_ablation_ppl),
                 (SPEED, SPEED_START, SPEED_END, render_speed), (EXPORT, EXPORT_START, EXPORT_END, render_export)]
-    for path, start, end, render_rows in sections:
-        if path.exists():
-            table = render_rows(read_jsonl(path))
+    for paths, start, end, render_rows in sections:
+        paths = [p for p in (paths if isinstance(paths, tuple) else (paths,)) if p.exists()]
+        if paths:
+            table = render_rows([r for p in paths for r in read_jsonl(p)])
             text = _replace(text, start, end, table)
             print(table)
     if PRECONDITIONING.exists():
         table = render_preconditioning(read_jsonl(PRECONDITIONING),
-                                       json.loads(ASTRO.read_text()) if ASTRO.exists() else None)
+                                       json.loads(ASTRO.read_text()) if ASTRO.exists() else None,
+                                       json.loads(ASTRO_BETA.read_text()) if ASTRO_BETA.exists() else None)
         text = _replace(text, PRE_START, PRE_END, table)
         print(table)
     if OFFLOAD.exists():

@@ -60,6 +60,31 @@ class QuantizationReport:
     fp_stream_bytes: int = 0  # peak bytes held for the full-precision stream (block inputs + captured X̃)
     resumed_blocks: int = 0  # blocks taken from a resume_dir checkpoint instead of calibrated
     transforms: dict[str, Any] = field(default_factory=dict)  # what transform= folded, per site
+    # where the seconds went: the PHASES, and "other" (the blocks' forward passes, bookkeeping)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timing(self, phase: str):
+        """Add the wall time of a `with` block to phase_seconds[phase]."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def close_phases(self) -> None:
+        """Put what no phase claimed under "other" (the phases are disjoint parts of `seconds`)."""
+        named = sum(v for k, v in self.phase_seconds.items() if k != "other")
+        self.phase_seconds["other"] = max(0.0, self.seconds - named)
+
+
+# The timed parts of a calibration run (QuantizationReport.phase_seconds); disjoint.
+PHASES = (
+    "preconditioning",  # transform=: the residual rotation; the scale search with its extra forward per block
+    "fp_stream",  # the full-precision block forward that gives X̃ (asymmetric solvers, stream_fp)
+    "statistics",  # H = 2·X·Xᵀ/N, and D (and G) against X̃, from every Linear's input
+    "solve",  # per Linear: Astro, the interpolation α, the layer solver, its packing
+)
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -239,6 +264,10 @@ class _LayerSolver:
     def __call__(self, name: str, linear: nn.Linear, stats: _Stats, device: torch.device | None = None) -> None:
         """Solve `linear` (on `device` when given: its weight and statistics are copied there and
         the result comes back to the Linear's device)."""
+        with self.report.timing("solve"):
+            self._solve(name, linear, stats, device)
+
+    def _solve(self, name: str, linear: nn.Linear, stats: _Stats, device: torch.device | None) -> None:
         stats.normalize()
         H, D, G = stats.h, stats.d, stats.g
         W = linear.weight.data
@@ -371,7 +400,8 @@ def _calibrate_block(
         if fp_captured is not None and x_fp is None:
             raise ValueError(f"{name} was not reached by the full-precision forward; cannot calibrate it asymmetrically")
         try:
-            return _input_stats(x, x_fp, with_g)
+            with solver.report.timing("statistics"):
+                return _input_stats(x, x_fp, with_g)
         except _NonFiniteInput:
             raise ValueError(f"calibration inputs of {name} contain NaN or Inf") from None
 
@@ -504,7 +534,8 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
             raise ValueError(f"resume_dir with transform={cfg.transform!r}: the scales searched for finished "
                              "blocks are not checkpointed; rerun without resume_dir (or an empty one)")
     if pre is not None:  # before finished blocks are restored: their norms and embeddings rotate too
-        pre.before_calibration()
+        with report.timing("preconditioning"):
+            pre.before_calibration()
         report.transforms = pre.record
     if state is not None:
         first = state["blocks_done"]
@@ -518,6 +549,7 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
     def finish_block(i: int, packed: dict[str, torch.Tensor] | None, inputs, fp_inputs) -> None:
         if checkpoints is not None:
             report.seconds = earlier_seconds + time.perf_counter() - start
+            report.close_phases()
             checkpoints.save_block(i, packed, inputs, fp_inputs, _report_state(report), n_blocks)
 
     todo = list(range(first, n_blocks))
@@ -535,6 +567,7 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
                 report.layer_errors[lname] = float(((res.weight - W.float()) ** 2).sum() / (W.float() ** 2).sum())
             finish_block(i, packed, None, None)
         report.seconds = earlier_seconds + time.perf_counter() - start
+        report.close_phases()
         return report
 
     solver = _LayerSolver(cfg, report)
@@ -555,19 +588,21 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
             targets = block_targets(name, block, should_convert)
             homes = offload.onload(targets)
             if pre is not None:
-                pre.before_block(i, inputs, kwargs_list)
+                with report.timing("preconditioning"):
+                    pre.before_block(i, inputs, kwargs_list)
             if on_block is not None:
                 on_block(i, fp_inputs, inputs)
             fp_captured = None
             if fp_inputs is not None:
                 outs, fp_captured = [], []
-                for x, kw in zip(fp_inputs, kwargs_list):
-                    if asymmetric:
-                        out, cap = _run_block_capturing(block, x.to(device), kw, targets, store)
-                        fp_captured.append(cap)
-                    else:
-                        out = _run_block(block, x.to(device), kw)
-                    outs.append(out.to(store))
+                with report.timing("fp_stream"):
+                    for x, kw in zip(fp_inputs, kwargs_list):
+                        if asymmetric:
+                            out, cap = _run_block_capturing(block, x.to(device), kw, targets, store)
+                            fp_captured.append(cap)
+                        else:
+                            out = _run_block(block, x.to(device), kw)
+                        outs.append(out.to(store))
                 report.fp_stream_bytes = max(report.fp_stream_bytes, _tensor_bytes(
                     outs + fp_inputs + [t for cap in fp_captured for t in cap.values()]))
                 fp_inputs = outs
@@ -594,6 +629,7 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
             gc.collect()
             _trim_heap()
     report.seconds = earlier_seconds + time.perf_counter() - start
+    report.close_phases()
     return report
 
 
@@ -666,7 +702,7 @@ def _embedding_sample(model: nn.Module) -> torch.Tensor | None:
     return flat[:: max(1, flat.numel() // 4096)].float().cpu()
 
 
-_REPORT_FIELDS = ("layer_errors", "damping", "skipped", "asym_alpha", "fp_stream_bytes", "seconds")
+_REPORT_FIELDS = ("layer_errors", "damping", "skipped", "asym_alpha", "fp_stream_bytes", "seconds", "phase_seconds")
 
 
 def _report_state(report: QuantizationReport) -> dict:

@@ -148,6 +148,8 @@ def _report_record(model, report) -> dict:
         "calibration": report.calibration or None, "skipped": list(report.skipped),
         "quantized_packed_bytes": packed, "quantized_fp16_bytes": fp16,
     })
+    if report.phase_seconds:
+        record["phase_seconds"] = {k: round(v, 2) for k, v in report.phase_seconds.items()}
     if report.asym_alpha:
         record["asym_alpha"] = dict(report.asym_alpha)
     return record

@@ -244,3 +244,22 @@ def test_d_statistic_is_the_drift_against_the_full_precision_inputs(tiny_dir, mo
     expected = 2 * (Xfp - X).t() @ X / n
     assert expected.abs().max() > 0
     assert torch.allclose(D.double(), expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("kw, present, absent", [
+    (dict(method="gptq"), {"statistics", "solve"}, {"fp_stream", "preconditioning"}),
+    (dict(method="rescomp", transform="rotate"), {"statistics", "solve", "fp_stream", "preconditioning"}, set()),
+    (dict(method="rtn"), set(), {"statistics", "solve", "fp_stream"}),
+])
+def test_report_says_where_the_seconds_went(tiny_dir, kw, present, absent):
+    from hf_astroquant.pipeline import PHASES
+
+    model = _quantize(tiny_dir, bits=4, group_size=32, **kw)
+    report = model.hf_quantizer.report
+    phases = report.phase_seconds
+    assert set(phases) <= set(PHASES) | {"other"} and "other" in phases
+    assert all(phases[p] > 0 for p in present) and not set(phases) & absent
+    assert all(v >= 0 for v in phases.values())
+    # disjoint parts of the run: they add up to its wall time
+    assert sum(phases.values()) == pytest.approx(report.seconds, rel=1e-6, abs=1e-6)
+    assert model.astroquant_report["phase_seconds"] == {k: round(v, 2) for k, v in phases.items()}

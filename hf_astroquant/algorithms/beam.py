@@ -36,14 +36,11 @@ def beam_step(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int, d: f
     offsets = torch.arange(-(K - 1), K, device=w.device, dtype=w.dtype)  # 2K − 1 candidates
     nearest = torch.round(w / s).add_(z).clamp_(0, maxq)
     levels = nearest[:, None] + offsets  # (rows·K, 2K − 1)
-    dq = (levels - z[:, None]) * s[:, None]
-    inc = ((w[:, None] - dq) / d).square_()
-    inc.masked_fill_((levels < 0) | (levels > maxq), float("inf"))
-    total = (cost.reshape(rows * K, 1) + inc).reshape(rows, -1)  # (rows, K·(2K − 1))
+    # (ŵ − w)²/d² in place: ŵ − w = −(w − ŵ) exactly, and the square drops the sign
+    inc = (levels - z[:, None]).mul_(s[:, None]).sub_(w[:, None]).div_(d).square_()
+    inc.masked_fill_(levels.lt(0).logical_or_(levels.gt(maxq)), float("inf"))
+    total = inc.add_(cost.reshape(rows * K, 1)).reshape(rows, -1)  # (rows, K·(2K − 1))
     new_cost, idx = torch.topk(total, K, dim=1, largest=False, sorted=True)
-    n_cand = 2 * K - 1
-    parent = idx // n_cand
-    src = (parent + torch.arange(rows, device=w.device)[:, None] * K).reshape(-1)
-    chosen = levels.reshape(rows, K, n_cand).gather(1, parent[..., None].expand(rows, K, n_cand))
-    q = chosen.gather(2, (idx % n_cand)[..., None]).reshape(-1)
+    src = (idx // (2 * K - 1)).add_(torch.arange(0, rows * K, K, device=w.device)[:, None]).reshape(-1)
+    q = levels.reshape(rows, -1).gather(1, idx).reshape(-1)  # `total` and `levels` share one layout
     return new_cost, src, q

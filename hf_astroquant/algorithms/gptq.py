@@ -256,8 +256,10 @@ def _greedy_sweep(Wt, U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, s
             q = torch.round(w / s).add_(z).clamp_(0, maxq)
             codes_t[p] = q
             dq = q.sub_(z).mul_(s)
-            _column_step(W1, Err1, V1, U1, P1, W0t[p] if W0t is not None else None, i, w, dq, s, z, maxq,
-                         alpha, clamp, diag[i])
+            _column_step(W1[i + 1:], Err1[i], V1[i] if V1 is not None else None, U1[i, i + 1:],
+                         P1[i, i + 1:] if P1 is not None else None, W0t[p] if W0t is not None else None,
+                         w, dq, s, z, maxq, alpha, clamp, diag[i])
+            W1[i] = dq
         Wt[i1:i2] = W1
         _block_step(Wt, U, P, Err1, V1, i1, i2)
     return Wt, codes_t
@@ -272,20 +274,19 @@ def _block_start(Wt, U, P, i1, i2):
     return W1, torch.zeros_like(W1), V1, U1, P1, torch.diag(U1).tolist()
 
 
-def _column_step(W1, Err1, V1, U1, P1, w0, i, w, dq, s, z, maxq, alpha, clamp, d):
-    """Record column i's error (and GPTAQ's v_i) and spread them over the rest of the lazy block."""
-    err = Err1[i]
+def _column_step(rest, err, v, u_row, p_row, w0, w, dq, s, z, maxq, alpha, clamp, d):
+    """Record column i's error in `err` (and GPTAQ's v_i in `v`) and spread them over `rest`, the
+    lazy block's columns after i (u_row = U[i, i+1:], p_row = P[i, i+1:] within the block)."""
     torch.sub(w, dq, out=err)
-    if P1 is not None or w0 is not None:
+    if p_row is not None or w0 is not None:
         c = torch.clamp(w, *_grid_range(s, z, maxq)) if clamp else w
         if w0 is not None:  # ResComp: pull α·(W0_i − w_i) back toward the original weight
             err.add_(w0 - c, alpha=alpha)
         else:
-            V1[i] = c
-            W1[i + 1:].addr_(P1[i, i + 1:], c)
+            v.copy_(c)
+            rest.addr_(p_row, c)
     err.div_(d)
-    W1[i + 1:].addr_(U1[i, i + 1:], err, alpha=-1)
-    W1[i] = dq
+    rest.addr_(u_row, err, alpha=-1)
 
 
 def _block_step(Wt, U, P, Err1, V1, i1, i2):
@@ -297,37 +298,61 @@ def _block_step(Wt, U, P, Err1, V1, i1, i2):
 
 def _beam_sweep(Wt, U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, static_groups, alpha, clamp,
                 block_size, K):
-    """The sweep with K partial solutions per row, laid out as K adjacent columns of Wᵀ per row."""
+    """The sweep with K partial solutions per row, laid out as K adjacent columns of Wᵀ per row.
+
+    Each step re-orders the beams (`src`: the parent of every new beam). Only what later steps read
+    is re-ordered at once: the lazy block's columns still to come, and at a block's end the columns
+    right of it. The error and v rows of finished columns, and the chosen levels, are kept in the
+    beam order of their own step and aligned by walking the parents back (a block's end, the end)."""
     cols, rows = Wt.shape
+    n = rows * K
     maxq = 2**bits - 1
-    Wt = Wt.repeat_interleave(K, dim=1)
+    Wt = Wt.repeat_interleave(K, dim=1)  # from here on: the columns not yet reached, in beam order
     sK, zK = scales.repeat_interleave(K, dim=1), zeros.repeat_interleave(K, dim=1)
-    W0K = W0t.repeat_interleave(K, dim=1) if W0t is not None else None
+    W0K = W0t.repeat_interleave(K, dim=1) if W0t is not None else None  # the same in every beam
     cost = torch.full((rows, K), float("inf"), device=Wt.device)
     cost[:, 0] = 0  # the K beams start as one solution
+    # per column, each beam's level and parent: a byte and an int32 per weight and beam (bits ≤ 8)
+    levels = torch.empty(cols, n, dtype=torch.uint8, device=Wt.device)
+    parents = torch.empty(cols, n, dtype=torch.int32, device=Wt.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1, Err1, V1, U1, P1, diag = _block_start(Wt, U, P, i1, i2)
-        anc = torch.arange(rows * K, device=Wt.device)  # each beam's ancestor at the block start
+        rest = Wt[: i2 - i1]  # the block's columns from the current one on (a view until re-ordered)
+        Err1 = torch.zeros(i2 - i1, n, device=Wt.device)
+        V1 = torch.zeros_like(Err1) if P is not None else None
+        U1 = U[i1:i2, i1:i2]
+        P1 = P[i1:i2, i1:i2] if P is not None else None
+        diag = torch.diag(U1).tolist()
         for i in range(i2 - i1):
             p = i1 + i
             s, z = sK[groups_of[p]], zK[groups_of[p]]
-            cost, src, q = beam_step(W1[i], s, z, maxq, diag[i], cost)
-            W1 = W1[:, src]
-            Err1 = Err1[:, src]
+            cost, src, q = beam_step(rest[0], s, z, maxq, diag[i], cost)
+            parents[p] = src
+            levels[p] = q
+            rest = rest.index_select(1, src)  # (3× faster than rest[:, src] on CPU)
+            w = rest[0]
+            dq = (q - z).mul_(s)
+            _column_step(rest[1:], Err1[i], V1[i] if V1 is not None else None, U1[i, i + 1:],
+                         P1[i, i + 1:] if P1 is not None else None, W0K[p] if W0K is not None else None,
+                         w, dq, s, z, maxq, alpha, clamp, diag[i])
+            rest = rest[1:]
+        # align the block's error (and v) rows with the beams as they are now, then update the rest
+        beam = torch.arange(n, device=Wt.device)
+        for i in range(i2 - i1 - 1, -1, -1):
+            Err1[i] = Err1[i, beam]
             if V1 is not None:
-                V1 = V1[:, src]
-            anc = anc[src]
-            w = W1[i]
-            dq = q.sub_(z).mul_(s)
-            _column_step(W1, Err1, V1, U1, P1, W0K[p] if W0K is not None else None, i, w, dq, s, z, maxq,
-                         alpha, clamp, diag[i])
-        Wt = Wt[:, anc]
-        Wt[i1:i2] = W1
-        _block_step(Wt, U, P, Err1, V1, i1, i2)
-    best = cost.argmin(dim=1) + torch.arange(rows, device=Wt.device) * K
-    Wt = Wt[:, best].contiguous()
-    g = torch.tensor(groups_of, device=Wt.device)
-    s, z = scales[g], zeros[g]  # (cols, rows) in processing order
-    codes_t = torch.round(Wt / s).add_(z).clamp_(0, maxq)
-    return Wt, codes_t
+                V1[i] = V1[i, beam]
+            beam = parents[i1 + i, beam]
+        Wt = Wt[i2 - i1:].index_select(1, beam)
+        Wt.addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
+        if P is not None:
+            Wt.addmm_(P[i1:i2, i2:].t(), V1)
+    # the best beam of every row, followed back to the first column
+    beam = cost.argmin(dim=1) + torch.arange(rows, device=cost.device) * K
+    codes_t = torch.empty(cols, rows, device=cost.device)
+    for p in range(cols - 1, -1, -1):
+        codes_t[p] = levels[p, beam]
+        beam = parents[p, beam]
+    g = torch.tensor(groups_of, device=codes_t.device)
+    dq_t = (codes_t - zeros[g]).mul_(scales[g])  # (cols, rows) in processing order
+    return dq_t, codes_t
