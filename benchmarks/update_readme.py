@@ -157,8 +157,8 @@ def render_preconditioning(rows: list[dict], astro: dict | None, astro_beta: dic
     lines = ["| method | preconditioning | bits | group | WikiText-2 ppl | vs same GPTQ | quantize s | × GPTQ time |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        astro = ("Astro" + (f" β={r['astro_beta']}" if r.get("astro_beta", 1.0) != 1.0 else "")) if r.get("astro") else ""
-        pre = [p for p in (astro, r.get("transform", "none")) if p and p != "none"]
+        reshape = ("Astro" + (f" β={r['astro_beta']}" if r.get("astro_beta", 1.0) != 1.0 else "")) if r.get("astro") else ""
+        pre = [p for p in (reshape, r.get("transform", "none")) if p and p != "none"]
         b = base.get(key(r))
         vs = f"{100 * (r['ppl'] / b['ppl'] - 1):+.1f} %" if b and b is not r else ""
         tx = f"{r['quant_seconds'] / b['quant_seconds']:.2f}" if b and b is not r else ""
