@@ -75,20 +75,24 @@ def main() -> None:
     sums.clear()
     result: dict = {"bits": args.bits, "group_size": 64, "calibration": "Python docs 64x512"}
     result["fp_ppl"] = round(perplexity(model, test_ids, 2048, 8), 3)
+    originals = {name: lin.weight.detach().clone() for name, lin in linears.items()}
+
+    def reshaped_model(**astro) -> dict:
+        """Reshape every Linear from its original weights, then the model's perplexity."""
+        start = time.perf_counter()
+        with torch.no_grad():
+            for name, lin in linears.items():
+                lin.weight.copy_(astro_reshape(originals[name], hessians[name], group_size=64, bits=args.bits,
+                                               **astro))
+        seconds = round(time.perf_counter() - start, 1)
+        ppl = round(perplexity(model, test_ids, 2048, 8), 3)
+        return {"reshaped_fp_ppl": ppl, "reshape_seconds": seconds,
+                "ppl_change_percent": round(100 * (ppl / result["fp_ppl"] - 1), 3)}
 
     if args.betas:
-        originals = {name: lin.weight.detach().clone() for name, lin in linears.items()}
         result["by_beta"] = {}
         for beta in args.betas:
-            start = time.perf_counter()
-            with torch.no_grad():
-                for name, lin in linears.items():
-                    lin.weight.copy_(astro_reshape(originals[name], hessians[name], beta=beta, group_size=64,
-                                                   bits=args.bits))
-            seconds = round(time.perf_counter() - start, 1)
-            ppl = round(perplexity(model, test_ids, 2048, 8), 3)
-            result["by_beta"][str(beta)] = {"reshaped_fp_ppl": ppl, "reshape_seconds": seconds,
-                                            "ppl_change_percent": round(100 * (ppl / result["fp_ppl"] - 1), 3)}
+            result["by_beta"][str(beta)] = reshaped_model(beta=beta)
             print(beta, result["by_beta"][str(beta)], flush=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         return
@@ -116,13 +120,7 @@ def main() -> None:
                                                 for g, a in ablation.items()}
 
     # 1. reshape every Linear with the defaults, then perplexity
-    start = time.perf_counter()
-    with torch.no_grad():
-        for name, lin in linears.items():
-            lin.weight.copy_(astro_reshape(lin.weight, hessians[name], group_size=64, bits=args.bits))
-    result["reshape_seconds"] = round(time.perf_counter() - start, 1)
-    result["reshaped_fp_ppl"] = round(perplexity(model, test_ids, 2048, 8), 3)
-    result["ppl_change_percent"] = round(100 * (result["reshaped_fp_ppl"] / result["fp_ppl"] - 1), 3)
+    result.update(reshaped_model())
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
 

@@ -11,14 +11,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ABLATION = RESULTS / "ablation-s4.jsonl"  # issue 3's ablation, one sitting, rows run alone: its own table
+ABLATION = (RESULTS / "ablation-s4.jsonl",)  # issue 3's ablation, one sitting, rows run alone: its own table
 ABL_START, ABL_END = "<!-- ablation:start -->", "<!-- ablation:end -->"
 # sittings whose timings other work disturbed: perplexity only
 ABLATION_PPL = (RESULTS / "ablation.jsonl", RESULTS / "ablation-s3.jsonl")
 ABL2_START, ABL2_END = "<!-- ablation-ppl:start -->", "<!-- ablation-ppl:end -->"
-SPEED = RESULTS / "speed.jsonl"
+SPEED = (RESULTS / "speed.jsonl",)
 SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
-EXPORT = RESULTS / "export.jsonl"  # bench_export.py: GPTQ exports in GPTQModel
+EXPORT = (RESULTS / "export.jsonl",)  # bench_export.py: GPTQ exports in GPTQModel
 EXPORT_START, EXPORT_END = "<!-- export:start -->", "<!-- export:end -->"
 OFFLOAD = RESULTS / "offload.json"
 OFFLOAD_START, OFFLOAD_END = "<!-- offload:start -->", "<!-- offload:end -->"
@@ -197,7 +197,7 @@ def main() -> None:
     sections = [(ABLATION, ABL_START, ABL_END, render_ablation), (ABLATION_PPL, ABL2_START, ABL2_END, render_ablation_ppl),
                 (SPEED, SPEED_START, SPEED_END, render_speed), (EXPORT, EXPORT_START, EXPORT_END, render_export)]
     for paths, start, end, render_rows in sections:
-        paths = [p for p in (paths if isinstance(paths, tuple) else (paths,)) if p.exists()]
+        paths = [p for p in paths if p.exists()]
         if paths:
             table = render_rows([r for p in paths for r in read_jsonl(p)])
             text = _replace(text, start, end, table)

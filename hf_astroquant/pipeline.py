@@ -546,10 +546,15 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
         logger.warning("astroquant: resuming from %s: %d of %d blocks were already done", cfg.resume_dir,
                        first, n_blocks)
 
+    def stamp() -> QuantizationReport:
+        """Bring the report's seconds (and the phases' remainder) up to now."""
+        report.seconds = earlier_seconds + time.perf_counter() - start
+        report.close_phases()
+        return report
+
     def finish_block(i: int, packed: dict[str, torch.Tensor] | None, inputs, fp_inputs) -> None:
         if checkpoints is not None:
-            report.seconds = earlier_seconds + time.perf_counter() - start
-            report.close_phases()
+            stamp()
             checkpoints.save_block(i, packed, inputs, fp_inputs, _report_state(report), n_blocks)
 
     todo = list(range(first, n_blocks))
@@ -566,9 +571,7 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
                 _place(model, lname, layer, homes, packed)
                 report.layer_errors[lname] = float(((res.weight - W.float()) ** 2).sum() / (W.float() ** 2).sum())
             finish_block(i, packed, None, None)
-        report.seconds = earlier_seconds + time.perf_counter() - start
-        report.close_phases()
-        return report
+        return stamp()
 
     solver = _LayerSolver(cfg, report)
     devices = solve_devices(cfg, model)
@@ -628,9 +631,7 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
             # hold a block's tensors; collect them now rather than at some later block.
             gc.collect()
             _trim_heap()
-    report.seconds = earlier_seconds + time.perf_counter() - start
-    report.close_phases()
-    return report
+    return stamp()
 
 
 class _Preconditioner:

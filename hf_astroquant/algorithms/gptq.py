@@ -237,7 +237,8 @@ def _greedy_sweep(Wt, U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, s
     maxq = 2**bits - 1
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1, Err1, V1, U1, P1, diag = _block_start(Wt, U, P, i1, i2)
+        W1 = Wt[i1:i2].clone()
+        Err1, V1, U1, P1, diag = _block_buffers(W1, U, P, i1, i2)
         for i in range(i2 - i1):
             p = i1 + i
             g = groups_of[p]
@@ -261,17 +262,17 @@ def _greedy_sweep(Wt, U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, s
                          w, dq, s, z, maxq, alpha, clamp, diag[i])
             W1[i] = dq
         Wt[i1:i2] = W1
-        _block_step(Wt, U, P, Err1, V1, i1, i2)
+        _block_step(Wt[i2:], U, P, Err1, V1, i1, i2)
     return Wt, codes_t
 
 
-def _block_start(Wt, U, P, i1, i2):
-    """The lazy block's working copy, its error (and GPTAQ v) buffers, and its slices of U and P."""
-    W1 = Wt[i1:i2].clone()
+def _block_buffers(W1, U, P, i1, i2):
+    """For the lazy block of columns i1:i2 (W1 its weights): the error (and GPTAQ v) buffers, its
+    slices of U and P, and U's diagonal."""
     V1 = torch.zeros_like(W1) if P is not None else None
     P1 = P[i1:i2, i1:i2] if P is not None else None
     U1 = U[i1:i2, i1:i2]
-    return W1, torch.zeros_like(W1), V1, U1, P1, torch.diag(U1).tolist()
+    return torch.zeros_like(W1), V1, U1, P1, torch.diag(U1).tolist()
 
 
 def _column_step(rest, err, v, u_row, p_row, w0, w, dq, s, z, maxq, alpha, clamp, d):
@@ -289,11 +290,11 @@ def _column_step(rest, err, v, u_row, p_row, w0, w, dq, s, z, maxq, alpha, clamp
     rest.addr_(u_row, err, alpha=-1)
 
 
-def _block_step(Wt, U, P, Err1, V1, i1, i2):
-    """The lazy-batch update of the columns right of the block: W[:, i2:] −= E·U − V·P."""
-    Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
+def _block_step(right, U, P, Err1, V1, i1, i2):
+    """The lazy-batch update of `right`, the columns i2: right of the block: W[:, i2:] −= E·U − V·P."""
+    right.addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
     if P is not None:
-        Wt[i2:].addmm_(P[i1:i2, i2:].t(), V1)
+        right.addmm_(P[i1:i2, i2:].t(), V1)
 
 
 def _beam_sweep(Wt, U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, static_groups, alpha, clamp,
@@ -318,11 +319,7 @@ def _beam_sweep(Wt, U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, sta
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         rest = Wt[: i2 - i1]  # the block's columns from the current one on (a view until re-ordered)
-        Err1 = torch.zeros(i2 - i1, n, device=Wt.device)
-        V1 = torch.zeros_like(Err1) if P is not None else None
-        U1 = U[i1:i2, i1:i2]
-        P1 = P[i1:i2, i1:i2] if P is not None else None
-        diag = torch.diag(U1).tolist()
+        Err1, V1, U1, P1, diag = _block_buffers(rest, U, P, i1, i2)
         for i in range(i2 - i1):
             p = i1 + i
             s, z = sK[groups_of[p]], zK[groups_of[p]]
@@ -344,9 +341,7 @@ def _beam_sweep(Wt, U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, sta
                 V1[i] = V1[i, beam]
             beam = parents[i1 + i, beam]
         Wt = Wt[i2 - i1:].index_select(1, beam)
-        Wt.addmm_(U[i1:i2, i2:].t(), Err1, alpha=-1)
-        if P is not None:
-            Wt.addmm_(P[i1:i2, i2:].t(), V1)
+        _block_step(Wt, U, P, Err1, V1, i1, i2)
     # the best beam of every row, followed back to the first column
     beam = cost.argmin(dim=1) + torch.arange(rows, device=cost.device) * K
     codes_t = torch.empty(cols, rows, device=cost.device)
