@@ -47,6 +47,10 @@ for _bits, _group in ((4, 64), (3, 64), (2, 32)):
             ROWS.setdefault(f"{_method}{_suffix}-w{_bits}", dict(bits=_bits, group_size=_group, method=_method,
                                                                   **RECOMMENDED, **_extra))
     ROWS.setdefault(f"rtn-w{_bits}", dict(bits=_bits, group_size=_group, method="rtn"))
+    for _method in ("gptaq", "rescomp"):  # the full-precision stream on fewer windows: D's cost against its noise
+        for _fp in (8, 16):
+            ROWS[f"{_method}-fp{_fp}-w{_bits}"] = dict(bits=_bits, group_size=_group, method=_method, **RECOMMENDED,
+                                                       fp_samples=_fp)
 # Preconditioning (issue 4): Astro and each transform, alone and combined, under GPTQ and ResComp
 # on the recommended grid settings; "-plain" rows use plain GPTQ (no act-order, no clipping search).
 PRECONDITIONING = {"astro": dict(astro=True), "rotate": dict(transform="rotate"), "scale": dict(transform="scale"),

@@ -51,6 +51,8 @@ def describe(r: dict) -> str:
         extras.append(f"asym_alpha={r['asym_alpha']}")
     if r.get("rounding", "gptq") != "gptq":
         extras.append(r["rounding"] + (f" K={r['beam_width']}" if r["rounding"] == "beam" else ""))
+    if r.get("fp_samples"):
+        extras.append(f"fp_samples={r['fp_samples']}")
     return f"hf_astroquant {name}" + (f" ({', '.join(extras)})" if extras else "")
 
 

@@ -48,7 +48,7 @@ def _asym_alpha(text: str):
 
 
 def _optional_int(text: str):
-    return None if text.lower() in ("none", "auto") else int(text)
+    return None if text.lower() in ("none", "auto", "all") else int(text)
 
 
 _OPTION_ARGS: dict[str, dict[str, Any]] = {
@@ -65,6 +65,7 @@ _OPTION_ARGS: dict[str, dict[str, Any]] = {
     "asym_alpha": dict(type=_asym_alpha, metavar="{FLOAT,auto,projected,none}"),
     "rounding": dict(choices=SUPPORTED_ROUNDING),
     "beam_width": dict(type=int),
+    "fp_samples": dict(type=_optional_int, metavar="{INT,all}"),
     "dataset": dict(metavar="NAME_OR_FILE"),
     "tokenizer": dict(metavar="NAME_OR_DIR"),
     "n_samples": dict(type=int),

@@ -81,6 +81,11 @@ class AstroQuantConfig(QuantizationConfigMixin):
             "successive" (Cholesky-of-H reverse-order decoding toward the (shifted) target;
             method "gptq" only; grids fitted up front).
         beam_width: K, the partial solutions kept per row with rounding="beam" (1 = greedy).
+        fp_samples: with the asymmetric solvers (gptaq, rescomp, or any asym_alpha): how many
+            of the calibration windows also run through the full-precision blocks. D =
+            2·ΔX·Xᵀ/N is averaged over those windows only; H always uses them all. None: every
+            window. Fewer windows cut the full-precision forward, D's cost and the stream's
+            memory in proportion, at the price of a noisier D.
         mse: search a per-group clipping range that minimizes the rounding error (GPTQ's `mse`
             grid option) instead of plain min/max.
         dataset: calibration data: a list of strings, token-id windows (list of lists or a 2-D
@@ -149,6 +154,7 @@ class AstroQuantConfig(QuantizationConfigMixin):
         asym_alpha: float | str | None = None,
         rounding: str = "gptq",
         beam_width: int = 4,
+        fp_samples: int | None = None,
         dataset: Any = None,
         tokenizer: Any = None,
         n_samples: int = 128,
@@ -192,6 +198,7 @@ class AstroQuantConfig(QuantizationConfigMixin):
         self.asym_alpha = asym_alpha
         self.rounding = rounding
         self.beam_width = beam_width
+        self.fp_samples = fp_samples
         self.dataset = dataset
         self.tokenizer = tokenizer
         self.n_samples = n_samples
@@ -252,6 +259,11 @@ class AstroQuantConfig(QuantizationConfigMixin):
         if self.method == "rtn" and (self.asym_alpha not in (None, 0.0) or self.rounding != "gptq"):
             _fail("method", self.method, "'gptq', 'gptaq' or 'rescomp' when asym_alpha or rounding is set "
                   "(round-to-nearest uses no calibration data)")
+        if self.fp_samples is not None:
+            _check_int("fp_samples", self.fp_samples, 1)
+            if not self.solver_options().needs_fp_stream:
+                _fail("fp_samples", self.fp_samples, f"None with method={self.method!r} and asym_alpha="
+                      f"{self.asym_alpha!r} (only the asymmetric solvers carry the full-precision stream)")
         _check_int("n_samples", self.n_samples, 1)
         _check_int("seqlen", self.seqlen, 1)
         _check_int("seed", self.seed, 0)

@@ -137,46 +137,59 @@ def _auto_batch_size(model: nn.Module, seqlen: int, device: torch.device) -> int
 
 @dataclass
 class _Stats:
-    """Sums over calibration tokens for one Linear input: Σxᵀx, and with the full-precision input
-    x̃ (Δx = x̃ − x) Σ Δxᵀx and, when asked, Σ Δxᵀ Δx; fp32."""
+    """Sums over calibration tokens for one Linear input: Σxᵀx over n tokens, and with the
+    full-precision input x̃ (Δx = x̃ − x) Σ Δxᵀx and, when asked, Σ Δxᵀ Δx over the n_fp tokens
+    that have one (fp_samples: the first windows of a batch); fp32."""
 
     h: torch.Tensor
     n: int
     d: torch.Tensor | None = None
     g: torch.Tensor | None = None
+    n_fp: int = 0
     normalized: bool = False
 
     def normalize(self) -> "_Stats":
-        """Turn the sums into H = 2·ΣxᵀX/N (and D, G alike), in place and once: the Linears of one
-        stage share these statistics, and a scaled copy per Linear would double the memory."""
+        """Turn the sums into H = 2·ΣxᵀX/N (and D, G alike over their own tokens), in place and
+        once: the Linears of one stage share these statistics, and a scaled copy per Linear would
+        double the memory."""
         if not self.normalized:
-            scale = 2.0 / self.n
-            for t in (self.h, self.d, self.g):
+            self.h.mul_(2.0 / self.n)
+            for t in (self.d, self.g):
                 if t is not None:
-                    t.mul_(scale)
+                    t.mul_(2.0 / self.n_fp)
             self.normalized = True
         return self
 
     def add(self, other: "_Stats") -> "_Stats":
         self.h.add_(other.h)
         self.n += other.n
-        if self.d is not None:
-            self.d.add_(other.d)
-        if self.g is not None:
-            self.g.add_(other.g)
+        self.n_fp += other.n_fp
+        self.d = _sum(self.d, other.d)
+        self.g = _sum(self.g, other.g)
         return self
 
 
+def _sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """a + b (in place into a) where a batch without full-precision windows contributes None."""
+    if a is None or b is None:
+        return b if a is None else a
+    return a.add_(b)
+
+
 def _input_stats(x: torch.Tensor, x_fp: torch.Tensor | None = None, with_g: bool = False) -> _Stats:
-    """Statistics of one batch of inputs x (..., in), and of the full-precision inputs x_fp."""
+    """Statistics of one batch of inputs x (windows, ..., in), and of the full-precision inputs
+    x_fp of its first windows (all of them, or fewer with fp_samples)."""
     x = x.reshape(-1, x.shape[-1]).to(torch.float32)
     h = x.t() @ x
     if not torch.isfinite(torch.diagonal(h)).all():  # a NaN/Inf input shows on the diagonal; cheaper than scanning x
         raise _NonFiniteInput()
     stats = _Stats(h, x.shape[0])
     if x_fp is not None:
-        dx = x_fp.reshape(-1, x.shape[-1]).to(device=x.device, dtype=torch.float32) - x
+        x_fp = x_fp.reshape(-1, x.shape[-1])
+        x = x[:x_fp.shape[0]]  # windows lead, so the first windows are the first rows
+        dx = x_fp.to(device=x.device, dtype=torch.float32) - x
         stats.d = dx.t() @ x
+        stats.n_fp = x.shape[0]
         if not torch.isfinite(torch.diagonal(stats.d)).all():
             raise _NonFiniteInput()
         if with_g:
@@ -230,6 +243,21 @@ def _tensor_bytes(tensors) -> int:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
+
+
+def fp_stream_batches(batches: list[torch.Tensor], fp_samples: int | None) -> list[torch.Tensor]:
+    """The windows the full-precision stream runs on: all (`batches` itself) when `fp_samples` is
+    None or covers them, else the first `fp_samples` windows, taken from the front of each batch
+    in turn, so that stream batch b holds the first windows of calibration batch b."""
+    if fp_samples is None or fp_samples >= sum(len(b) for b in batches):
+        return batches
+    out, left = [], fp_samples
+    for batch in batches:
+        if left <= 0:
+            break
+        out.append(batch[:left])
+        left -= len(out[-1])
+    return out
 
 
 def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor]):
@@ -396,8 +424,10 @@ def _calibrate_block(
         set_submodule(block, name[len(block_name) + 1:] if block_name else name, solver.packed[name])
 
     def input_hessian(name, x, bi=0):
-        x_fp = fp_captured[bi].get(name) if fp_captured is not None else None
-        if fp_captured is not None and x_fp is None:
+        # Batches past the full-precision stream's (fp_samples) add to H only.
+        has_fp = fp_captured is not None and bi < len(fp_captured)
+        x_fp = fp_captured[bi].get(name) if has_fp else None
+        if has_fp and x_fp is None:
             raise ValueError(f"{name} was not reached by the full-precision forward; cannot calibrate it asymmetrically")
         try:
             with solver.report.timing("statistics"):
@@ -580,7 +610,16 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
     store = torch.device("cpu") if device.type != "cpu" else device
     with torch.inference_mode(False), torch.no_grad():
         inputs, kwargs_list = capture_block_inputs(model, blocks[0], batches)
-        fp_inputs = [x.to(store, copy=True) for x in inputs] if (stream_fp or asymmetric) else None
+        fp_inputs, fp_kwargs = None, kwargs_list
+        if stream_fp or asymmetric:
+            fp_batches = fp_stream_batches(batches, cfg.fp_samples if asymmetric else None)
+            if fp_batches is batches:
+                fp_inputs = [x.to(store, copy=True) for x in inputs]
+            else:  # fewer windows: their own block inputs and kwargs (attention masks are per batch)
+                fp_inputs, fp_kwargs = capture_block_inputs(model, blocks[0], fp_batches)
+                fp_inputs = [x.to(store) for x in fp_inputs]
+                logger.info("full-precision stream on %d of %d windows (fp_samples)",
+                            sum(len(b) for b in fp_batches), sum(len(b) for b in batches))
         if todo and first > 0:
             saved_q, saved_fp = checkpoints.stream(first)
             inputs = [x.to(device) for x in saved_q]
@@ -599,7 +638,7 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
             if fp_inputs is not None:
                 outs, fp_captured = [], []
                 with report.timing("fp_stream"):
-                    for x, kw in zip(fp_inputs, kwargs_list):
+                    for x, kw in zip(fp_inputs, fp_kwargs):
                         if asymmetric:
                             out, cap = _run_block_capturing(block, x.to(device), kw, targets, store)
                             fp_captured.append(cap)

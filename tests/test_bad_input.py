@@ -30,6 +30,7 @@ BAD = {
     "asym_alpha": [(1.5, "None, a number in"), ("best", "'auto' or 'projected'"), (False, "None, a number in")],
     "rounding": [("nearest", "'gptq', 'successive', 'beam'"), (None, "'gptq'")],
     "beam_width": [(0, ">= 1"), (2.0, "integer"), (True, "integer")],
+    "fp_samples": [(0, ">= 1"), (2.5, "integer"), ("all", "integer")],
     "dataset": [(12, "list of strings"), ({"text": "a"}, "list of strings")],
     "tokenizer": [(12, "a tokenizer, or a tokenizer name or path")],
     "n_samples": [(0, ">= 1"), (2.5, "integer")],
@@ -69,6 +70,8 @@ def test_bad_option_values_name_the_option_the_value_and_what_is_allowed(name, v
     (dict(rounding="successive", method="rescomp"), "rounding='successive' is not valid"),
     (dict(method="rtn", asym_alpha=0.5), "method='rtn' is not valid"),
     (dict(method="rtn", rounding="beam"), "method='rtn' is not valid"),
+    (dict(fp_samples=8), "fp_samples=8 is not valid; allowed: None with method='gptq'"),
+    (dict(method="gptq", asym_alpha=0.0, fp_samples=8), "only the asymmetric solvers"),
 ])
 def test_option_combinations_that_cannot_work_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):

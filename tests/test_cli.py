@@ -51,13 +51,14 @@ def test_flags_reach_the_config():
         "--damp-percent", "0.05", "--no-true-sequential", "--method", "gptaq", "--mse", "--alpha", "0.5",
         "--asym-alpha", "auto", "--rounding", "beam", "--beam-width", "2", "--dataset", "c4", "--n-samples", "8",
         "--seqlen", "64", "--seed", "3", "--modules-to-not-convert", "mlp.down_proj", "layers.0", "--block-size", "64",
-        "--calibration-batch-size", "4", "--backend", "reference"])
+        "--calibration-batch-size", "4", "--backend", "reference", "--fp-samples", "6"])
     cfg = cli.config_from_args(args)
     assert (cfg.bits, cfg.group_size, cfg.sym, cfg.desc_act, cfg.static_groups) == (3, 32, True, True, True)
     assert (cfg.damp_percent, cfg.true_sequential, cfg.method, cfg.mse, cfg.alpha) == (0.05, False, "gptaq", True, 0.5)
     assert (cfg.asym_alpha, cfg.rounding, cfg.beam_width, cfg.dataset) == ("auto", "beam", 2, "c4")
     assert (cfg.n_samples, cfg.seqlen, cfg.seed, cfg.block_size, cfg.calibration_batch_size) == (8, 64, 3, 64, 4)
     assert cfg.modules_to_not_convert == ["mlp.down_proj", "layers.0"] and cfg.backend == "reference"
+    assert cfg.fp_samples == 6
     unset = cli.config_from_args(parser.parse_args(["quantize", "m", "--out", "o", "--asym-alpha", "0.3"]))
     assert unset.bits == AstroQuantConfig().bits and unset.asym_alpha == 0.3  # unset flags keep the defaults
 

@@ -191,7 +191,8 @@ def test_per_layer_errors_are_logged_at_debug_level(tiny_dir, caplog):
     dict(method="rescomp", asym_alpha="projected"), dict(method="gptaq", asym_alpha=0.0),
     dict(method="gptq", rounding="successive", asym_alpha="auto"), dict(method="gptq", rounding="beam", beam_width=2),
     dict(method="rescomp", rounding="beam", beam_width=3), dict(method="gptaq", calibration_batch_size=3),
-    dict(method="rescomp", true_sequential=False),
+    dict(method="rescomp", true_sequential=False), dict(method="rescomp", fp_samples=3, calibration_batch_size=2),
+    dict(method="gptq", asym_alpha="auto", fp_samples=1),
 ])
 def test_asymmetric_options_end_to_end(tiny_dir, kw):
     fp = AutoModelForCausalLM.from_pretrained(tiny_dir)
@@ -210,9 +211,11 @@ def test_asymmetric_options_end_to_end(tiny_dir, kw):
     assert _rel_logit_error(model, fp, calib_ids(4, 32, seed=9)) < 0.3  # the 4-bit limit of the test above
 
 
-def test_d_statistic_is_the_drift_against_the_full_precision_inputs(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("fp_samples, batch_size", [(None, None), (2, None), (4, 3)])
+def test_d_statistic_is_the_drift_against_the_full_precision_inputs(tiny_dir, monkeypatch, fp_samples, batch_size):
     """For o_proj of block 0 (after q/k/v are quantized) D = 2·(X̃ − X)ᵀX/N with X̃ the
-    full-precision model's o_proj input and X the input with the quantized q/k/v."""
+    full-precision model's o_proj input and X the input with the quantized q/k/v; with
+    fp_samples=k, over the first k windows only (across batches), while H keeps every window."""
     import hf_astroquant.pipeline as pipeline
 
     data = calib_ids(6, 32)
@@ -224,7 +227,8 @@ def test_d_statistic_is_the_drift_against_the_full_precision_inputs(tiny_dir, mo
         return real(W, H, opts, D, G)
 
     monkeypatch.setattr(pipeline, "solve_linear", spy)
-    model = _quantize(tiny_dir, bits=3, group_size=32, method="gptaq", dataset=data)
+    model = _quantize(tiny_dir, bits=3, group_size=32, method="gptaq", dataset=data, fp_samples=fp_samples,
+                      calibration_batch_size=batch_size)
     fp = AutoModelForCausalLM.from_pretrained(tiny_dir)
     mixed = AutoModelForCausalLM.from_pretrained(tiny_dir)
     for proj in ("q_proj", "k_proj", "v_proj"):
@@ -241,9 +245,32 @@ def test_d_statistic_is_the_drift_against_the_full_precision_inputs(tiny_dir, mo
     assert torch.equal(seen[0][1], torch.zeros_like(seen[0][1]))  # nothing quantized before q/k/v
     H, D = seen[3]
     assert torch.allclose(H.double(), 2 * X.t() @ X / n, rtol=1e-3, atol=1e-4)
-    expected = 2 * (Xfp - X).t() @ X / n
+    m = n if fp_samples is None else fp_samples * data.shape[1]  # windows lead the token rows
+    expected = 2 * (Xfp[:m] - X[:m]).t() @ X[:m] / m
     assert expected.abs().max() > 0
     assert torch.allclose(D.double(), expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+
+
+def test_fp_samples_shrinks_the_full_precision_stream_in_proportion(tiny_dir, monkeypatch):
+    """The full-precision forward runs on fp_samples windows only: the stream's bytes and the
+    windows the block forwards see fall from 16 to 4."""
+    import hf_astroquant.pipeline as pipeline
+
+    real, fp_windows = pipeline._run_block_capturing, []
+
+    def spy(block, x, *args, **kwargs):
+        fp_windows.append(x.shape[0])
+        return real(block, x, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_run_block_capturing", spy)
+    full = _quantize(tiny_dir, bits=4, group_size=32, method="gptaq").hf_quantizer.report
+    assert set(fp_windows) == {16}
+    fp_windows.clear()
+    part = _quantize(tiny_dir, bits=4, group_size=32, method="gptaq", fp_samples=4).hf_quantizer.report
+    assert set(fp_windows) == {4}
+    assert part.fp_stream_bytes * 4 == full.fp_stream_bytes
+    more = _quantize(tiny_dir, bits=4, group_size=32, method="gptaq", fp_samples=99).hf_quantizer.report
+    assert more.fp_stream_bytes == full.fp_stream_bytes  # more than there are windows: all of them
 
 
 @pytest.mark.parametrize("kw, present, absent", [

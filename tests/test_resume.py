@@ -139,6 +139,32 @@ def test_a_finished_resume_dir_restores_every_block_without_calibrating(tiny6, t
     assert sum(isinstance(m, QuantLinear) for m in again.modules()) == 7 * LAYERS
 
 
+def test_a_crashed_run_resumes_with_its_partial_full_precision_stream(tiny6, tmp_path, monkeypatch):
+    """fp_samples: the checkpointed full-precision stream holds only its windows (5 of 16, across
+    batches of 4); the resumed run picks it up and ends with the uninterrupted run's weights."""
+    import hf_astroquant.pipeline as pipeline
+
+    kw = dict(method="rescomp", fp_samples=5, calibration_batch_size=4)
+    plain = _quantize(tiny6, **kw)
+    real, calls = pipeline._calibrate_block, []
+
+    def crash_at_third_block(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_calibrate_block", crash_at_third_block)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _quantize(tiny6, resume_dir=str(tmp_path / "r"), **kw)
+    assert _blocks_done(tmp_path / "r") == 2
+    monkeypatch.setattr(pipeline, "_calibrate_block", real)
+    again = _quantize(tiny6, resume_dir=str(tmp_path / "r"), **kw)
+    assert again.hf_quantizer.report.resumed_blocks == 2
+    a, b = plain.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("change, named", [
     (dict(bits=3), "options (bits: 4 -> 3)"),
     (dict(dataset=calib_ids(seed=9)), "calibration data or batch size"),
