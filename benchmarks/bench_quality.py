@@ -47,6 +47,9 @@ for _bits, _group in ((4, 64), (3, 64), (2, 32)):
             ROWS.setdefault(f"{_method}{_suffix}-w{_bits}", dict(bits=_bits, group_size=_group, method=_method,
                                                                   **RECOMMENDED, **_extra))
     ROWS.setdefault(f"rtn-w{_bits}", dict(bits=_bits, group_size=_group, method="rtn"))
+    # ResComp's residual on GPTQ (asym_alpha=0: no full-precision stream; the paper's "GPTQ+ResComp")
+    ROWS[f"gptq-rescomp-w{_bits}"] = dict(bits=_bits, group_size=_group, method="rescomp", **RECOMMENDED,
+                                          asym_alpha=0.0)
     for _method in ("gptaq", "rescomp"):  # the full-precision stream on fewer windows: D's cost against its noise
         for _fp in (8, 16):
             ROWS[f"{_method}-fp{_fp}-w{_bits}"] = dict(bits=_bits, group_size=_group, method=_method, **RECOMMENDED,

@@ -46,6 +46,8 @@ def describe(r: dict) -> str:
     if r["tool"] != "hf_astroquant":
         return f"{r['tool']} (actorder {r.get('actorder', 'none')})"
     name = {"rtn": "round-to-nearest", "gptq": "GPTQ", "gptaq": "GPTAQ", "rescomp": "ResComp"}[r.get("method", "gptq")]
+    if r.get("method") == "rescomp" and r.get("asym_alpha") == 0:
+        name = "GPTQ + ResComp residual"  # asym_alpha=0: no full-precision stream
     extras = [k for k in ("desc_act", "static_groups", "mse") if r.get(k)]
     if r.get("asym_alpha") is not None:
         extras.append(f"asym_alpha={r['asym_alpha']}")

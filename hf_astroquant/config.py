@@ -75,7 +75,8 @@ class AstroQuantConfig(QuantizationConfigMixin):
             X_α = X + α·ΔX: None (0 for gptq, 1 for gptaq/rescomp), a number in [0, 1], "auto"
             (per layer, the closed form α* clamped to [0, 1]) or "projected" (per layer, the share
             of the mismatch W·ΔX that the layer can reach). Any value other than None/0 carries
-            the full-precision stream, with every method.
+            the full-precision stream, with every method; 0 carries none: gptaq is then GPTQ and
+            rescomp GPTQ plus ResComp's residual alone (the pull toward the original weights).
         rounding: "gptq" (greedy column sweep), "beam" (bounded search: `beam_width` partial
             solutions per output row, every grid level a candidate; grids fitted up front) or
             "successive" (Cholesky-of-H reverse-order decoding toward the (shifted) target;

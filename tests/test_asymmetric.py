@@ -73,6 +73,25 @@ def test_gptaq_and_rescomp_match_the_slow_reference(residual, bits):
     assert asym_objective(res.weight, W, X, Xfp) == pytest.approx(asym_objective(ref, W, X, Xfp), rel=2e-2)
 
 
+def test_rescomp_without_the_stream_is_the_residual_on_gptq():
+    """asym_alpha=0: no D; rescomp is GPTQ plus ResComp's residual with X̃ = X (the slow reference
+    with D = 0), and gptaq is GPTQ, bit for bit."""
+    W, _, _, H, _, _ = asym_problem(12, 48, 600, seed=5)
+    ref = reference_sweep(W, H, torch.zeros_like(H), bits=3, group_size=16, alpha=0.25, residual=True)
+    res = gptq_quantize(W.float(), H.float(), bits=3, group_size=16, static_groups=True, alpha=0.25, residual=True,
+                        clamp=False, block_size=7)
+    assert ((res.weight.double() - ref).abs() > 1e-4).float().mean() < 0.02
+    plain = gptq_quantize(W.float(), H.float(), bits=3, group_size=16, static_groups=True)
+    assert not torch.equal(res.weight, plain.weight)  # the residual does change the solution
+    grid = dict(bits=3, group_size=16, static_groups=True, asym_alpha=0.0)
+    rescomp, gptaq = SolverOptions(method="rescomp", **grid), SolverOptions(method="gptaq", **grid)
+    assert not rescomp.needs_fp_stream and not gptaq.needs_fp_stream
+    out, a = solve_linear(W.float(), H.float(), rescomp)  # no D given: none is needed
+    same = gptq_quantize(W.float(), H.float(), bits=3, group_size=16, static_groups=True, alpha=0.25, residual=True)
+    assert a == 0.0 and torch.equal(out.weight, same.weight)
+    assert torch.equal(solve_linear(W.float(), H.float(), gptaq)[0].weight, plain.weight)
+
+
 def test_rescomp_identity_holds_with_damping():
     W, X, Xfp, H, D, _ = asym_problem(4, 40, 500, seed=7)
     for damp in (0.01, 0.1):

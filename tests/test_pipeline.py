@@ -192,7 +192,7 @@ def test_per_layer_errors_are_logged_at_debug_level(tiny_dir, caplog):
     dict(method="gptq", rounding="successive", asym_alpha="auto"), dict(method="gptq", rounding="beam", beam_width=2),
     dict(method="rescomp", rounding="beam", beam_width=3), dict(method="gptaq", calibration_batch_size=3),
     dict(method="rescomp", true_sequential=False), dict(method="rescomp", fp_samples=3, calibration_batch_size=2),
-    dict(method="gptq", asym_alpha="auto", fp_samples=1),
+    dict(method="gptq", asym_alpha="auto", fp_samples=1), dict(method="rescomp", asym_alpha=0.0),
 ])
 def test_asymmetric_options_end_to_end(tiny_dir, kw):
     fp = AutoModelForCausalLM.from_pretrained(tiny_dir)
@@ -200,7 +200,7 @@ def test_asymmetric_options_end_to_end(tiny_dir, kw):
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert len(layers) == 14
     report = model.hf_quantizer.report
-    if kw["method"] == "gptq" and "asym_alpha" not in kw:  # symmetric: no full-precision stream is carried
+    if not AstroQuantConfig(**kw).solver_options().needs_fp_stream:  # gptq, or asym_alpha=0: no stream
         assert report.asym_alpha == {} and report.fp_stream_bytes == 0
     else:
         assert len(report.asym_alpha) == 14 and all(0 <= a <= 1 for a in report.asym_alpha.values())

@@ -135,7 +135,8 @@ def gptq_quantize(
     """Quantize `weight` (out × in) against the Hessian `hessian` (in × in).
 
     Plain GPTQ by default. With `dxxt` (D = 2·ΔX·Xᵀ/N) the sweep carries GPTAQ's P-term with step
-    scale `alpha`; `residual=True` adds ResComp's compensation-aware residual (needs `dxxt`).
+    scale `alpha`; `residual=True` adds ResComp's compensation-aware residual (without `dxxt`,
+    X̃ = X: ResComp on plain GPTQ, the pull toward the original weights alone).
     `beam_width` K runs the bounded search with K partial solutions per row (K = 1 reproduces the
     greedy sweep with static grids); None is the greedy sweep.
     """
@@ -144,8 +145,6 @@ def gptq_quantize(
     rows, cols = weight.shape
     if hessian.shape != (cols, cols):
         raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match weight shape {tuple(weight.shape)}")
-    if residual and dxxt is None:
-        raise ValueError("ResComp's residual term needs the asymmetric statistic dxxt (D = 2·ΔX·Xᵀ/N)")
     if beam_width is not None and (isinstance(beam_width, bool) or not isinstance(beam_width, int) or beam_width < 1):
         raise ValueError(f"beam_width={beam_width!r} is not valid; allowed: an integer >= 1")
     gs = cols if group_size == -1 else group_size
@@ -202,7 +201,8 @@ def gptq_quantize(
         # ResComp's P-term is driven by the original columns: known up front, so apply it now
         # (P is strictly upper triangular: column j only receives terms of columns before it).
         W0t = Wt.clone()
-        Wt.addmm_(P.t(), W0t)
+        if P is not None:
+            Wt.addmm_(P.t(), W0t)
         P = None
     groups_of = [(perm_list[p] // gs) if static_groups else (p // gs) for p in range(cols)]
     sweep = _greedy_sweep if beam_width is None else _beam_sweep

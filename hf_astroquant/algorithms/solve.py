@@ -8,7 +8,9 @@
     astro      reshape W first (Astro, astro.py): the solver starts from, and aims at, the reshaped W′
     asym_alpha the interpolation α of X_α = X + α·ΔX: None (0 for gptq, 1 for gptaq/rescomp),
                a number in [0, 1], "auto" or "projected" (see interpolation.py). For gptq it
-               shifts the target to W_ref; for gptaq/rescomp it scales D = 2·ΔX·Xᵀ/N.
+               shifts the target to W_ref; for gptaq/rescomp it scales D = 2·ΔX·Xᵀ/N. At 0 no
+               full-precision stream runs: gptaq is GPTQ, rescomp GPTQ plus ResComp's residual
+               (X̃ = X; the paper's "GPTQ+ResComp").
     rounding   "gptq" (greedy sweep), "beam" (bounded search, `beam_width` beams per row),
                "successive" (Cholesky-of-H reverse decoding toward W_ref; gptq only).
 """
@@ -53,8 +55,12 @@ class SolverOptions:
 
     @property
     def needs_fp_stream(self) -> bool:
-        """Whether the solver needs D = 2·ΔX·Xᵀ/N (the full-precision stream)."""
-        return self.method in ASYMMETRIC_METHODS or self.asym_alpha not in (None, 0, 0.0)
+        """Whether the solver needs D = 2·ΔX·Xᵀ/N (the full-precision stream). asym_alpha = 0
+        scales D away: gptaq is then GPTQ, and rescomp GPTQ with ResComp's residual (X̃ = X),
+        both without the stream."""
+        if self.asym_alpha is None:
+            return self.method in ASYMMETRIC_METHODS
+        return not (isinstance(self.asym_alpha, (int, float)) and self.asym_alpha == 0)
 
     @property
     def needs_dxdxt(self) -> bool:
@@ -96,7 +102,8 @@ def solve_linear(W: torch.Tensor, H: torch.Tensor, opts: SolverOptions, D: torch
         if opts.rounding == "successive":
             raise ValueError(f"rounding='successive' decodes toward a fixed target and has no form for "
                              f"method={opts.method!r}; use method='gptq' with asym_alpha, or rounding 'gptq'/'beam'")
-        res = gptq_quantize(W, H, desc_act=opts.desc_act, static_groups=opts.static_groups, dxxt=a * D,
+        res = gptq_quantize(W, H, desc_act=opts.desc_act, static_groups=opts.static_groups,
+                            dxxt=a * D if opts.needs_fp_stream else None,
                             alpha=opts.alpha, residual=opts.method == "rescomp" and opts.bits >= RESCOMP_MIN_BITS,
                             beam_width=opts.beam_width if opts.rounding == "beam" else None, **grid)
         return res, a
