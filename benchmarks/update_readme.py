@@ -11,10 +11,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ABLATION = (RESULTS / "ablation-s4.jsonl",)  # issue 3's ablation, one sitting, rows run alone: its own table
+ABLATION = (RESULTS / "ablation-s5.jsonl",)  # issue 3's ablation, one sitting, rows run alone: its own table
 ABL_START, ABL_END = "<!-- ablation:start -->", "<!-- ablation:end -->"
-# sittings whose timings other work disturbed: perplexity only
-ABLATION_PPL = (RESULTS / "ablation.jsonl", RESULTS / "ablation-s3.jsonl")
+# earlier sittings (timings disturbed by other work, or another day's machine): perplexity only,
+# for the rows the timed sitting did not run
+ABLATION_PPL = (RESULTS / "ablation.jsonl", RESULTS / "ablation-s3.jsonl", RESULTS / "ablation-s4.jsonl")
 ABL2_START, ABL2_END = "<!-- ablation-ppl:start -->", "<!-- ablation-ppl:end -->"
 SPEED = (RESULTS / "speed.jsonl",)
 SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
@@ -112,7 +113,8 @@ def render_speed(rows: list[dict]) -> str:
 
 def render_ablation_ppl(rows: list[dict]) -> str:
     lines = ["| method | bits | group | WikiText-2 ppl | fp stream GiB | median α |", "|---|---|---|---|---|---|"]
-    latest = {r["row"]: r for r in rows}
+    timed = {r["row"] for f in ABLATION for r in read_jsonl(f)}
+    latest = {r["row"]: r for r in rows if r["row"] not in timed}
     for r in sorted(latest.values(), key=lambda r: (-r["bits"], r["ppl"])):
         lines.append(f"| {describe(r)} | {r['bits']} | {r['group_size']} | {r['ppl']:.2f} | "
                      f"{r.get('fp_stream_gib', '')} | {r.get('asym_alpha_median', '')} |")
