@@ -60,7 +60,7 @@ class SolverOptions:
         both without the stream."""
         if self.asym_alpha is None:
             return self.method in ASYMMETRIC_METHODS
-        return not (isinstance(self.asym_alpha, (int, float)) and self.asym_alpha == 0)
+        return self.asym_alpha != 0  # "auto"/"projected" choose α per layer from D
 
     @property
     def needs_dxdxt(self) -> bool:
