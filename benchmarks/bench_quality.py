@@ -70,6 +70,9 @@ for _method in ("gptq", "gptaq", "rescomp"):  # 2 bits g32, where outliers cost 
     for _name in ("rotate", "rotate-astro"):
         ROWS[f"{_method}-{_name}-w2"] = dict(bits=2, group_size=32, method=_method, **RECOMMENDED,
                                             **PRECONDITIONING[_name])
+for _name in ("rotate", "rotate-astro"):  # GPTQ with the interpolated target: the best 2-bit solver alone
+    ROWS[f"gptq-interp-{_name}-w2"] = dict(bits=2, group_size=32, method="gptq", **RECOMMENDED, asym_alpha="auto",
+                                          **PRECONDITIONING[_name])
 
 
 def packed_ratio(model, out_dir: str) -> float:

@@ -11,7 +11,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-ABLATION = (RESULTS / "ablation-s5.jsonl",)  # issue 3's ablation, one sitting, rows run alone: its own table
+# issue 3's ablation, rows run alone, in sittings: its own table, times relative to GPTQ of the same
+# sitting (s6 ran the grid's cells s5 did not, with GPTQ again at each width as its baseline)
+ABLATION = (RESULTS / "ablation-s5.jsonl", RESULTS / "ablation-s6.jsonl")
 ABL_START, ABL_END = "<!-- ablation:start -->", "<!-- ablation:end -->"
 # earlier sittings (timings disturbed by other work, or another day's machine): perplexity only,
 # for the rows the timed sitting did not run
@@ -77,19 +79,21 @@ def render(rows: list[dict]) -> str:
 
 
 def render_ablation(rows: list[dict]) -> str:
-    """The ablation rows with time and peak RSS relative to GPTQ at the same bit width."""
-    base = {r["bits"]: r for r in rows if r.get("method", "gptq") == "gptq" and not r.get("asym_alpha")
-            and r.get("rounding", "gptq") == "gptq"}
-    lines = ["| method | bits | group | WikiText-2 ppl | quantize s | × GPTQ time | solve s | statistics s "
+    """The ablation rows with time and peak RSS relative to GPTQ at the same bit width in the
+    same sitting (`sitting`: the results file's name)."""
+    base = {(r.get("sitting"), r["bits"]): r for r in rows if r.get("method", "gptq") == "gptq"
+            and not r.get("asym_alpha") and r.get("rounding", "gptq") == "gptq"}
+    lines = ["| method | bits | group | WikiText-2 ppl | sitting | quantize s | × GPTQ time | solve s | statistics s "
              "| fp stream s | other s | peak RSS GiB | × GPTQ RSS | fp stream GiB | median α |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (-r["bits"], r["ppl"])):
-        b = base.get(r["bits"])
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (-r["bits"], r["ppl"], r.get("sitting") or "")):
+        b = base.get((r.get("sitting"), r["bits"]))
         t = f"{r['quant_seconds'] / b['quant_seconds']:.2f}" if b else ""
         m = f"{r['peak_rss_gib'] / b['peak_rss_gib']:.2f}" if b else ""
         ph = r.get("phase_seconds", {})  # bench_quality.py records where the seconds went
         phases = " | ".join(str(ph.get(k, "")) for k in ("solve", "statistics", "fp_stream", "other"))
-        lines.append(f"| {describe(r)} | {r['bits']} | {r['group_size']} | {r['ppl']:.2f} | {r['quant_seconds']} | {t} "
+        lines.append(f"| {describe(r)} | {r['bits']} | {r['group_size']} | {r['ppl']:.2f} | {r.get('sitting', '')} "
+                     f"| {r['quant_seconds']} | {t} "
                      f"| {phases} | {r['peak_rss_gib']} | {m} | {r.get('fp_stream_gib', '')} | "
                      f"{r.get('asym_alpha_median', '')} |")
     return "\n".join(lines)
@@ -113,7 +117,7 @@ def render_speed(rows: list[dict]) -> str:
 
 def render_ablation_ppl(rows: list[dict]) -> str:
     lines = ["| method | bits | group | WikiText-2 ppl | fp stream GiB | median α |", "|---|---|---|---|---|---|"]
-    timed = {r["row"] for f in ABLATION for r in read_jsonl(f)}
+    timed = {r["row"] for f in ABLATION if f.exists() for r in read_jsonl(f)}
     latest = {r["row"]: r for r in rows if r["row"] not in timed}
     for r in sorted(latest.values(), key=lambda r: (-r["bits"], r["ppl"])):
         lines.append(f"| {describe(r)} | {r['bits']} | {r['group_size']} | {r['ppl']:.2f} | "
@@ -205,7 +209,8 @@ def main() -> None:
     for paths, start, end, render_rows in sections:
         paths = [p for p in paths if p.exists()]
         if paths:
-            table = render_rows([r for p in paths for r in read_jsonl(p)])
+            table = render_rows([{**r, "sitting": p.stem.rpartition("-")[2]} if start == ABL_START else r
+                                 for p in paths for r in read_jsonl(p)])
             text = _replace(text, start, end, table)
             print(table)
     if PRECONDITIONING.exists():
