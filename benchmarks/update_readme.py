@@ -27,6 +27,9 @@ OFFLOAD = RESULTS / "offload.json"
 OFFLOAD_START, OFFLOAD_END = "<!-- offload:start -->", "<!-- offload:end -->"
 PRE_START, PRE_END = "<!-- preconditioning:start -->", "<!-- preconditioning:end -->"
 PRECONDITIONING = RESULTS / "preconditioning.jsonl"
+# rows run on another day (the ablation's sitting s6): perplexity against the same GPTQ, but their
+# seconds against the GPTQ of their own sitting only (ablation-s6.jsonl), so no ratio in this table
+PRECONDITIONING_LATER = RESULTS / "preconditioning-s6.jsonl"
 ASTRO = RESULTS / "astro.json"
 ASTRO_BETA = RESULTS / "astro-beta.json"  # bench_astro.py --betas: the reshaped fp model's perplexity per β
 
@@ -80,9 +83,12 @@ def render(rows: list[dict]) -> str:
 
 def render_ablation(rows: list[dict]) -> str:
     """The ablation rows with time and peak RSS relative to GPTQ at the same bit width in the
-    same sitting (`sitting`: the results file's name)."""
-    base = {(r.get("sitting"), r["bits"]): r for r in rows if r.get("method", "gptq") == "gptq"
-            and not r.get("asym_alpha") and r.get("rounding", "gptq") == "gptq"}
+    same sitting (`sitting`: the results file's name; the mean where GPTQ ran more than once)."""
+    runs: dict = {}
+    for r in rows:
+        if r.get("method", "gptq") == "gptq" and not r.get("asym_alpha") and r.get("rounding", "gptq") == "gptq":
+            runs.setdefault((r.get("sitting"), r["bits"]), []).append(r)
+    base = {k: {m: sum(r[m] for r in v) / len(v) for m in ("quant_seconds", "peak_rss_gib")} for k, v in runs.items()}
     lines = ["| method | bits | group | WikiText-2 ppl | sitting | quantize s | × GPTQ time | solve s | statistics s "
              "| fp stream s | other s | peak RSS GiB | × GPTQ RSS | fp stream GiB | median α |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -171,9 +177,11 @@ def render_preconditioning(rows: list[dict], astro: dict | None, astro_beta: dic
         pre = [p for p in (reshape, r.get("transform", "none")) if p and p != "none"]
         b = base.get(key(r))
         vs = f"{100 * (r['ppl'] / b['ppl'] - 1):+.1f} %" if b and b is not r else ""
-        tx = f"{r['quant_seconds'] / b['quant_seconds']:.2f}" if b and b is not r else ""
+        same_sitting = b is not None and b is not r and b.get("sitting") == r.get("sitting")
+        tx = f"{r['quant_seconds'] / b['quant_seconds']:.2f}" if same_sitting else ""
+        secs = f"{r['quant_seconds']}" + (f" ({r['sitting']})" if r.get("sitting") else "")
         lines.append(f"| {describe(r)} | {' + '.join(pre) or 'none'} | {r['bits']} | {r.get('group_size', '')} | "
-                     f"{r['ppl']:.2f} | {vs} | {r['quant_seconds']} | {tx} |")
+                     f"{r['ppl']:.2f} | {vs} | {secs} | {tx} |")
     if astro:
         abl = "; ".join(f"{g} grid: " + ", ".join(f"{k} {v}" for k, v in a.items())
                         for g, a in astro["ablation_error_vs_gptq"].items())
@@ -214,7 +222,8 @@ def main() -> None:
             text = _replace(text, start, end, table)
             print(table)
     if PRECONDITIONING.exists():
-        table = render_preconditioning(read_jsonl(PRECONDITIONING),
+        later = [{**r, "sitting": "s6"} for r in read_jsonl(PRECONDITIONING_LATER)] if PRECONDITIONING_LATER.exists() else []
+        table = render_preconditioning(read_jsonl(PRECONDITIONING) + later,
                                        json.loads(ASTRO.read_text()) if ASTRO.exists() else None,
                                        json.loads(ASTRO_BETA.read_text()) if ASTRO_BETA.exists() else None)
         text = _replace(text, PRE_START, PRE_END, table)
