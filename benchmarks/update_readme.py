@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -208,6 +209,13 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def read_rows(path: Path) -> list[dict]:
+    """read_jsonl, each row tagged with its sitting where the file is named for one (`NAME-s6`)."""
+    sitting = re.fullmatch(r".*-(s\d+)", path.stem)
+    rows = read_jsonl(path)
+    return [{**r, "sitting": sitting.group(1)} for r in rows] if sitting else rows
+
+
 def main() -> None:
     readme = ROOT / "README.md"
     main_table = render(load_rows())
@@ -217,13 +225,12 @@ def main() -> None:
     for paths, start, end, render_rows in sections:
         paths = [p for p in paths if p.exists()]
         if paths:
-            table = render_rows([{**r, "sitting": p.stem.rpartition("-")[2]} if start == ABL_START else r
-                                 for p in paths for r in read_jsonl(p)])
+            table = render_rows([r for p in paths for r in read_rows(p)])
             text = _replace(text, start, end, table)
             print(table)
     if PRECONDITIONING.exists():
-        later = [{**r, "sitting": "s6"} for r in read_jsonl(PRECONDITIONING_LATER)] if PRECONDITIONING_LATER.exists() else []
-        table = render_preconditioning(read_jsonl(PRECONDITIONING) + later,
+        later = read_rows(PRECONDITIONING_LATER) if PRECONDITIONING_LATER.exists() else []
+        table = render_preconditioning(read_rows(PRECONDITIONING) + later,
                                        json.loads(ASTRO.read_text()) if ASTRO.exists() else None,
                                        json.loads(ASTRO_BETA.read_text()) if ASTRO_BETA.exists() else None)
         text = _replace(text, PRE_START, PRE_END, table)
