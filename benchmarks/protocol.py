@@ -35,6 +35,7 @@ def smollm2_checkpoint() -> str:
         return str(out)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hf_astroquant.file_modes import apply_umask
     from hf_astroquant.gguf import drop_gguf_marker
 
     src = smollm2_gguf_dir()
@@ -43,15 +44,26 @@ def smollm2_checkpoint() -> str:
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    apply_umask(tmp)
     tmp.rename(out)
     return str(out)
 
 
+# The same files, shipped (gzip) so the protocol runs on a fresh clone without ../shared.
+SHIPPED = {"wikitext2/wiki.test.raw": REPO / "hf_astroquant" / "data" / "wiki.test.raw.gz",
+           "pydocs/python-docs.txt": REPO / "benchmarks" / "data" / "python-docs.txt.gz"}
+
+
 def read_text(relative: str) -> str:
     path = SHARED / "data" / relative
-    if not path.exists():
-        raise SystemExit(f"{path} not found; set ASTROQUANT_SHARED to the folder holding data/")
-    return path.read_text(encoding="utf-8")
+    if path.exists():
+        return path.read_text(encoding="utf-8")
+    if relative in SHIPPED:
+        import gzip
+
+        with gzip.open(SHIPPED[relative], "rt", encoding="utf-8") as f:  # universal newlines, as read_text
+            return f.read()
+    raise SystemExit(f"{path} not found; set ASTROQUANT_SHARED to the folder holding data/")
 
 
 def wikitext_test_ids(tokenizer) -> torch.Tensor:

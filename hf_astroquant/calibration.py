@@ -87,7 +87,32 @@ def _text_of(data: Any) -> tuple[str, str]:
     raise CalibrationDataError(f"unsupported calibration data of type {type(data).__name__}")
 
 
+OFFLINE_HINT = ("Offline, pass a list of strings, token windows, a local text file or a datasets.Dataset "
+                "(set HF_HUB_OFFLINE=1 to skip the Hub everywhere)")
+
+
+def check_source(data: Any) -> None:
+    """Fail fast, before any model is loaded, on a dataset given by name or path that cannot be read:
+    a path that is no file, an unknown name, or a named dataset while the Hub cannot be reached."""
+    if not isinstance(data, (str, os.PathLike)):
+        return
+    name = os.fspath(data)
+    if os.path.isfile(name):
+        return
+    if name not in DATASET_NAMES:
+        raise CalibrationDataError(
+            f"dataset={name!r} is neither an existing text file nor one of {', '.join(DATASET_NAMES)}"
+        )
+    from . import hub_access
+
+    reason = hub_access.unreachable_reason()
+    if reason:
+        raise CalibrationDataError(f"calibration dataset {name!r} is on the Hugging Face Hub, but {reason}. "
+                                   f"{OFFLINE_HINT}.")
+
+
 def _load_named(name: str) -> str:
+    check_source(name)
     import datasets
 
     try:
@@ -100,7 +125,7 @@ def _load_named(name: str) -> str:
     except Exception as exc:  # network errors come in many types
         raise CalibrationDataError(
             f"could not load calibration dataset {name!r} with datasets.load_dataset ({type(exc).__name__}: "
-            f"{exc}). Offline? Pass a list of strings, token windows, a local text file or a datasets.Dataset."
+            f"{exc}). {OFFLINE_HINT}."
         ) from exc
     return "\n\n".join(t for t in ds["text"] if t)
 

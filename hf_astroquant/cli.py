@@ -11,7 +11,6 @@ MODEL is a Hub id, a local model directory or a local .gguf file (de-quantized b
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import os
 import re
@@ -23,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import ASYM_ALPHA_CHOICES, SUPPORTED_BITS, SUPPORTED_METHODS, SUPPORTED_ROUNDING, SUPPORTED_TRANSFORMS, AstroQuantConfig
-from .gguf import drop_gguf_marker, gguf_license
+from .file_modes import apply_umask, current_umask
+from .gguf import drop_gguf_marker, gguf_base_model_info
 from .modules.kernels import BACKENDS
 
 logger = logging.getLogger("hf_astroquant")
@@ -32,6 +32,13 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 class CliError(Exception):
     """A user error: printed as one line, exit status 2."""
+
+
+class ShellParser(argparse.ArgumentParser):
+    """A parser whose errors are one line (which command, what is wrong, where help is), not a usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # --------------------------------------------------------------------------- config options as flags
@@ -51,63 +58,101 @@ def _optional_int(text: str):
     return None if text.lower() in ("none", "auto", "all") else int(text)
 
 
+# Each config option as a shell flag: argparse settings, help written for the shell (values as they
+# are typed), and for options whose default is None, the word that types it.
 _OPTION_ARGS: dict[str, dict[str, Any]] = {
-    "bits": dict(type=int, choices=SUPPORTED_BITS),
-    "group_size": dict(type=int),
-    "sym": dict(action=argparse.BooleanOptionalAction),
-    "desc_act": dict(action=argparse.BooleanOptionalAction),
-    "static_groups": dict(action=argparse.BooleanOptionalAction),
-    "damp_percent": dict(type=float),
-    "true_sequential": dict(action=argparse.BooleanOptionalAction),
-    "method": dict(choices=SUPPORTED_METHODS),
-    "mse": dict(action=argparse.BooleanOptionalAction),
-    "alpha": dict(type=float),
-    "asym_alpha": dict(type=_asym_alpha, metavar="{FLOAT,auto,projected,none}"),
-    "rounding": dict(choices=SUPPORTED_ROUNDING),
-    "beam_width": dict(type=int),
-    "fp_samples": dict(type=_optional_int, metavar="{INT,all}"),
-    "dataset": dict(metavar="NAME_OR_FILE"),
-    "tokenizer": dict(metavar="NAME_OR_DIR"),
-    "n_samples": dict(type=int),
-    "seqlen": dict(type=int),
-    "seed": dict(type=int),
-    "modules_to_not_convert": dict(nargs="+", metavar="PATTERN"),
-    "block_size": dict(type=int),
-    "calibration_batch_size": dict(type=_optional_int, metavar="{INT,auto}"),
-    "backend": dict(choices=BACKENDS),
-    "resume_dir": dict(metavar="DIR"),
-    "solve_devices": dict(nargs="+", metavar="DEVICE"),
-    "astro": dict(action=argparse.BooleanOptionalAction),
-    "astro_beta": dict(type=float),
-    "astro_steps": dict(type=int),
-    "astro_lr": dict(type=float),
-    "transform": dict(choices=SUPPORTED_TRANSFORMS),
-    "kurtosis_threshold_attn": dict(type=float),
-    "kurtosis_threshold_mlp": dict(type=float),
+    "bits": dict(type=int, choices=SUPPORTED_BITS, help="weight bit width"),
+    "group_size": dict(type=int, metavar="N",
+                       help="input columns per scale and zero point; -1: one group per output channel (a size "
+                            "that does not divide a layer's width leaves a shorter last group)"),
+    "sym": dict(action=argparse.BooleanOptionalAction,
+                help="symmetric grid (zero point fixed at 2^(bits-1)) instead of asymmetric min/max"),
+    "desc_act": dict(action=argparse.BooleanOptionalAction,
+                     help="act-order: quantize columns by descending Hessian diagonal (recommended)"),
+    "static_groups": dict(action=argparse.BooleanOptionalAction,
+                          help="fit every group's grid up front on the original weights, so groups stay "
+                               "contiguous (recommended with --desc-act)"),
+    "damp_percent": dict(type=float, metavar="X",
+                         help="Hessian damping as a fraction of its mean diagonal, in (0, 1]"),
+    "true_sequential": dict(action=argparse.BooleanOptionalAction,
+                            help="each Linear sees the outputs of the already-quantized Linears before it"),
+    "method": dict(choices=SUPPORTED_METHODS,
+                   help="solver: rtn (round to nearest, no data), gptq, gptaq (fits the full-precision output; "
+                        "carries a full-precision stream) or rescomp (gptaq plus a residual toward the original "
+                        "weights; runs gptaq at 2 bits)"),
+    "mse": dict(action=argparse.BooleanOptionalAction,
+                help="search each group's clipping range for the smallest rounding error (about 15%% slower)"),
+    "alpha": dict(type=float, metavar="X", help="step scale of gptaq's P-term and rescomp's R-term, in [0, 1]"),
+    "asym_alpha": dict(type=_asym_alpha, metavar="{X,auto,projected,none}", none_word="none",
+                       help="target interpolation X + a*dX: a number in [0, 1], auto or projected (chosen per "
+                            "layer), or none (0 for gptq, 1 for gptaq/rescomp)"),
+    "rounding": dict(choices=SUPPORTED_ROUNDING,
+                     help="gptq (greedy sweep), beam (--beam-width candidates per row) or successive "
+                          "(reverse-order decoding; --method gptq only)"),
+    "beam_width": dict(type=int, metavar="K", help="partial solutions kept per row with --rounding beam (1 = greedy)"),
+    "fp_samples": dict(type=_optional_int, metavar="{N,all}", none_word="all",
+                       help="asymmetric solvers: how many calibration windows (the first) also run through the "
+                            "full-precision blocks; fewer save time and memory"),
+    "dataset": dict(metavar="{wikitext2,c4,FILE}", none_word="none",
+                    help="calibration text: a local text file, or wikitext2 / c4 from the Hugging Face Hub "
+                         "(needs the network)"),
+    "tokenizer": dict(metavar="NAME_OR_DIR", none_word="MODEL's",
+                      help="tokenizer for the calibration text (a Hub id or a directory)"),
+    "n_samples": dict(type=int, metavar="N", help="calibration windows drawn from the text"),
+    "seqlen": dict(type=int, metavar="N", help="tokens per calibration window"),
+    "seed": dict(type=int, metavar="N", help="seed for drawing the calibration windows"),
+    "modules_to_not_convert": dict(nargs="+", metavar="PATTERN", none_word="none",
+                                   help="modules kept in full precision: full names, dotted fragments "
+                                        "(mlp.down_proj) or regexes; lm_head is always kept"),
+    "block_size": dict(type=int, metavar="N", help="GPTQ lazy-batch width (speed only; results do not change)"),
+    "calibration_batch_size": dict(type=_optional_int, metavar="{N,auto}", none_word="auto",
+                                   help="windows per forward pass; auto: all at once when they fit a 4 GiB "
+                                        "activation budget"),
+    "backend": dict(choices=BACKENDS, help="forward path of the packed layers (for the evaluation; never saved)"),
+    "resume_dir": dict(metavar="DIR", none_word="none",
+                       help="checkpoint every finished block here; rerun with the same DIR to continue after a "
+                            "crash"),
+    "solve_devices": dict(nargs="+", metavar="DEVICE", none_word="the block's device",
+                          help="solve the Linears that share an input on these devices in parallel "
+                               "(e.g. cuda:0 cuda:1), or auto"),
+    "astro": dict(action=argparse.BooleanOptionalAction,
+                  help="Astro preconditioning: reshape each Linear's weights before it is solved"),
+    "astro_beta": dict(type=float, metavar="X", help="weight of Astro's rounding-error term, >= 0 (0 turns it off)"),
+    "astro_steps": dict(type=int, metavar="N", help="Astro's proximal-gradient steps, >= 1"),
+    "astro_lr": dict(type=float, metavar="X", help="Astro's step size as a fraction of 1/L, in (0, 1]"),
+    "transform": dict(choices=SUPPORTED_TRANSFORMS,
+                      help="transforms folded into the weights before calibration: rotate, scale, or adaptive "
+                           "(per site, chosen by weight kurtosis)"),
+    "kurtosis_threshold_attn": dict(type=float, metavar="X",
+                                    help="--transform adaptive: kurtosis z-score above which an attention site "
+                                         "gets rotation instead of scales"),
+    "kurtosis_threshold_mlp": dict(type=float, metavar="X",
+                                   help="--transform adaptive: the same for MLP sites"),
 }
 
 
+def _shell_default(name: str, value: Any) -> str:
+    """A default as the user would type it."""
+    if value is None:
+        return _OPTION_ARGS[name].get("none_word", "none")
+    if isinstance(value, bool):
+        return "--" + ("" if value else "no-") + name.replace("_", "-")
+    return str(value)
+
+
 def option_help() -> dict[str, str]:
-    """Each option's description, read from AstroQuantConfig's docstring (one source of truth)."""
-    doc = inspect.getdoc(AstroQuantConfig) or ""
-    helps: dict[str, list[str]] = {}
-    current = None
-    for line in doc.split("Args:", 1)[-1].splitlines():
-        m = re.match(r"^    (\w+): (.*)$", line)
-        if m:
-            current = m.group(1)
-            helps[current] = [m.group(2)]
-        elif current and line.startswith("        "):
-            helps[current].append(line.strip())
-    return {k: " ".join(v).replace("%", "%%") for k, v in helps.items()}
+    """Each option's shell help, with its default as typed."""
+    defaults = AstroQuantConfig()
+    return {name: f"{spec['help']} (default: {_shell_default(name, getattr(defaults, name))})"
+            for name, spec in _OPTION_ARGS.items()}
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("quantization options (AstroQuantConfig; unset flags keep its defaults)")
+    group = parser.add_argument_group("quantization options (AstroQuantConfig)")
     helps = option_help()
     for name in AstroQuantConfig._option_names():
-        kwargs = dict(_OPTION_ARGS[name])  # KeyError here means a new option lacks its flag (tested)
-        group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=helps.get(name), **kwargs)
+        kwargs = {k: v for k, v in _OPTION_ARGS[name].items() if k not in ("help", "none_word")}  # KeyError: a new
+        group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=helps[name], **kwargs)
 
 
 def config_from_args(args: argparse.Namespace, **extra) -> AstroQuantConfig:
@@ -127,7 +172,7 @@ def resolve_source(model: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     if model.lower().endswith(".gguf"):
         if not path.is_file():
             raise CliError(f"GGUF file {model} does not exist")
-        info = {"source": path.name, "base_model": None, "license": gguf_license(path)}
+        info = gguf_base_model_info(path)
         return str(path.parent), {"gguf_file": path.name}, info
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
@@ -135,6 +180,12 @@ def resolve_source(model: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
         return str(path), {}, base_model_info(model)
     if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):
         raise CliError(f"{model!r} is not an existing path, a .gguf file or a Hub model id")
+    from . import hub_access
+
+    reason = hub_access.offline_unless_reachable()
+    if reason:
+        print(f"the Hugging Face Hub cannot be used ({reason}): {model} is read from the local cache only",
+              file=sys.stderr)
     return model, {}, base_model_info(model)
 
 
@@ -193,9 +244,8 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
 
 
 def _finish_out(tmp: Path, out: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp made it private
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp made it private
+    apply_umask(tmp)
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(old)
@@ -221,15 +271,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from .eval import evaluation_text, perplexity
     from .export.card import format_bytes, read_report, write_card
 
+    from .calibration import check_source
+
     out = Path(args.out)
+    # every argument, the data included, is checked before anything is loaded
+    config_from_args(args)
     source, load_kwargs, info = resolve_source(args.model)
+    if args.method != "rtn" and args.dataset is None:
+        raise CliError(f"--method {args.method or 'gptq'} needs calibration data: pass --dataset FILE|wikitext2|c4")
+    check_source(args.dataset)
+    eval_text = evaluation_text(args.eval_data) if args.eval_data else None
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise CliError(f"{out} exists and is not empty; pass --overwrite to replace it")
     try:
         tok = _load_tokenizer(args.tokenizer or source, load_kwargs)
     except OSError as err:
         raise CliError(f"cannot load the tokenizer of {args.tokenizer or args.model!r}: {err}") from err
     cfg = config_from_args(args, tokenizer=tok)
-    if cfg.needs_calibration_data and cfg.dataset is None:
-        raise CliError(f"--method {cfg.method} needs calibration data: pass --dataset wikitext2|c4|FILE")
     tmp_out = _prepare_out(out, args.overwrite)
     try:
         base_src, base_kwargs = source, load_kwargs
@@ -241,8 +299,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 del fp
                 base_src, base_kwargs = fp_dir, {}
             ppl: dict[str, Any] = {}
-            if args.eval_data:
-                text, what = evaluation_text(args.eval_data)
+            if eval_text:
+                text, what = eval_text
                 eval_ids = tok(text, return_tensors="pt").input_ids[0]
                 ppl = {"data": what, "seqlen": args.eval_seqlen}
                 fp = _load_fp(base_src, base_kwargs, args.dtype, _placement(args))
@@ -270,7 +328,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         model.astroquant_report = report
         model.save_pretrained(tmp_out)
         tok.save_pretrained(tmp_out)
-        write_card(tmp_out, model_id=str(out))  # again: the tokenizer is saved now, and the final name
+        write_card(tmp_out, model_id=out.name)  # again: the tokenizer is saved now; the final name, never a path
         _finish_out(tmp_out, out)
     except BaseException:
         shutil.rmtree(tmp_out, ignore_errors=True)
@@ -288,6 +346,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         rows.append(("quantized layers, packed / fp16", f"{report['quantized_packed_bytes'] / report['quantized_fp16_bytes']:.3f}"))
     if errs:
         rows.append(("relative layer error, median / max", f"{errs[len(errs) // 2]:.2e} / {errs[-1]:.2e}"))
+    rows.append(("base model (card)", report.get("base_model") or
+                 "unknown: rerun with --base-model ORG/NAME (or edit README.md's base_model) to link it"))
     if args.eval_data:
         rows.append((f"perplexity, full precision ({ppl['data']})", f"{ppl['base']:.2f}"))
         rows.append((f"perplexity, quantized ({ppl['data']})", f"{ppl['quantized']:.2f}"))
@@ -353,7 +413,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                               dtype=_torch_dtype(args.dtype), overwrite=True)
         if (src / REPORT_FILE).is_file():
             shutil.copy2(src / REPORT_FILE, tmp_out / REPORT_FILE)
-        write_card(tmp_out, model_id=str(out))
+        write_card(tmp_out, model_id=out.name)  # a name, never a path of this machine
         _finish_out(tmp_out, out)
     except ExportError as err:
         shutil.rmtree(tmp_out, ignore_errors=True)
@@ -386,7 +446,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="hf-astroquant", description=__doc__,
+    parser = ShellParser(prog="hf-astroquant", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hf-astroquant {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
@@ -394,60 +454,75 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save it", description="Quantize MODEL (a Hub id, "
                        "a local directory or a .gguf file) and save the packed checkpoint, its card and report.")
-    q.add_argument("model", metavar="MODEL")
-    q.add_argument("--out", required=True, help="output directory (written atomically)")
+    q.add_argument("model", metavar="MODEL", help="what to quantize: a Hub id (org/name), a local model directory "
+                   "(with config.json) or a local .gguf file")
+    q.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory; it appears only when complete (a crash leaves no half-written DIR)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    q.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the model is loaded and calibrated in")
-    q.add_argument("--device-map", default=None, help="transformers device_map, e.g. auto, cpu, cuda:0")
+    q.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the model is loaded and calibrated in (default: float32)")
+    q.add_argument("--device-map", default=None, metavar="MAP",
+                   help="transformers device_map, e.g. auto, cpu, cuda:0 (default: the model's own placement)")
     q.add_argument("--max-memory", nargs="+", metavar="DEVICE=SIZE",
                    help="memory caps for device_map='auto' (implied), e.g. cpu=8GiB 0=20GiB; what does not fit is "
                         "offloaded to --offload-folder and calibrated one block at a time")
     q.add_argument("--offload-folder", metavar="DIR", help="where accelerate offloads weights to disk")
-    q.add_argument("--eval-data", default=None, metavar="wikitext2|FILE",
-                   help="also measure perplexity before and after on this text")
-    q.add_argument("--eval-seqlen", type=int, default=2048)
-    q.add_argument("--eval-windows", type=int, default=None, help="evaluate at most this many windows")
-    q.add_argument("--base-model", default=None, help="Hub id of the base model, for the card's metadata")
+    q.add_argument("--eval-data", default=None, metavar="{wikitext2-raw,wikitext2,FILE}",
+                   help="also measure perplexity before and after on this text: wikitext2-raw (WikiText-2 test, "
+                        "shipped: works offline), wikitext2 (the same split from the Hub) or a local text file "
+                        "(default: no evaluation)")
+    q.add_argument("--eval-seqlen", type=int, default=2048, metavar="N",
+                   help="tokens per perplexity window (default: 2048)")
+    q.add_argument("--eval-windows", type=int, default=None, metavar="N",
+                   help="evaluate at most this many windows (default: all)")
+    q.add_argument("--base-model", default=None, metavar="ORG/NAME",
+                   help="Hub id of the model MODEL was made from, for the card's base_model (default: found from "
+                        "MODEL when it can be)")
     q.add_argument("--license", default=None, help="licence for the card (default: the base model's, when known)")
     add_config_flags(q)
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="perplexity (GPTQ protocol) and lm-eval tasks of a saved model")
-    e.add_argument("dir", metavar="DIR")
-    e.add_argument("--data", default="wikitext2", metavar="wikitext2|FILE",
-                   help="text for perplexity ('' to skip); wikitext2 needs the Hub (datasets)")
-    e.add_argument("--seqlen", type=int, default=2048)
-    e.add_argument("--max-windows", type=int, default=None)
-    e.add_argument("--baseline", default=None, metavar="MODEL", help="also evaluate this full-precision model")
-    e.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the baseline model")
-    e.add_argument("--tokenizer", default=None)
-    e.add_argument("--backend", choices=BACKENDS, default=None, help="forward path of the packed layers")
-    e.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (needs pip install lm-eval)")
-    e.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
-    e.add_argument("--batch-size", type=int, default=1, help="lm-eval batch size")
+    e.add_argument("dir", metavar="DIR", help="a directory saved by hf-astroquant quantize (or save_pretrained)")
+    e.add_argument("--data", default="wikitext2", metavar="{wikitext2,wikitext2-raw,FILE}",
+                   help="text for perplexity: wikitext2 (WikiText-2 test from the Hub), wikitext2-raw (the same "
+                        "split's raw file, shipped: works offline), a local text file, or '' to skip "
+                        "(default: wikitext2)")
+    e.add_argument("--seqlen", type=int, default=2048, metavar="N", help="tokens per window (default: 2048)")
+    e.add_argument("--max-windows", type=int, default=None, metavar="N",
+                   help="evaluate at most this many windows (default: all)")
+    e.add_argument("--baseline", default=None, metavar="MODEL",
+                   help="also evaluate this full-precision model (Hub id, directory or .gguf file)")
+    e.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the baseline model (default: float32)")
+    e.add_argument("--tokenizer", default=None, metavar="NAME_OR_DIR", help="tokenizer (default: DIR's own)")
+    e.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="forward path of the packed layers (default: auto, the fastest that runs each layer)")
+    e.add_argument("--tasks", default=None, metavar="TASK,TASK",
+                   help="comma-separated lm-eval tasks (needs pip install lm-eval)")
+    e.add_argument("--limit", type=int, default=None, metavar="N", help="lm-eval: examples per task (default: all)")
+    e.add_argument("--batch-size", type=int, default=1, metavar="N", help="lm-eval batch size (default: 1)")
     e.add_argument("--no-write", dest="write", action="store_false",
                    help="do not record the results in DIR's report and card")
     e.set_defaults(func=cmd_eval)
 
     x = sub.add_parser("export", help="write a copy in a serving engine's format")
-    x.add_argument("dir", metavar="DIR")
-    x.add_argument("--format", choices=("gptq",), required=True)
-    x.add_argument("--out", required=True)
+    x.add_argument("dir", metavar="DIR", help="a directory saved by hf-astroquant quantize")
+    x.add_argument("--format", choices=("gptq",), required=True, help="the engine format to write")
+    x.add_argument("--out", required=True, metavar="DIR2", help="output directory (appears only when complete)")
     x.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq",
-                   help="gptq: v1, read by vLLM/SGLang/TGI/transformers; gptq_v2: GPTQModel")
+                   help="gptq: v1, read by vLLM/SGLang/TGI/transformers; gptq_v2: GPTQModel (default: gptq)")
     x.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
-                   help="dtype of the unquantized tensors (scales are always float16)")
-    x.add_argument("--overwrite", action="store_true")
+                   help="dtype of the unquantized tensors; scales are always float16 (default: float16)")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty DIR2")
     x.set_defaults(func=cmd_export)
 
     p = sub.add_parser("push", help="upload a saved directory to the Hub (with its card)")
-    p.add_argument("dir", metavar="DIR")
-    p.add_argument("repo_id", metavar="REPO_ID")
-    p.add_argument("--private", action="store_true")
-    p.add_argument("--token", default=None)
-    p.add_argument("--revision", default=None)
-    p.add_argument("--commit-message", default=None)
-    p.add_argument("--create-pr", action="store_true")
+    p.add_argument("dir", metavar="DIR", help="the directory to upload")
+    p.add_argument("repo_id", metavar="REPO_ID", help="the Hub model repository, org/name (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--token", default=None, help="Hub token (default: the one huggingface-cli login saved, or HF_TOKEN)")
+    p.add_argument("--revision", default=None, metavar="BRANCH", help="branch to commit to (default: main)")
+    p.add_argument("--commit-message", default=None, metavar="TEXT", help="commit message")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     p.set_defaults(func=cmd_push)
     return parser
 

@@ -3,7 +3,10 @@ token sequence, mean next-token NLL over all predicted positions, exp."""
 
 from __future__ import annotations
 
+import gzip
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -68,28 +71,42 @@ def stdlib_docs_text(part: int = 0, parts: int = 2) -> str:
     return "\n\n".join(chunks)
 
 
-EVAL_DATASET_NAMES = ("wikitext2",)
+EVAL_DATASET_NAMES = ("wikitext2", "wikitext2-raw")
+SHIPPED_WIKITEXT2_TEST = Path(__file__).parent / "data" / "wiki.test.raw.gz"
 
 
 def evaluation_text(data: str) -> tuple[str, str]:
-    """(text, description) of evaluation data: "wikitext2" (the WikiText-2 raw test split through
-    `datasets`, its lines joined by blank lines as GPTQ's evaluation does) or a local text file."""
-    import os
+    """(text, description) of evaluation data:
 
+    - "wikitext2": the WikiText-2 raw test split through `datasets` (Hub), its rows joined by blank
+      lines as GPTQ's evaluation does;
+    - "wikitext2-raw": the released `wiki.test.raw` file itself, shipped with hf_astroquant (offline;
+      the text of the README's numbers; it tokenizes slightly differently from "wikitext2");
+    - a local text file.
+    """
     if os.path.isfile(data):
         with open(data, encoding="utf-8") as f:
             text = f.read()
         if not text.strip():
             raise ValueError(f"evaluation file {data} contains no text")
         return text, f"text file {os.path.basename(data)}"
+    if data == "wikitext2-raw":
+        with gzip.open(SHIPPED_WIKITEXT2_TEST, "rt", encoding="utf-8") as f:  # universal newlines
+            return f.read(), "WikiText-2 test (wiki.test.raw)"
     if data == "wikitext2":
+        from . import hub_access
+
+        hint = "Offline, use 'wikitext2-raw' (shipped with hf_astroquant) or a local text file."
+        reason = hub_access.unreachable_reason()
+        if reason:
+            raise ValueError(f"evaluation data 'wikitext2' is read from the Hugging Face Hub, but {reason}. {hint}")
         import datasets
 
         try:
             ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
         except Exception as exc:  # network errors come in many types
             raise ValueError(f"could not load WikiText-2 with datasets.load_dataset ({type(exc).__name__}: {exc}). "
-                             "Offline? Pass a local text file (for example wiki.test.raw).") from exc
+                             f"{hint}") from exc
         return "\n\n".join(ds["text"]), "WikiText-2 test"
     raise ValueError(f"evaluation data {data!r} is neither an existing text file nor one of "
                      f"{', '.join(EVAL_DATASET_NAMES)}")

@@ -530,13 +530,15 @@ def _place(model: nn.Module, name: str, layer: QuantLinear, homes: dict, record:
 
 
 def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Callable[[str], bool],
-                   stream_fp: bool = False, on_block: Callable | None = None) -> QuantizationReport:
+                   stream_fp: bool = False, on_block: Callable | None = None,
+                   calibration: tuple[list[torch.Tensor], dict[str, Any]] | None = None) -> QuantizationReport:
     """Quantize every Linear inside the decoder blocks of `model` in place; return a report.
 
     `stream_fp` carries the full-precision stream X̃ beside the quantized one; `on_block(i, fp_in,
     q_in)` is called with both inputs of every block (the asymmetric solvers' entry point). With
     `cfg.resume_dir`, every finished block is checkpointed and a later run with the same
-    directory starts after the last one (see resume.py).
+    directory starts after the last one (see resume.py). `calibration` is `prepare_calibration`'s
+    result when the caller has prepared it already (the quantizer does, before the model loads).
     """
     start = time.perf_counter()
     report = QuantizationReport()
@@ -547,7 +549,8 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
 
     windows, batches, batch_size, device = [], [], 0, offload.execution_device(blocks[0])
     if calibrated:
-        windows, record = prepare_calibration(cfg.dataset, cfg.tokenizer, cfg.n_samples, cfg.seqlen, cfg.seed)
+        windows, record = calibration or prepare_calibration(cfg.dataset, cfg.tokenizer, cfg.n_samples, cfg.seqlen,
+                                                             cfg.seed)
         report.calibration = record
         seqlen = max(len(w) for w in windows)
         batch_size = cfg.calibration_batch_size or _auto_batch_size(model, seqlen, device)

@@ -15,6 +15,7 @@ from torch import nn
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
+from .calibration import prepare_calibration
 from .config import AstroQuantConfig
 from .export import guard
 from .export.hub import base_model_info, install_save_hooks
@@ -31,6 +32,7 @@ class AstroQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self.modules_to_not_convert: list[str] = []
         self.report = None
+        self.calibration = None  # prepare_calibration's (windows, record), made in validate_environment
 
     def validate_environment(self, *args, **kwargs):
         if not self.pre_quantized:
@@ -40,6 +42,9 @@ class AstroQuantizer(HfQuantizer):
                     f"AstroQuantConfig(method={cfg.method!r}) needs calibration data: pass dataset=... "
                     "(texts, token windows, a text file, a datasets.Dataset, or 'wikitext2'/'c4')"
                 )
+            if cfg.needs_calibration_data:
+                # before any weight is loaded: bad or unreachable data fails in seconds, not after the load
+                self.calibration = prepare_calibration(cfg.dataset, cfg.tokenizer, cfg.n_samples, cfg.seqlen, cfg.seed)
 
     def update_dtype(self, dtype):
         return dtype if dtype is not None else torch.float32
@@ -86,7 +91,8 @@ class AstroQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         cfg = self.quantization_config
         if not self.pre_quantized:
-            self.report = quantize_model(model, cfg, self._should_convert)
+            self.report = quantize_model(model, cfg, self._should_convert, calibration=self.calibration)
+            self.calibration = None  # the windows are not needed after calibration
             quantized = sorted(n for n, m in model.named_modules() if isinstance(m, QuantLinear))
             if not quantized:
                 raise ValueError(

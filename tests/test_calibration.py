@@ -48,12 +48,35 @@ def test_datasets_dataset_text_column():
 
 
 @pytest.mark.parametrize("name", ["wikitext2", "c4"])
-def test_named_datasets_give_a_clear_error_offline(monkeypatch, name):
+def test_named_datasets_fail_at_once_offline(monkeypatch, name):
     import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the Hub must not be tried"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CalibrationDataError, match=f"'{name}' is on the Hugging Face Hub, but HF_HUB_OFFLINE is set"):
+        prepare_calibration(name, TOK, 2, 16, 0)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    import socket
+
+    def unreachable(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    with pytest.raises(CalibrationDataError, match="cannot be reached .*Offline, pass a list of strings"):
+        prepare_calibration(name, TOK, 2, 16, 0)
+
+
+@pytest.mark.parametrize("name", ["wikitext2", "c4"])
+def test_named_datasets_give_a_clear_error_when_the_download_fails(monkeypatch, name):
+    import datasets
+
+    from hf_astroquant import hub_access
 
     def offline(*args, **kwargs):
         raise ConnectionError("no network")
 
+    monkeypatch.setattr(hub_access, "unreachable_reason", lambda: None)
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(CalibrationDataError, match=f"could not load calibration dataset '{name}'.*Offline"):
         prepare_calibration(name, TOK, 2, 16, 0)
@@ -62,12 +85,15 @@ def test_named_datasets_give_a_clear_error_offline(monkeypatch, name):
 def test_named_dataset_is_loaded_through_datasets(monkeypatch):
     import datasets
 
+    from hf_astroquant import hub_access
+
     calls = []
 
     def fake(*args, **kwargs):
         calls.append(args)
         return datasets.Dataset.from_dict({"text": [TEXT, ""]})
 
+    monkeypatch.setattr(hub_access, "unreachable_reason", lambda: None)
     monkeypatch.setattr(datasets, "load_dataset", fake)
     out, rec = prepare_calibration("wikitext2", TOK, 2, 16, 0)
     assert calls[0][:2] == ("wikitext", "wikitext-2-raw-v1") and rec["source"] == "wikitext2" and len(out) == 2

@@ -118,7 +118,8 @@ def test_quantize_eval_export_push_end_to_end(source, tmp_path, capsys, hub):
     ppl = report["perplexity"]
     assert ppl["base"] > 1 and ppl["quantized"] > 1 and ppl["seqlen"] == 64 and report["license"] == "mit"
     assert "perplexity, quantized" in (out / "README.md").read_text()
-    assert repr(str(out)) in (out / "README.md").read_text()  # the card names the final directory
+    card = (out / "README.md").read_text()
+    assert repr(out.name) in card and str(tmp_path) not in card  # the final directory by name, never its path
     assert not list(tmp_path.glob(".q.partial-*"))
     model = AutoModelForCausalLM.from_pretrained(str(out))
     assert sum(isinstance(m, hf_astroquant.QuantLinear) for m in model.modules()) == 14

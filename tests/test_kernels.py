@@ -1,6 +1,7 @@
 """The fast forward paths (PyTorch's int4/int8 weight-only kernels) against the reference path."""
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -246,12 +247,73 @@ def pack_rows_of(codes, bits):
     return pack_rows(codes, bits)
 
 
-def test_int4pack_cpu_layout_inverse_matches_the_kernel():
-    g = torch.Generator().manual_seed(0)
-    for n, k in [(32, 64), (64, 576), (96, 1536)]:
-        q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        assert torch.equal(kernels.int4pack_cpu_codes(packed, n, k), q)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("n,k,group_size,perm", [(32, 64, 32, False), (48, 576, 64, True), (96, 1536, 256, False),
+                                                 (17, 512, -1, False), (160, 192, 64, False),
+                                                 (40, 256, 32, True)])
+def test_int4_codes_are_read_back_through_the_kernel_on_any_layout(bits, n, k, group_size, perm):
+    """No packed layout is assumed: `codes()` runs the kernel on the identity and inverts the grid."""
+    g = torch.Generator().manual_seed(bits + n)
+    codes = torch.randint(0, 2 ** bits, (k, n), dtype=torch.int32, generator=g)
+    gs = k if group_size == -1 else group_size
+    g_idx = torch.arange(k, dtype=torch.int32) // gs
+    if perm:
+        g_idx = g_idx[torch.randperm(k, generator=g)]
+    zeros = torch.randint(0, 2 ** bits, (k // gs, n), dtype=torch.int32, generator=g)
+    scales = (torch.rand(k // gs, n, generator=g) * 0.1 + 1e-3).half()
+    w = kernels.int4_weights(codes, zeros, scales, g_idx, gs, bits, torch.float32, torch.device("cpu"))
+    assert (w.perm is not None) == perm
+    assert torch.equal(w.codes(), codes)
+
+
+def test_a_layer_whose_codes_cannot_be_read_back_keeps_qweight():
+    layer = _layer(4, 32, 128, 32)
+    layer.scales[1] = 0  # a zero step: every code gives the same weight, so the kernel cannot tell them apart
+    before = layer.qweight.clone()
+    assert layer.prepare() == "int4"
+    assert torch.equal(layer.qweight, before)
+    assert torch.equal(layer.state_dict()["qweight"], before)
+
+
+@pytest.mark.parametrize("k", [200, 196, 33, 8])
+def test_int8_pads_rows_so_bf16_never_reaches_the_kernels_crashing_tail(k):
+    """torch 2.13's bf16 int8 kernel crashes for K not a multiple of its vector width (K = 200 on
+    AVX-512, 196 on AVX2) from 4 rows on: the weights are padded to INT8_K_ALIGN columns."""
+    layer = _layer(8, 48, k, -1, seed=k)
+    layer.set_backend("int8")
+    assert layer.prepare(torch.bfloat16) == "int8"
+    assert layer._fast[3].weight.shape[1] % kernels.INT8_K_ALIGN == 0
+    assert _compare(layer, "int8", torch.bfloat16, lead=(4, 16)) == "int8"
+
+
+def test_int8_bf16_odd_k_through_from_pretrained_does_not_crash(tmp_path):
+    """The whole load-and-run path, in a child process, so a crash is a failure and not a dead run."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from transformers import AutoModelForCausalLM
+        import hf_astroquant
+        from hf_astroquant import AstroQuantConfig, QuantLinear
+        from tiny import calib_ids, save_tiny
+        save_tiny({str(tmp_path / "src")!r}, hidden=64, inter=200)
+        cfg = AstroQuantConfig(bits=8, group_size=-1, method="rtn")
+        AutoModelForCausalLM.from_pretrained({str(tmp_path / "src")!r}, quantization_config=cfg).save_pretrained(
+            {str(tmp_path / "q")!r})
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "q")!r}, dtype=torch.bfloat16)
+        down = [m for n, m in model.named_modules() if n.endswith("down_proj")][0]
+        assert isinstance(down, QuantLinear) and down.in_features == 200
+        with torch.no_grad():
+            out = model(calib_ids(4, 16)).logits
+        assert down.active_backend == "int8", down.active_backend
+        assert torch.isfinite(out).all()
+        print("ok")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), (run.returncode, run.stderr[-2000:])
 
 
 def test_auto_runs_large_fp32_cpu_batches_through_the_fp32_gemm(monkeypatch):

@@ -51,14 +51,22 @@ def test_quantized_model_is_close_to_full_precision_and_gptq_beats_rtn_on_calibr
     assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
 
 
-def test_one_pass_and_batched_calibration_agree(tiny_dir):
+def test_one_pass_and_batched_calibration_agree(tiny_dir, monkeypatch):
     data = calib_ids(12, 32)
-    one = _quantize(tiny_dir, bits=4, group_size=32, dataset=data)
-    batched = _quantize(tiny_dir, bits=4, group_size=32, dataset=data, calibration_batch_size=5)
+    seen = _record_hessians(monkeypatch)
+    # 8 bits: a rounding decision that fp32 summation order flips (the order depends on the CPU's
+    # vectorized kernels and on the batch shape) then moves later inputs 256x less than at 4 bits,
+    # where the flips compound over the blocks of a tiny model to several percent.
+    one = _quantize(tiny_dir, bits=8, group_size=32, dataset=data)
+    batched = _quantize(tiny_dir, bits=8, group_size=32, dataset=data, calibration_batch_size=5)
+    assert len(seen) == 28
+    for i in range(14):
+        rel = float((seen[i] - seen[14 + i]).norm() / seen[i].norm())
+        assert rel < 1e-4, (i, rel)
     e1, e2 = one.hf_quantizer.report.layer_errors, batched.hf_quantizer.report.layer_errors
     assert e1.keys() == e2.keys() and len(e1) == 14
     for name in e1:
-        assert e1[name] == pytest.approx(e2[name], rel=1e-3)
+        assert e1[name] == pytest.approx(e2[name], rel=1e-2)
 
 
 def _record_hessians(monkeypatch):

@@ -14,6 +14,7 @@ with the card re-rendered so that its usage snippet names the repository.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import re
@@ -23,6 +24,7 @@ from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 
+from ..file_modes import apply_umask
 from .card import REPORT_FILE, is_ours, read_report, render_card, write_card, write_report
 
 logger = logging.getLogger("hf_astroquant")
@@ -31,15 +33,34 @@ _AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForI
 _SKIP_UPLOAD = re.compile(r"(^|/)(\.|__pycache__/)|\.tmp$")
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def hub_id_of(text: Any) -> str | None:
+    """`text` as a Hub model id ("org/name"), from an id or a huggingface.co URL; else None. A string
+    naming an existing local path is never taken for an id."""
+    if not isinstance(text, str) or not text:
+        return None
+    m = re.match(r"^https?://(?:www\.)?huggingface\.co/(?!datasets/|spaces/)([\w.-]+/[\w.-]+)", text)
+    if m:
+        return m.group(1)
+    if _HUB_ID.fullmatch(text) and not Path(text).exists():
+        return text
+    return None
+
+
 def base_model_info(name_or_path: str | os.PathLike | None) -> dict[str, Any]:
-    """What the card says about the base model: `source`, and when known `base_model` (a Hub id)
-    and `license` (from the base model's card; a Hub card is only read when the Hub is reachable)."""
-    info: dict[str, Any] = {"source": str(name_or_path) if name_or_path else None, "base_model": None,
-                            "license": None}
+    """What the card says about the base model: `source` (a Hub id, or a local directory's name:
+    never a path of this machine), and when known `base_model` (a Hub id) and `license`.
+
+    A local directory's Hub id comes from the Hub cache's folder names, its own model card's
+    `base_model`, or config.json's `_name_or_path`; a Hub card is read only when the Hub is reachable."""
+    info: dict[str, Any] = {"source": None, "base_model": None, "license": None}
     if not name_or_path:
         return info
     path = Path(name_or_path)
     if path.exists():
+        info["source"] = path.resolve().name
         # A snapshot in the Hub cache: .../models--org--name/snapshots/<rev>
         m = re.search(r"models--([^/]+?)--([^/]+)/snapshots/", path.resolve().as_posix())
         if m:
@@ -49,13 +70,28 @@ def base_model_info(name_or_path: str | os.PathLike | None) -> dict[str, Any]:
             data = ModelCard.load(readme).data
             info["license"] = getattr(data, "license", None)
             bm = getattr(data, "base_model", None)
-            info["base_model"] = info["base_model"] or (bm if isinstance(bm, str) else None)
+            info["base_model"] = info["base_model"] or hub_id_of(bm)
+        config = path / "config.json" if path.is_dir() else None
+        if info["base_model"] is None and config is not None and config.is_file():
+            try:
+                info["base_model"] = hub_id_of(json.loads(config.read_text()).get("_name_or_path"))
+            except (ValueError, AttributeError):  # not a JSON object: nothing to learn from it
+                pass
+        if info["base_model"]:
+            info["source"] = info["base_model"]
         return info
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):
+    info["source"] = str(name_or_path)
+    if hub_id_of(str(name_or_path)):
         info["base_model"] = str(name_or_path)
+        from .. import hub_access
+
+        reason = hub_access.unreachable_reason()
+        if reason:
+            logger.info("not reading the base model card of %s: %s", name_or_path, reason)
+            return info
         try:
             info["license"] = getattr(ModelCard.load(str(name_or_path)).data, "license", None)
-        except Exception as err:  # offline, gated, or no card: the licence stays unknown
+        except Exception as err:  # gated, or no card: the licence stays unknown
             logger.info("could not read the base model card of %s: %s", name_or_path, err)
     return info
 
@@ -133,6 +169,7 @@ def install_save_hooks(model) -> None:
             model.config.auto_map = stub[1]
         result = save_original(save_directory, *args, **kwargs)
         write_extras(model, save_directory, stub)
+        apply_umask(save_directory)
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", None) or Path(save_directory).name
             push_folder(save_directory, repo_id, **hub_kwargs)

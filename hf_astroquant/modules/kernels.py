@@ -16,12 +16,21 @@ group is contiguous; a group larger than 256 columns (group_size=-1 included) is
 groups that share one scale. N is padded with zero rows to a multiple of 32 (the CPU layout's
 block of rows; the kernel itself needs 16).
 
-The CPU layout is invertible (`int4pack_cpu_codes`), so a layer on that path need not also keep
-its GPTQ-layout `qweight`: `QuantLinear` rebuilds it on demand (saving, moving, the reference path).
+The packed layout is private to the kernel and differs between torch's CPU dispatch levels (AVX2 and
+AVX-512 pack rows in different blocks), so we never read it. The codes come back through the kernel
+itself (`Int4Weights.codes`): fed the identity, it returns every weight (q − 8)·scale + zero, and
+the grid inverts that exactly (the bf16 rounding of the output, ≤ 16·scale·2⁻⁹, is far below half a
+step). So a layer on this path need not also keep its GPTQ-layout `qweight`: `QuantLinear` rebuilds
+it on demand (saving, moving, the reference path), after checking the inverse against its codes.
 
 int8 (``aten._weight_int8pack_mm``, CPU) has one scale per output row and no zero point; with one
 group per row, W = (q − z)·s = s·(q − 128) + s·(128 − z), so
 y = int8mm(x, q − 128, s) + (Σ_k x_k) · s·(128 − z).
+Its vectorized bf16 path reads past the end of a row whose length K is not a multiple of the vector
+width, and crashes the process (seen with torch 2.13: K = 196 on AVX2, K = 200 on AVX-512, from 4
+rows of activations on). K is therefore always padded with zero columns to a multiple of
+`INT8_K_ALIGN`, wider than any x86 vector of bf16 (AVX-512: 32, AMX tiles: 32), so no dispatch level
+is handed a row tail.
 
 Triton (CUDA) reads the GPTQ-layout buffers themselves (nothing repacked, nothing copied) and keeps
 the activations' dtype; `auto` prefers it on CUDA except for bf16 activations with ≤ 4 bits, where
@@ -45,6 +54,8 @@ BACKENDS = ("auto", "reference", "int4", "int8", "triton")
 INT4_COMPUTE_DTYPE = torch.bfloat16
 _KERNEL_GROUPS = (256, 128, 64, 32)
 _N_TILE = 32
+INT8_K_ALIGN = 64
+_IDENTITY_ROWS = 256  # rows of the identity per kernel call when reading codes back (bounds the memory)
 
 
 def check_backend(backend: str) -> None:
@@ -69,15 +80,37 @@ class Int4Weights:
 
     @property
     def invertible(self) -> bool:
-        """Whether `codes()` can read the layout back: the CPU layout's inverse is known (QuantLinear
-        still checks it against the layer's codes before relying on it)."""
+        """Whether a layer may rely on `codes()` alone (QuantLinear still checks the result against its
+        codes first). CPU only: the CUDA path keeps `qweight`, as nothing there has been measured."""
         return self.packed.device.type == "cpu"
 
+    def _matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        """The kernel on (M, K) activations already in kernel column order and compute dtype: (M, N_pad)."""
+        if x2.device.type == "cpu":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.kernel_group,
+                                                              self.scale_zero)
+        return torch.ops.aten._weight_int4pack_mm(x2.contiguous(), self.packed, self.kernel_group, self.scale_zero)
+
     def codes(self) -> torch.Tensor:
-        """The layer's codes, (in, out) int32 in the original column order (CPU layout only)."""
-        n_pad, k = self.packed.shape[0], self.packed.shape[1] * 2
-        q = int4pack_cpu_codes(self.packed, n_pad, k)[: self.out_features] - self.shift  # (N, K) permuted
-        q = q.t()
+        """The layer's codes, (in, out) int32 in the original column order, read back through the kernel.
+
+        Row k of the identity gives W[:, k] = (q[:, k] − 8)·scale[t] + zero[t] (t = k // kernel_group),
+        so q = round((W − zero) / scale) + 8 − shift. A zero scale cannot be inverted (any code gives
+        the same weight); the caller's check against the true codes then keeps `qweight`.
+        """
+        k = self.scale_zero.shape[0] * self.kernel_group
+        scale = self.scale_zero[..., 0].to(torch.float32)  # (T, N_pad): the values the kernel uses
+        zero = self.scale_zero[..., 1].to(torch.float32)
+        chunks = []
+        for start in range(0, k, _IDENTITY_ROWS):
+            rows = torch.arange(start, min(k, start + _IDENTITY_ROWS), device=self.packed.device)
+            eye = torch.zeros(rows.numel(), k, dtype=self.scale_zero.dtype, device=self.packed.device)
+            eye[torch.arange(rows.numel(), device=eye.device), rows] = 1
+            w = self._matmul(eye).to(torch.float32)  # (rows, N_pad): W transposed
+            t = rows // self.kernel_group
+            q = torch.round((w - zero[t]) / scale[t].where(scale[t] != 0, torch.ones_like(scale[t])))
+            chunks.append(q[:, : self.out_features].to(torch.int32) + 8 - self.shift)
+        q = torch.cat(chunks)  # (K, N) in kernel column order
         if self.perm is None:
             return q.contiguous()
         out = torch.empty_like(q)
@@ -89,12 +122,7 @@ class Int4Weights:
         x2 = x.reshape(-1, shape[-1])
         if self.perm is not None:
             x2 = x2.index_select(1, self.perm)
-        x2 = x2.to(self.scale_zero.dtype)
-        if x2.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self.packed, self.kernel_group,
-                                                           self.scale_zero)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), self.packed, self.kernel_group, self.scale_zero)
+        y = self._matmul(x2.to(self.scale_zero.dtype))
         if y.shape[1] != self.out_features:
             y = y[:, : self.out_features]
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
@@ -104,14 +132,16 @@ class Int4Weights:
 class Int8Weights:
     """A one-group-per-row 8-bit layer repacked for ``aten._weight_int8pack_mm``."""
 
-    weight: torch.Tensor  # (N, K) int8, q − 128
+    weight: torch.Tensor  # (N, K_pad) int8, q − 128, zero columns past K (see INT8_K_ALIGN)
     scales: torch.Tensor  # (N,) activation dtype
     offset: torch.Tensor  # (N,) s·(128 − z), activation dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous()
-        y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)
+        x2 = x.reshape(-1, shape[-1])
+        pad = self.weight.shape[1] - shape[-1]
+        xk = F.pad(x2, (0, pad)) if pad else x2  # never hand the kernel a row tail (module docstring)
+        y = torch.ops.aten._weight_int8pack_mm(xk.contiguous(), self.weight, self.scales)
         y = y + x2.sum(dim=1, keepdim=True) * self.offset
         return y.reshape(*shape[:-1], y.shape[-1])
 
@@ -197,17 +227,6 @@ def int4_weights(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                        shift)
 
 
-def int4pack_cpu_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Inverse of ``aten._convert_weight_to_int4pack_for_cpu`` for n a multiple of 32: (n, k) codes.
-
-    The layout (read off the kernel, and checked against it every time a layer is packed): rows in
-    blocks of 32; a block's bytes, viewed as (k, 16), hold byte (kk, j) = q[j, kk] | q[16 + j, kk] << 4.
-    """
-    b = packed.to(torch.int32).reshape(n // 32, k, 16)
-    q = torch.cat([b & 15, b >> 4], dim=2)  # (blocks, k, 32)
-    return q.permute(0, 2, 1).reshape(n, k)
-
-
 def int8_weights(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, n_groups: int,
                  dtype: torch.dtype, device: torch.device) -> Int8Weights:
     """Repack an 8-bit layer with one group per row for ``aten._weight_int8pack_mm`` (CPU)."""
@@ -216,7 +235,8 @@ def int8_weights(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
     if n_groups != 1:
         raise Unsupported(f"the int8 kernel has one scale per row; this layer has {n_groups} groups")
     s = scales[0].to(torch.float32)
-    weight = (codes.t().to(torch.int32) - 128).to(torch.int8).contiguous()
+    weight = (codes.t().to(torch.int32) - 128).to(torch.int8)
+    weight = F.pad(weight, (0, -weight.shape[1] % INT8_K_ALIGN)).contiguous()
     offset = s * (128.0 - zeros[0].to(torch.float32))
     return Int8Weights(weight.to(device), s.to(device=device, dtype=dtype), offset.to(device=device, dtype=dtype))
 
