@@ -217,7 +217,8 @@ def test_cpu_int4_layers_keep_one_copy_of_the_codes_and_save_the_gptq_layout(bit
     layer.set_backend("reference")
     ref = layer(x)
     layer.set_backend("auto")
-    assert layer.prepare() == "int4"
+    assert layer.prepare() == "int4" and layer.qweight.numel() > 0  # fp32: kept for the de-quantizing prefill
+    assert layer.prepare(torch.bfloat16) == "int4"
     assert layer.qweight.numel() == 0  # the GPTQ-layout copy is released: the kernel layout holds the codes
     sd = layer.state_dict()
     assert set(sd) == set(before) and all(torch.equal(sd[k], before[k]) for k in before)
@@ -270,7 +271,7 @@ def test_a_layer_whose_codes_cannot_be_read_back_keeps_qweight():
     layer = _layer(4, 32, 128, 32)
     layer.scales[1] = 0  # a zero step: every code gives the same weight, so the kernel cannot tell them apart
     before = layer.qweight.clone()
-    assert layer.prepare() == "int4"
+    assert layer.prepare(torch.bfloat16) == "int4"  # bf16: a layer whose codes read back releases qweight
     assert torch.equal(layer.qweight, before)
     assert torch.equal(layer.state_dict()["qweight"], before)
 
@@ -331,7 +332,7 @@ def test_auto_runs_large_fp32_cpu_batches_through_the_fp32_gemm(monkeypatch):
     monkeypatch.setattr(kernels.Int4Weights, "forward", spy)
     big = torch.randn(2, 600, 128)  # 1200 rows
     y = layer(big)
-    assert calls == [] and layer.qweight.numel() == 0  # de-quantized from the kernel layout; nothing kept
+    assert calls == [] and layer.qweight.numel() > 0  # de-quantized from qweight, which fp32 layers keep
     layer.set_backend("reference")
     assert torch.equal(y, layer(big))
     layer.set_backend("auto")

@@ -180,7 +180,12 @@ class QuantLinear(nn.Module):
             _warn_once(f"astroquant: reference forward for a layer ({self.extra_repr()}): {'; '.join(reasons)}")
         self._fast = (device, dtype, name, weights)
         self.active_backend = name
-        if isinstance(weights, kernels.Int4Weights) and weights.invertible and torch.equal(weights.codes(), codes):
+        # fp32 layers keep qweight: their large batches de-quantize from it on every call (see
+        # _dequantize_is_faster), and reading the codes back through the kernel instead would cost
+        # about one kernel call on in_features rows each time.
+        fp32_prefill = self.backend == "auto" and dtype == torch.float32 and device.type == "cpu"
+        if (isinstance(weights, kernels.Int4Weights) and weights.invertible and not fp32_prefill
+                and torch.equal(weights.codes(), codes)):
             self._release_qweight()
         return name
 
