@@ -57,15 +57,12 @@ def _token_windows(data: Any) -> list[torch.Tensor] | None:
 def _text_of(data: Any) -> tuple[str, str]:
     """(text, description) for every text-like form of calibration data."""
     if isinstance(data, (str, os.PathLike)):
+        check_source(data)  # a readable file, or a known name on a reachable Hub
         name = os.fspath(data)
         if os.path.isfile(name):
             with open(name, encoding="utf-8") as f:
                 return f.read(), f"text file {os.path.basename(name)}"
-        if name in DATASET_NAMES:
-            return _load_named(name), name
-        raise CalibrationDataError(
-            f"dataset={name!r} is neither an existing text file nor one of {', '.join(DATASET_NAMES)}"
-        )
+        return _load_named(name), name
     if isinstance(data, (list, tuple)):
         if not data:
             raise CalibrationDataError("dataset is an empty list; pass texts or token windows")
@@ -112,7 +109,6 @@ def check_source(data: Any) -> None:
 
 
 def _load_named(name: str) -> str:
-    check_source(name)
     import datasets
 
     try:

@@ -234,11 +234,15 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CliError(f"{out} exists and is not empty; pass --overwrite to replace it")
+
+
 def _prepare_out(out: Path, overwrite: bool) -> Path:
     """A fresh temporary sibling of `out` to write into (renamed into place when complete, so an
     interrupted run never leaves a half-written `out`)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CliError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    _check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
 
@@ -275,14 +279,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     # every argument, the data included, is checked before anything is loaded
-    config_from_args(args)
+    cfg = config_from_args(args)
     source, load_kwargs, info = resolve_source(args.model)
-    if args.method != "rtn" and args.dataset is None:
-        raise CliError(f"--method {args.method or 'gptq'} needs calibration data: pass --dataset FILE|wikitext2|c4")
-    check_source(args.dataset)
+    if cfg.needs_calibration_data and cfg.dataset is None:
+        raise CliError(f"--method {cfg.method} needs calibration data: pass --dataset FILE|wikitext2|c4")
+    check_source(cfg.dataset)
     eval_text = evaluation_text(args.eval_data) if args.eval_data else None
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise CliError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    _check_out(out, args.overwrite)
     try:
         tok = _load_tokenizer(args.tokenizer or source, load_kwargs)
     except OSError as err:

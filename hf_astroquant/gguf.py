@@ -1,5 +1,5 @@
 """GGUF sources: transformers de-quantizes a .gguf file into a full-precision model but leaves a
-GGUF quantization marker on it; these helpers make it a plain model and read its licence."""
+GGUF quantization marker on it; these helpers make it a plain model and read its licence and source."""
 
 from __future__ import annotations
 
@@ -43,14 +43,3 @@ def gguf_base_model_info(path: str | Path) -> dict:
             info["base_model"] = hub_id
             break
     return info
-
-
-def gguf_license(path: str | Path) -> str | None:
-    """The `general.license` metadata of a GGUF file, or None (not recorded, or `gguf` not installed)."""
-    try:
-        from gguf import GGUFReader
-
-        field = GGUFReader(str(path)).fields.get("general.license")
-        return field.contents() if field is not None else None
-    except Exception:  # gguf not installed or an old file: the licence stays unknown
-        return None

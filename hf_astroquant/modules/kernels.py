@@ -101,6 +101,7 @@ class Int4Weights:
         k = self.scale_zero.shape[0] * self.kernel_group
         scale = self.scale_zero[..., 0].to(torch.float32)  # (T, N_pad): the values the kernel uses
         zero = self.scale_zero[..., 1].to(torch.float32)
+        divisor = scale.where(scale != 0, torch.ones_like(scale))
         chunks = []
         for start in range(0, k, _IDENTITY_ROWS):
             rows = torch.arange(start, min(k, start + _IDENTITY_ROWS), device=self.packed.device)
@@ -108,7 +109,7 @@ class Int4Weights:
             eye[torch.arange(rows.numel(), device=eye.device), rows] = 1
             w = self._matmul(eye).to(torch.float32)  # (rows, N_pad): W transposed
             t = rows // self.kernel_group
-            q = torch.round((w - zero[t]) / scale[t].where(scale[t] != 0, torch.ones_like(scale[t])))
+            q = torch.round((w - zero[t]) / divisor[t])
             chunks.append(q[:, : self.out_features].to(torch.int32) + 8 - self.shift)
         q = torch.cat(chunks)  # (K, N) in kernel column order
         if self.perm is None:

@@ -180,12 +180,10 @@ class QuantLinear(nn.Module):
             _warn_once(f"astroquant: reference forward for a layer ({self.extra_repr()}): {'; '.join(reasons)}")
         self._fast = (device, dtype, name, weights)
         self.active_backend = name
-        # fp32 layers keep qweight: their large batches de-quantize from it on every call (see
-        # _dequantize_is_faster), and reading the codes back through the kernel instead would cost
-        # about one kernel call on in_features rows each time.
-        fp32_prefill = self.backend == "auto" and dtype == torch.float32 and device.type == "cpu"
-        if (isinstance(weights, kernels.Int4Weights) and weights.invertible and not fp32_prefill
-                and torch.equal(weights.codes(), codes)):
+        # Layers whose large batches de-quantize keep qweight: reading the codes back through the
+        # kernel instead would cost about one kernel call on in_features rows on every such batch.
+        if (isinstance(weights, kernels.Int4Weights) and weights.invertible
+                and not self._prefill_dequantizes(dtype, device) and torch.equal(weights.codes(), codes)):
             self._release_qweight()
         return name
 
@@ -226,8 +224,11 @@ class QuantLinear(nn.Module):
         """With "auto", a large fp32 batch on CPU (prefill) de-quantizes once and runs the fp32 GEMM:
         the int4 kernel computes in bf16, which CPUs without bf16 instructions run slower than
         fp32 GEMM once the batch amortizes the de-quantization (measured crossover: 512-1024 rows)."""
-        return (self.backend == "auto" and x.dtype == torch.float32 and x.device.type == "cpu"
-                and x.numel() >= _DEQUANTIZE_MIN_ROWS * self.in_features)
+        return self._prefill_dequantizes(x.dtype, x.device) and x.numel() >= _DEQUANTIZE_MIN_ROWS * self.in_features
+
+    def _prefill_dequantizes(self, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether large batches of this dtype and device take the de-quantize-then-GEMM path."""
+        return self.backend == "auto" and dtype == torch.float32 and device.type == "cpu"
 
     def _apply(self, fn, recurse=True):
         self._drop_fast()  # moved or cast: the prepared kernel weights are stale
