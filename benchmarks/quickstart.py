@@ -1,6 +1,7 @@
 """The main job: quantize the real SmolLM2-135M to 4 bits, print perplexity before and after, save.
 
-    python benchmarks/quickstart.py --bits 4 --out smollm2-w4
+    python benchmarks/quickstart.py --bits 4 --out smollm2-w4               # every option at its default
+    python benchmarks/quickstart.py --bits 3 --preset best --out smollm2-w3  # a measured preset
 
 The benchmark protocol (`protocol.py`): calibration on 64 windows of 512 tokens drawn with seed 0
 from the Python docs, perplexity on the first 8 windows of 2048 tokens of WikiText-2 test. Both
@@ -24,9 +25,9 @@ import protocol  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--method", default="gptq")
-    ap.add_argument("--mse", action="store_true", help="add the clipping search (better at 3 bits, ~15 % slower)")
+    ap.add_argument("--group-size", type=int, default=None, help="default: 64, or the preset's")
+    ap.add_argument("--preset", choices=("fast", "balanced", "best"), default=None,
+                    help="a measured preset (default: every option at its default, which is the fast preset)")
     ap.add_argument("--out", default="smollm2-astroquant")
     args = ap.parse_args()
 
@@ -42,9 +43,13 @@ def main() -> None:
     fp = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     ppl_fp = perplexity(fp, eval_ids, seqlen, n_windows)
     del fp
-    cfg = hf_astroquant.AstroQuantConfig(bits=args.bits, group_size=args.group_size, sym=False, method=args.method,
-                                         desc_act=True, static_groups=True, mse=args.mse, dataset=calib, tokenizer=tok,
-                                         n_samples=64, seqlen=512)
+    data = dict(dataset=calib, tokenizer=tok, n_samples=64, seqlen=512)
+    if args.group_size is not None:
+        data["group_size"] = args.group_size
+    if args.preset:
+        cfg = hf_astroquant.AstroQuantConfig.recommended(bits=args.bits, quality=args.preset, **data)
+    else:
+        cfg = hf_astroquant.AstroQuantConfig(bits=args.bits, **{"group_size": 64, **data})
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, quantization_config=cfg)
     seconds = time.perf_counter() - start
@@ -54,7 +59,8 @@ def main() -> None:
     size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
     print(f"\nSmolLM2-135M, {what}")
     print(f"  full precision perplexity: {ppl_fp:.2f}")
-    print(f"  {args.method} W{args.bits} g{args.group_size} perplexity: {ppl_q:.2f}  (quantized in {seconds:.0f} s)")
+    label = f"{cfg.method} W{cfg.bits} g{cfg.group_size}" + (f" ({args.preset} preset)" if args.preset else "")
+    print(f"  {label} perplexity: {ppl_q:.2f}  (quantized in {seconds:.0f} s)")
     print(f"  saved to {args.out}/ ({size / 2**20:.0f} MiB of safetensors; the tied fp32 embedding is most of it)")
     print(f"  reload with: import hf_astroquant; AutoModelForCausalLM.from_pretrained({args.out!r})")
 

@@ -1,6 +1,9 @@
-"""Render the results table in README.md from benchmarks/results/ (between the marker comments).
+"""Render the generated tables of README.md and docs/*.md (between marker comments) from
+benchmarks/results/ and from the options table of hf_astroquant (`options.OPTIONS`).
 
     python benchmarks/update_readme.py
+
+Each marker pair lives in one file; a pair found in no file is an error (a table would be lost).
 """
 
 from __future__ import annotations
@@ -216,30 +219,94 @@ def read_rows(path: Path) -> list[dict]:
     return [{**r, "sitting": sitting.group(1)} for r in rows] if sitting else rows
 
 
+PRESETS_START, PRESETS_END = "<!-- presets:start -->", "<!-- presets:end -->"
+# where a preset's row is looked up, first match wins: the timed sittings first
+PRESET_SOURCES = ("ablation-s5.jsonl", "preconditioning.jsonl", "ablation-s6.jsonl", "ablation-s4.jsonl")
+DEFAULTS = RESULTS / "defaults.jsonl"  # bench_quality.py defaults-w* rows against round-to-nearest, by seed
+DEFAULTS_START, DEFAULTS_END = "<!-- defaults:start -->", "<!-- defaults:end -->"
+OPTIONS_START, OPTIONS_END = "<!-- options:start -->", "<!-- options:end -->"
+OPTIONS_DETAIL_START, OPTIONS_DETAIL_END = "<!-- options-detail:start -->", "<!-- options-detail:end -->"
+
+
+def render_presets() -> str:
+    from hf_astroquant.presets import PRESETS
+
+    found: dict[str, tuple[dict, str]] = {}
+    for name in reversed(PRESET_SOURCES):  # the first source overwrites the later ones
+        path = RESULTS / name
+        for r in read_jsonl(path) if path.exists() else []:
+            found[r.get("row")] = (r, name)
+    lines = ["| preset | bits | group | method | preconditioning | WikiText-2 ppl | quantize s | measured as |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (quality, bits), (opts, row) in sorted(PRESETS.items(), key=lambda kv: (-kv[0][1], kv[0][0] != "fast",
+                                                                               kv[0][0] != "balanced")):
+        r, source = found[row]
+        pre = " + ".join(x for x in (opts.get("transform"), "Astro" if opts.get("astro") else None) if x) or "none"
+        lines.append(f"| `{quality}` | {bits} | {opts['group_size']} | {opts['method']} | {pre} | {r['ppl']:.2f} | "
+                     f"{r['quant_seconds']} | `{row}` ({source}) |")
+    return "\n".join(lines)
+
+
+def render_defaults(rows: list[dict]) -> str:
+    """Perplexity of every option at its default (bits and group size set) against round-to-nearest, per
+    calibration seed."""
+    by = {(r["row"], r.get("calibration_seed", 0)): r for r in rows}
+    seeds = sorted({s for _, s in by})
+    lines = ["| bits | group | " + " | ".join(f"defaults, calibration seed {s}" for s in seeds) + " | round-to-nearest "
+             "(min/max, its default) | round-to-nearest with the clipping search | plain GPTQ (the old defaults), "
+             "per seed |",
+             "|---|---|" + "---|" * len(seeds) + "---|---|---|"]
+    for bits in (4, 3):
+        cells = [f"{by[(f'defaults-w{bits}', s)]['ppl']:.2f}" if (f"defaults-w{bits}", s) in by else "" for s in seeds]
+        rtn = [by.get((f"rtn-w{bits}", 0)), by.get((f"rtn-mse-w{bits}", 0))]
+        plain = [f"{by[(f'gptq-w{bits}-plain', s)]['ppl']:.2f}" for s in seeds if (f"gptq-w{bits}-plain", s) in by]
+        lines.append(f"| {bits} | 64 | " + " | ".join(cells) + " | "
+                     + " | ".join(f"{r['ppl']:.2f}" if r else "" for r in rtn) + f" | {' / '.join(plain)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
-    readme = ROOT / "README.md"
+    from hf_astroquant.options import options_table
+
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    texts = {f: f.read_text() for f in files}
+
+    def put(start: str, end: str, body: str) -> None:
+        homes = [f for f, t in texts.items() if start in t]
+        if len(homes) != 1:
+            raise SystemExit(f"{start} is in {len(homes)} files ({[str(f) for f in homes]}); it must be in one")
+        texts[homes[0]] = _replace(texts[homes[0]], start, end, body)
+
     main_table = render(load_rows())
-    text = _replace(readme.read_text(), START, END, main_table)
+    put(START, END, main_table)
+    put(OPTIONS_START, OPTIONS_END, options_table())
+    put(OPTIONS_DETAIL_START, OPTIONS_DETAIL_END, options_table(detail=True))
+    put(PRESETS_START, PRESETS_END, render_presets())
+    if DEFAULTS.exists():
+        put(DEFAULTS_START, DEFAULTS_END, render_defaults(read_jsonl(DEFAULTS)))
     sections = [(ABLATION, ABL_START, ABL_END, render_ablation), (ABLATION_PPL, ABL2_START, ABL2_END, render_ablation_ppl),
                 (SPEED, SPEED_START, SPEED_END, render_speed), (EXPORT, EXPORT_START, EXPORT_END, render_export)]
     for paths, start, end, render_rows in sections:
         paths = [p for p in paths if p.exists()]
         if paths:
             table = render_rows([r for p in paths for r in read_rows(p)])
-            text = _replace(text, start, end, table)
+            put(start, end, table)
             print(table)
     if PRECONDITIONING.exists():
         later = read_rows(PRECONDITIONING_LATER) if PRECONDITIONING_LATER.exists() else []
         table = render_preconditioning(read_rows(PRECONDITIONING) + later,
                                        json.loads(ASTRO.read_text()) if ASTRO.exists() else None,
                                        json.loads(ASTRO_BETA.read_text()) if ASTRO_BETA.exists() else None)
-        text = _replace(text, PRE_START, PRE_END, table)
+        put(PRE_START, PRE_END, table)
         print(table)
     if OFFLOAD.exists():
         table = render_offload(json.loads(OFFLOAD.read_text()))
-        text = _replace(text, OFFLOAD_START, OFFLOAD_END, table)
+        put(OFFLOAD_START, OFFLOAD_END, table)
         print(table)
-    readme.write_text(text)
+    for f, t in texts.items():
+        if f.read_text() != t:
+            f.write_text(t)
+            print(f"rendered {f.relative_to(ROOT)}")
     print(main_table)
 
 

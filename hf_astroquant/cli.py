@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ASYM_ALPHA_CHOICES, SUPPORTED_BITS, SUPPORTED_METHODS, SUPPORTED_ROUNDING, SUPPORTED_TRANSFORMS, AstroQuantConfig
+from .config import AstroQuantConfig
 from .file_modes import apply_umask, current_umask
 from .gguf import drop_gguf_marker, gguf_base_model_info
 from .modules.kernels import BACKENDS
@@ -43,122 +43,31 @@ class ShellParser(argparse.ArgumentParser):
 
 # --------------------------------------------------------------------------- config options as flags
 
-def _asym_alpha(text: str):
-    if text in ASYM_ALPHA_CHOICES:
-        return text
-    if text.lower() == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1], 'auto', 'projected' or 'none'")
-
-
-def _optional_int(text: str):
-    return None if text.lower() in ("none", "auto", "all") else int(text)
-
-
-# Each config option as a shell flag: argparse settings, help written for the shell (values as they
-# are typed), and for options whose default is None, the word that types it.
-_OPTION_ARGS: dict[str, dict[str, Any]] = {
-    "bits": dict(type=int, choices=SUPPORTED_BITS, help="weight bit width"),
-    "group_size": dict(type=int, metavar="N",
-                       help="input columns per scale and zero point; -1: one group per output channel (a size "
-                            "that does not divide a layer's width leaves a shorter last group)"),
-    "sym": dict(action=argparse.BooleanOptionalAction,
-                help="symmetric grid (zero point fixed at 2^(bits-1)) instead of asymmetric min/max"),
-    "desc_act": dict(action=argparse.BooleanOptionalAction,
-                     help="act-order: quantize columns by descending Hessian diagonal (recommended)"),
-    "static_groups": dict(action=argparse.BooleanOptionalAction,
-                          help="fit every group's grid up front on the original weights, so groups stay "
-                               "contiguous (recommended with --desc-act)"),
-    "damp_percent": dict(type=float, metavar="X",
-                         help="Hessian damping as a fraction of its mean diagonal, in (0, 1]"),
-    "true_sequential": dict(action=argparse.BooleanOptionalAction,
-                            help="each Linear sees the outputs of the already-quantized Linears before it"),
-    "method": dict(choices=SUPPORTED_METHODS,
-                   help="solver: rtn (round to nearest, no data), gptq, gptaq (fits the full-precision output; "
-                        "carries a full-precision stream) or rescomp (gptaq plus a residual toward the original "
-                        "weights; runs gptaq at 2 bits)"),
-    "mse": dict(action=argparse.BooleanOptionalAction,
-                help="search each group's clipping range for the smallest rounding error (about 15%% slower)"),
-    "alpha": dict(type=float, metavar="X", help="step scale of gptaq's P-term and rescomp's R-term, in [0, 1]"),
-    "asym_alpha": dict(type=_asym_alpha, metavar="{X,auto,projected,none}", none_word="none",
-                       help="target interpolation X + a*dX: a number in [0, 1], auto or projected (chosen per "
-                            "layer), or none (0 for gptq, 1 for gptaq/rescomp)"),
-    "rounding": dict(choices=SUPPORTED_ROUNDING,
-                     help="gptq (greedy sweep), beam (--beam-width candidates per row) or successive "
-                          "(reverse-order decoding; --method gptq only)"),
-    "beam_width": dict(type=int, metavar="K", help="partial solutions kept per row with --rounding beam (1 = greedy)"),
-    "fp_samples": dict(type=_optional_int, metavar="{N,all}", none_word="all",
-                       help="asymmetric solvers: how many calibration windows (the first) also run through the "
-                            "full-precision blocks; fewer save time and memory"),
-    "dataset": dict(metavar="{wikitext2,c4,FILE}", none_word="none",
-                    help="calibration text: a local text file, or wikitext2 / c4 from the Hugging Face Hub "
-                         "(needs the network)"),
-    "tokenizer": dict(metavar="NAME_OR_DIR", none_word="MODEL's",
-                      help="tokenizer for the calibration text (a Hub id or a directory)"),
-    "n_samples": dict(type=int, metavar="N", help="calibration windows drawn from the text"),
-    "seqlen": dict(type=int, metavar="N", help="tokens per calibration window"),
-    "seed": dict(type=int, metavar="N", help="seed for drawing the calibration windows"),
-    "modules_to_not_convert": dict(nargs="+", metavar="PATTERN", none_word="none",
-                                   help="modules kept in full precision: full names, dotted fragments "
-                                        "(mlp.down_proj) or regexes; lm_head is always kept"),
-    "block_size": dict(type=int, metavar="N", help="GPTQ lazy-batch width (speed only; results do not change)"),
-    "calibration_batch_size": dict(type=_optional_int, metavar="{N,auto}", none_word="auto",
-                                   help="windows per forward pass; auto: all at once when they fit a 4 GiB "
-                                        "activation budget"),
-    "backend": dict(choices=BACKENDS, help="forward path of the packed layers (for the evaluation; never saved)"),
-    "resume_dir": dict(metavar="DIR", none_word="none",
-                       help="checkpoint every finished block here; rerun with the same DIR to continue after a "
-                            "crash"),
-    "solve_devices": dict(nargs="+", metavar="DEVICE", none_word="the block's device",
-                          help="solve the Linears that share an input on these devices in parallel "
-                               "(e.g. cuda:0 cuda:1), or auto"),
-    "astro": dict(action=argparse.BooleanOptionalAction,
-                  help="Astro preconditioning: reshape each Linear's weights before it is solved"),
-    "astro_beta": dict(type=float, metavar="X", help="weight of Astro's rounding-error term, >= 0 (0 turns it off)"),
-    "astro_steps": dict(type=int, metavar="N", help="Astro's proximal-gradient steps, >= 1"),
-    "astro_lr": dict(type=float, metavar="X", help="Astro's step size as a fraction of 1/L, in (0, 1]"),
-    "transform": dict(choices=SUPPORTED_TRANSFORMS,
-                      help="transforms folded into the weights before calibration: rotate, scale, or adaptive "
-                           "(per site, chosen by weight kurtosis)"),
-    "kurtosis_threshold_attn": dict(type=float, metavar="X",
-                                    help="--transform adaptive: kurtosis z-score above which an attention site "
-                                         "gets rotation instead of scales"),
-    "kurtosis_threshold_mlp": dict(type=float, metavar="X",
-                                   help="--transform adaptive: the same for MLP sites"),
-}
-
-
-def _shell_default(name: str, value: Any) -> str:
-    """A default as the user would type it."""
-    if value is None:
-        return _OPTION_ARGS[name].get("none_word", "none")
-    if isinstance(value, bool):
-        return "--" + ("" if value else "no-") + name.replace("_", "-")
-    return str(value)
-
-
-def option_help() -> dict[str, str]:
+def option_help(config_cls: type = AstroQuantConfig) -> dict[str, str]:
     """Each option's shell help, with its default as typed."""
-    defaults = AstroQuantConfig()
-    return {name: f"{spec['help']} (default: {_shell_default(name, getattr(defaults, name))})"
-            for name, spec in _OPTION_ARGS.items()}
+    return {o.name: f"{o.help} (default: {o.shell_default()})".replace("%", "%%") for o in config_cls.OPTIONS}
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("quantization options (AstroQuantConfig)")
-    helps = option_help()
-    for name in AstroQuantConfig._option_names():
-        kwargs = {k: v for k, v in _OPTION_ARGS[name].items() if k not in ("help", "none_word")}  # KeyError: a new
-        group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=helps[name], **kwargs)
+def add_config_flags(parser: argparse.ArgumentParser, config_cls: type = AstroQuantConfig) -> None:
+    """A flag for every option of `config_cls` (typed, with choices and help, from its OPTIONS), and --preset."""
+    from .presets import QUALITIES
+
+    parser.add_argument("--preset", choices=QUALITIES, default=None,
+                        help="start from a measured preset at --bits (2, 3 or 4): fast (the defaults, every model "
+                             "family), balanced (adds a rotation) or best (the lowest perplexity we measured); other "
+                             "flags override it (default: no preset)")
+    helps = option_help(config_cls)
+    group = parser.add_argument_group(f"quantization options ({config_cls.__name__})")
+    for o in config_cls.OPTIONS:
+        group.add_argument(o.flag, dest=o.name, default=None, help=helps[o.name], **o.argparse_kwargs())
 
 
-def config_from_args(args: argparse.Namespace, **extra) -> AstroQuantConfig:
-    options = {n: getattr(args, n) for n in AstroQuantConfig._option_names() if getattr(args, n, None) is not None}
+def config_from_args(args: argparse.Namespace, config_cls: type = AstroQuantConfig, **extra) -> AstroQuantConfig:
+    options = {n: getattr(args, n) for n in config_cls._option_names() if getattr(args, n, None) is not None}
     options.update(extra)
-    return AstroQuantConfig(**options)
+    if getattr(args, "preset", None):
+        return config_cls.recommended(bits=options.pop("bits", 4), quality=args.preset, **options)
+    return config_cls(**options)
 
 
 # --------------------------------------------------------------------------- model sources
@@ -272,10 +181,9 @@ def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     import torch
 
-    from .eval import evaluation_text, perplexity
-    from .export.card import format_bytes, read_report, write_card
-
     from .calibration import check_source
+    from .eval import evaluation_text, perplexity
+    from .export.card import write_card
 
     out = Path(args.out)
     # every argument, the data included, is checked before anything is loaded
@@ -293,28 +201,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, tokenizer=tok)
     tmp_out = _prepare_out(out, args.overwrite)
     try:
-        base_src, base_kwargs = source, load_kwargs
-        with tempfile.TemporaryDirectory() as fp_dir:
-            if "gguf_file" in load_kwargs:  # de-quantize once; quantize from the plain checkpoint
-                print(f"de-quantizing {args.model} ...", file=sys.stderr)
-                fp = _load_fp(source, load_kwargs, args.dtype, {})
-                fp.save_pretrained(fp_dir)
-                del fp
-                base_src, base_kwargs = fp_dir, {}
-            ppl: dict[str, Any] = {}
-            if eval_text:
-                text, what = eval_text
-                eval_ids = tok(text, return_tensors="pt").input_ids[0]
-                ppl = {"data": what, "seqlen": args.eval_seqlen}
-                fp = _load_fp(base_src, base_kwargs, args.dtype, _placement(args))
-                ppl["base"] = perplexity(fp, eval_ids, args.eval_seqlen, args.eval_windows)
-                del fp
-            start = time.perf_counter()
-            from transformers import AutoModelForCausalLM
-
-            kwargs = dict(base_kwargs, dtype=_torch_dtype(args.dtype), quantization_config=cfg, **_placement(args))
-            model = AutoModelForCausalLM.from_pretrained(base_src, **kwargs)
-            seconds = time.perf_counter() - start
+        model, seconds, ppl, eval_ids = _load_and_quantize(args, cfg, source, load_kwargs, tok, eval_text)
         model.name_or_path = args.model
         report = dict(model.astroquant_report or {})
         report.update({k: v for k, v in info.items() if v is not None})
@@ -336,6 +223,44 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     except BaseException:
         shutil.rmtree(tmp_out, ignore_errors=True)
         raise
+    print_table("hf-astroquant quantize: summary", _quantize_summary(args, cfg, model, out, seconds, ppl))
+    return 0
+
+
+def _load_and_quantize(args, cfg, source: str, load_kwargs: dict, tok, eval_text):
+    """(quantized model, seconds it took, perplexity record with the base model's, evaluation ids):
+    a GGUF source is de-quantized once first; the base model is evaluated before it is quantized."""
+    from transformers import AutoModelForCausalLM
+
+    from .eval import perplexity
+
+    eval_ids = None
+    base_src, base_kwargs = source, load_kwargs
+    with tempfile.TemporaryDirectory() as fp_dir:
+        if "gguf_file" in load_kwargs:  # de-quantize once; quantize from the plain checkpoint
+            print(f"de-quantizing {args.model} ...", file=sys.stderr)
+            fp = _load_fp(source, load_kwargs, args.dtype, {})
+            fp.save_pretrained(fp_dir)
+            del fp
+            base_src, base_kwargs = fp_dir, {}
+        ppl: dict[str, Any] = {}
+        if eval_text:
+            text, what = eval_text
+            eval_ids = tok(text, return_tensors="pt").input_ids[0]
+            ppl = {"data": what, "seqlen": args.eval_seqlen}
+            fp = _load_fp(base_src, base_kwargs, args.dtype, _placement(args))
+            ppl["base"] = perplexity(fp, eval_ids, args.eval_seqlen, args.eval_windows)
+            del fp
+        start = time.perf_counter()
+        kwargs = dict(base_kwargs, dtype=_torch_dtype(args.dtype), quantization_config=cfg, **_placement(args))
+        model = AutoModelForCausalLM.from_pretrained(base_src, **kwargs)
+        seconds = time.perf_counter() - start
+    return model, seconds, ppl, eval_ids
+
+
+def _quantize_summary(args, cfg, model, out: Path, seconds: float, ppl: dict) -> list[tuple[str, Any]]:
+    from .export.card import format_bytes, read_report
+
     report = read_report(out)
     errs = sorted(report.get("layer_errors", {}).values())
     rows = [("model", args.model), ("output", str(out)),
@@ -348,14 +273,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if report.get("quantized_fp16_bytes"):
         rows.append(("quantized layers, packed / fp16", f"{report['quantized_packed_bytes'] / report['quantized_fp16_bytes']:.3f}"))
     if errs:
-        rows.append(("relative layer error, median / max", f"{errs[len(errs) // 2]:.2e} / {errs[-1]:.2e}"))
+        kind = "weight" if report.get("layer_error_kind") == "weight" else "reconstruction"
+        rows.append((f"relative {kind} error per layer, median / max", f"{errs[len(errs) // 2]:.2e} / {errs[-1]:.2e}"))
     rows.append(("base model (card)", report.get("base_model") or
                  "unknown: rerun with --base-model ORG/NAME (or edit README.md's base_model) to link it"))
     if args.eval_data:
         rows.append((f"perplexity, full precision ({ppl['data']})", f"{ppl['base']:.2f}"))
         rows.append((f"perplexity, quantized ({ppl['data']})", f"{ppl['quantized']:.2f}"))
-    print_table("hf-astroquant quantize: summary", rows)
-    return 0
+    return rows
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -455,6 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each stage does")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{quantize,eval,export,push}")
 
+    _add_quantize(sub)
+    _add_eval(sub)
+    _add_export(sub)
+    _add_push(sub)
+    return parser
+
+
+def _add_quantize(sub) -> None:
     q = sub.add_parser("quantize", help="quantize a model and save it", description="Quantize MODEL (a Hub id, "
                        "a local directory or a .gguf file) and save the packed checkpoint, its card and report.")
     q.add_argument("model", metavar="MODEL", help="what to quantize: a Hub id (org/name), a local model directory "
@@ -484,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(q)
     q.set_defaults(func=cmd_quantize)
 
+
+def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="perplexity (GPTQ protocol) and lm-eval tasks of a saved model")
     e.add_argument("dir", metavar="DIR", help="a directory saved by hf-astroquant quantize (or save_pretrained)")
     e.add_argument("--data", default="wikitext2", metavar="{wikitext2,wikitext2-raw,FILE}",
@@ -507,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not record the results in DIR's report and card")
     e.set_defaults(func=cmd_eval)
 
+
+def _add_export(sub) -> None:
     x = sub.add_parser("export", help="write a copy in a serving engine's format")
     x.add_argument("dir", metavar="DIR", help="a directory saved by hf-astroquant quantize")
     x.add_argument("--format", choices=("gptq",), required=True, help="the engine format to write")
@@ -518,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty DIR2")
     x.set_defaults(func=cmd_export)
 
+
+def _add_push(sub) -> None:
     p = sub.add_parser("push", help="upload a saved directory to the Hub (with its card)")
     p.add_argument("dir", metavar="DIR", help="the directory to upload")
     p.add_argument("repo_id", metavar="REPO_ID", help="the Hub model repository, org/name (created if missing)")
@@ -527,7 +466,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--commit-message", default=None, metavar="TEXT", help="commit message")
     p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     p.set_defaults(func=cmd_push)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

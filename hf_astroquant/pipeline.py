@@ -51,7 +51,10 @@ class _StopForward(Exception):
 class QuantizationReport:
     """What a calibration run did, for logs, model cards and tests."""
 
-    layer_errors: dict[str, float] = field(default_factory=dict)  # relative tr(ΔW H ΔWᵀ)/tr(W H Wᵀ)
+    layer_errors: dict[str, float] = field(default_factory=dict)  # relative; what of: layer_error_kind
+    # "output": tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) on the calibration inputs; "weight": ‖ΔW‖²/‖W‖² (round-to-nearest
+    # sees no data, so it has no H to weigh the error with)
+    layer_error_kind: str = "output"
     damping: dict[str, float] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)  # targets never called in a forward pass
     calibration: dict[str, Any] = field(default_factory=dict)
@@ -438,28 +441,8 @@ def _calibrate_block(
     if len(batches) == 1 and true_sequential and not (devices and len(devices) > 1):
         # One forward: solve each Linear in its pre-hook, before it runs. (Spreading a stage over
         # devices needs the whole stage known first: the staged path below finds it.)
-        shared: dict[str, Any] = {"x": None, "h": None}
-
-        def solve_now(module, args):
-            name = names[module]
-            x = args[0]
-            if shared["x"] is not x:
-                shared["x"], shared["h"] = x, input_hessian(name, x)
-            solver(name, module, shared["h"])
-            swap_in(name)
-            done.add(name)
-
-        def release(module, args, output):  # the call that needed the solved weight is over
-            _release(module)
-
-        handles = [m.register_forward_hook(release) for m in targets.values()]
-        try:
-            with _pre_hooks(targets.values(), solve_now):
-                outputs = [_run_block(block, batches[0], kwargs_list[0])]
-        finally:
-            for handle in handles:
-                handle.remove()
-        shared.clear()
+        outputs = [_solve_in_one_forward(targets, names, batches[0], kwargs_list[0], block, solver, done,
+                                         input_hessian, swap_in)]
     else:
         stages = _stage_hessians(targets, names, batches, kwargs_list, block, done, input_hessian, true_sequential)
         for members, stats in stages:
@@ -471,6 +454,32 @@ def _calibrate_block(
         outputs = [_run_block(block, x, kw) for x, kw in zip(batches, kwargs_list)]
 
     return outputs, [n for n in targets if n not in done]
+
+
+def _solve_in_one_forward(targets, names, x, kwargs, block, solver, done, input_hessian, swap_in) -> torch.Tensor:
+    """Run the block once; each target Linear is solved in its pre-hook (from the input it is about
+    to get), swapped for its packed layer, and its weights released once its call is over."""
+    shared: dict[str, Any] = {"x": None, "h": None}
+
+    def solve_now(module, args):
+        name = names[module]
+        if shared["x"] is not args[0]:  # q/k/v (gate/up) share one input tensor, so one H
+            shared["x"], shared["h"] = args[0], input_hessian(name, args[0])
+        solver(name, module, shared["h"])
+        swap_in(name)
+        done.add(name)
+
+    def release(module, args, output):  # the call that needed the solved weight is over
+        _release(module)
+
+    handles = [m.register_forward_hook(release) for m in targets.values()]
+    try:
+        with _pre_hooks(targets.values(), solve_now):
+            return _run_block(block, x, kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        shared.clear()
 
 
 def _stage_hessians(targets, names, batches, kwargs_list, block, done, input_hessian, true_sequential):
@@ -540,140 +549,186 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
     directory starts after the last one (see resume.py). `calibration` is `prepare_calibration`'s
     result when the caller has prepared it already (the quantizer does, before the model loads).
     """
-    start = time.perf_counter()
-    report = QuantizationReport()
-    block_name, blocks = find_blocks(model)
-    names = [f"{block_name}.{i}" for i in range(len(blocks))]
-    n_blocks = len(blocks)
-    calibrated = cfg.method != "rtn"
+    run = _Run(model, cfg, should_convert)
+    run.prepare_calibration(calibration)
+    run.open_resume_dir()
+    if run.pre is not None:  # before finished blocks are restored: their norms and embeddings rotate too
+        with run.report.timing("preconditioning"):
+            run.pre.before_calibration()
+        run.report.transforms = run.pre.record
+    run.restore_finished_blocks()
+    if cfg.method == "rtn":  # (transform is "none" or "rotate" here: scales need data)
+        run.round_to_nearest()
+    else:
+        with torch.inference_mode(False), torch.no_grad():
+            run.calibrate(stream_fp, on_block)
+    return run.stamp()
 
-    windows, batches, batch_size, device = [], [], 0, offload.execution_device(blocks[0])
-    if calibrated:
-        windows, record = calibration or prepare_calibration(cfg.dataset, cfg.tokenizer, cfg.n_samples, cfg.seqlen,
-                                                             cfg.seed)
-        report.calibration = record
-        seqlen = max(len(w) for w in windows)
-        batch_size = cfg.calibration_batch_size or _auto_batch_size(model, seqlen, device)
-        batches = batch_windows(windows, batch_size)
-        logger.info("calibrating on %d windows (%s) in %d batch(es)", len(windows), record["source"], len(batches))
 
-    pre = _Preconditioner(model, cfg, blocks, names) if cfg.transform != "none" else None
-    checkpoints, first, earlier_seconds, state = None, 0, 0.0, None
-    if cfg.resume_dir is not None:
-        sample = _embedding_sample(model)
-        checkpoints = resume.ResumeDir(cfg.resume_dir, resume.fingerprint(cfg, model, windows, batch_size, sample))
-        state = checkpoints.load()
-        if state is not None and state["blocks_done"] > 0 and cfg.transform not in ("none", "rotate"):
+class _Run:
+    """The state of one `quantize_model` call, and its steps: calibration data, resume, the block loop."""
+
+    def __init__(self, model: nn.Module, cfg: AstroQuantConfig, should_convert: Callable[[str], bool]):
+        self.start = time.perf_counter()
+        self.model, self.cfg, self.should_convert = model, cfg, should_convert
+        self.report = QuantizationReport()
+        block_name, self.blocks = find_blocks(model)
+        self.names = [f"{block_name}.{i}" for i in range(len(self.blocks))]
+        self.windows, self.batches, self.batch_size = [], [], 0
+        self.device = offload.execution_device(self.blocks[0])
+        self.pre = _Preconditioner(model, cfg, self.blocks, self.names) if cfg.transform != "none" else None
+        self.checkpoints, self.state, self.first, self.earlier_seconds = None, None, 0, 0.0
+
+    def prepare_calibration(self, calibration) -> None:
+        cfg = self.cfg
+        if cfg.method == "rtn":
+            return
+        self.windows, record = calibration or prepare_calibration(cfg.dataset, cfg.tokenizer, cfg.n_samples,
+                                                                  cfg.seqlen, cfg.seed)
+        self.report.calibration = record
+        seqlen = max(len(w) for w in self.windows)
+        self.batch_size = cfg.calibration_batch_size or _auto_batch_size(self.model, seqlen, self.device)
+        self.batches = batch_windows(self.windows, self.batch_size)
+        logger.info("calibrating on %d windows (%s) in %d batch(es)", len(self.windows), record["source"],
+                    len(self.batches))
+
+    def open_resume_dir(self) -> None:
+        cfg = self.cfg
+        if cfg.resume_dir is None:
+            return
+        sample = _embedding_sample(self.model)
+        self.checkpoints = resume.ResumeDir(cfg.resume_dir, resume.fingerprint(cfg, self.model, self.windows,
+                                                                                self.batch_size, sample))
+        self.state = self.checkpoints.load()
+        if self.state is not None and self.state["blocks_done"] > 0 and cfg.transform not in ("none", "rotate"):
             raise ValueError(f"resume_dir with transform={cfg.transform!r}: the scales searched for finished "
                              "blocks are not checkpointed; rerun without resume_dir (or an empty one)")
-    if pre is not None:  # before finished blocks are restored: their norms and embeddings rotate too
-        with report.timing("preconditioning"):
-            pre.before_calibration()
-        report.transforms = pre.record
-    if state is not None:
-        first = state["blocks_done"]
-        earlier_seconds = _restore_report(report, state["report"])
-        for i in range(first):
-            _load_block(model, names[i], blocks[i], should_convert, cfg, checkpoints.block_tensors(i))
-        report.resumed_blocks = first
-        logger.warning("astroquant: resuming from %s: %d of %d blocks were already done", cfg.resume_dir,
-                       first, n_blocks)
 
-    def stamp() -> QuantizationReport:
+    def restore_finished_blocks(self) -> None:
+        if self.state is None:
+            return
+        self.first = self.state["blocks_done"]
+        self.earlier_seconds = _restore_report(self.report, self.state["report"])
+        for i in range(self.first):
+            _load_block(self.model, self.names[i], self.blocks[i], self.should_convert, self.cfg,
+                        self.checkpoints.block_tensors(i))
+        self.report.resumed_blocks = self.first
+        logger.warning("astroquant: resuming from %s: %d of %d blocks were already done", self.cfg.resume_dir,
+                       self.first, len(self.blocks))
+
+    def stamp(self) -> QuantizationReport:
         """Bring the report's seconds (and the phases' remainder) up to now."""
-        report.seconds = earlier_seconds + time.perf_counter() - start
-        report.close_phases()
-        return report
+        self.report.seconds = self.earlier_seconds + time.perf_counter() - self.start
+        self.report.close_phases()
+        return self.report
 
-    def finish_block(i: int, packed: dict[str, torch.Tensor] | None, inputs, fp_inputs) -> None:
-        if checkpoints is not None:
-            stamp()
-            checkpoints.save_block(i, packed, inputs, fp_inputs, _report_state(report), n_blocks)
+    def finish_block(self, i: int, packed: dict[str, torch.Tensor] | None, inputs, fp_inputs) -> None:
+        if self.checkpoints is not None:
+            self.stamp()
+            self.checkpoints.save_block(i, packed, inputs, fp_inputs, _report_state(self.report), len(self.blocks))
 
-    todo = list(range(first, n_blocks))
-    if not calibrated:  # (transform is "none" or "rotate" here: scales need data)
-        for i in tqdm(todo, desc="astroquant rtn", unit="block"):
-            packed = {} if checkpoints is not None else None
-            targets = block_targets(names[i], blocks[i], should_convert)
+    def todo(self) -> list[int]:
+        return list(range(self.first, len(self.blocks)))
+
+    def round_to_nearest(self) -> None:
+        cfg, report = self.cfg, self.report
+        report.layer_error_kind = "weight"
+        for i in tqdm(self.todo(), desc="astroquant rtn", unit="block"):
+            packed = {} if self.checkpoints is not None else None
+            targets = block_targets(self.names[i], self.blocks[i], self.should_convert)
             homes = offload.onload(targets)
             for lname, linear in targets.items():
                 W = linear.weight.data
                 _check_finite_weights(lname, W)
                 res = rtn_quantize(W, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, mse=cfg.mse)
                 layer = QuantLinear.from_result(res, cfg.group_size, cfg.bits, linear.bias)
-                _place(model, lname, layer, homes, packed)
+                _place(self.model, lname, layer, homes, packed)
                 report.layer_errors[lname] = float(((res.weight - W.float()) ** 2).sum() / (W.float() ** 2).sum())
-            finish_block(i, packed, None, None)
-        return stamp()
+            self.finish_block(i, packed, None, None)
 
-    solver = _LayerSolver(cfg, report)
-    devices = solve_devices(cfg, model)
-    asymmetric = solver.options.needs_fp_stream
-    # The full-precision stream X̃ lives on the CPU when the blocks run on an accelerator.
-    store = torch.device("cpu") if device.type != "cpu" else device
-    with torch.inference_mode(False), torch.no_grad():
-        inputs, kwargs_list = capture_block_inputs(model, blocks[0], batches)
+    def start_streams(self, fp_wanted: bool, asymmetric: bool, store: torch.device):
+        """The first block's inputs: (quantized stream, its kwargs, full-precision stream or None, its kwargs),
+        from the finished blocks' checkpoint when resuming."""
+        inputs, kwargs_list = capture_block_inputs(self.model, self.blocks[0], self.batches)
         fp_inputs, fp_kwargs = None, kwargs_list
-        if stream_fp or asymmetric:
-            fp_batches = fp_stream_batches(batches, cfg.fp_samples if asymmetric else None)
-            if fp_batches is batches:
+        if fp_wanted:
+            fp_batches = fp_stream_batches(self.batches, self.cfg.fp_samples if asymmetric else None)
+            if fp_batches is self.batches:
                 fp_inputs = [x.to(store, copy=True) for x in inputs]
             else:  # fewer windows: their own block inputs and kwargs (attention masks are per batch)
-                fp_inputs, fp_kwargs = capture_block_inputs(model, blocks[0], fp_batches)
+                fp_inputs, fp_kwargs = capture_block_inputs(self.model, self.blocks[0], fp_batches)
                 fp_inputs = [x.to(store) for x in fp_inputs]
                 logger.info("full-precision stream on %d of %d windows (fp_samples)",
-                            sum(len(b) for b in fp_batches), sum(len(b) for b in batches))
-        if todo and first > 0:
-            saved_q, saved_fp = checkpoints.stream(first)
-            inputs = [x.to(device) for x in saved_q]
+                            sum(len(b) for b in fp_batches), sum(len(b) for b in self.batches))
+        if self.todo() and self.first > 0:
+            saved_q, saved_fp = self.checkpoints.stream(self.first)
+            inputs = [x.to(self.device) for x in saved_q]
             if fp_inputs is not None:
                 fp_inputs = [x.to(store) for x in saved_fp]
-        for i in tqdm(todo, desc=f"astroquant {cfg.method}", unit="block", initial=first, total=n_blocks):
-            name, block = names[i], blocks[i]
-            targets = block_targets(name, block, should_convert)
+        return inputs, kwargs_list, fp_inputs, fp_kwargs
+
+    def advance_fp_stream(self, block, fp_inputs, fp_kwargs, targets, asymmetric: bool, store: torch.device):
+        """Run the full-precision block on its stream: (its outputs, every target's captured input per
+        batch for the asymmetric solvers, else None)."""
+        outs, captured = [], []
+        with self.report.timing("fp_stream"):
+            for x, kw in zip(fp_inputs, fp_kwargs):
+                if asymmetric:
+                    out, cap = _run_block_capturing(block, x.to(self.device), kw, targets, store)
+                    captured.append(cap)
+                else:
+                    out = _run_block(block, x.to(self.device), kw)
+                outs.append(out.to(store))
+        self.report.fp_stream_bytes = max(self.report.fp_stream_bytes, _tensor_bytes(
+            outs + fp_inputs + [t for cap in captured for t in cap.values()]))
+        return outs, (captured if asymmetric else None)
+
+    def place_solved(self, solver: "_LayerSolver", targets: dict, homes: dict) -> dict | None:
+        """Put every solved layer where its Linear lived; return its tensors for a checkpoint."""
+        packed = {} if self.checkpoints is not None else None
+        for lname, linear in targets.items():
+            if lname in solver.packed:
+                layer = solver.packed.pop(lname)
+                layer.set_backend("auto")  # calibration ran the reference path; inference picks
+                _place(self.model, lname, layer, homes, packed)
+            elif lname in homes:  # never reached: keep it in full precision, offloaded as before
+                offload.restore(linear, homes[lname])
+        return packed
+
+    def calibrate(self, stream_fp: bool, on_block: Callable | None) -> None:
+        cfg, report = self.cfg, self.report
+        solver = _LayerSolver(cfg, report)
+        devices = solve_devices(cfg, self.model)
+        asymmetric = solver.options.needs_fp_stream
+        # The full-precision stream X̃ lives on the CPU when the blocks run on an accelerator.
+        store = torch.device("cpu") if self.device.type != "cpu" else self.device
+        inputs, kwargs_list, fp_inputs, fp_kwargs = self.start_streams(stream_fp or asymmetric, asymmetric, store)
+        for i in tqdm(self.todo(), desc=f"astroquant {cfg.method}", unit="block", initial=self.first,
+                      total=len(self.blocks)):
+            name, block = self.names[i], self.blocks[i]
+            targets = block_targets(name, block, self.should_convert)
             homes = offload.onload(targets)
-            if pre is not None:
+            if self.pre is not None:
                 with report.timing("preconditioning"):
-                    pre.before_block(i, inputs, kwargs_list)
+                    self.pre.before_block(i, inputs, kwargs_list)
             if on_block is not None:
                 on_block(i, fp_inputs, inputs)
             fp_captured = None
             if fp_inputs is not None:
-                outs, fp_captured = [], []
-                with report.timing("fp_stream"):
-                    for x, kw in zip(fp_inputs, fp_kwargs):
-                        if asymmetric:
-                            out, cap = _run_block_capturing(block, x.to(device), kw, targets, store)
-                            fp_captured.append(cap)
-                        else:
-                            out = _run_block(block, x.to(device), kw)
-                        outs.append(out.to(store))
-                report.fp_stream_bytes = max(report.fp_stream_bytes, _tensor_bytes(
-                    outs + fp_inputs + [t for cap in fp_captured for t in cap.values()]))
-                fp_inputs = outs
-                if not asymmetric:
-                    fp_captured = None
+                fp_inputs, fp_captured = self.advance_fp_stream(block, fp_inputs, fp_kwargs, targets, asymmetric,
+                                                                store)
             inputs, missed = _calibrate_block(targets, inputs, kwargs_list, block, solver, cfg.true_sequential,
                                               fp_captured, name, devices)
             del fp_captured
             for lname in missed:
                 logger.warning("%s was never called during calibration; it stays in full precision", lname)
                 report.skipped.append(lname)
-            packed = {} if checkpoints is not None else None
-            for lname, linear in targets.items():
-                if lname in solver.packed:
-                    layer = solver.packed.pop(lname)
-                    layer.set_backend("auto")  # calibration ran the reference path; inference picks
-                    _place(model, lname, layer, homes, packed)
-                elif lname in homes:  # never reached: keep it in full precision, offloaded as before
-                    offload.restore(linear, homes[lname])
-            finish_block(i, packed, inputs, fp_inputs)
-            del targets, homes, packed
+            self.finish_block(i, self.place_solved(solver, targets, homes), inputs, fp_inputs)
+            del targets, homes
             # Hook closures and the tracebacks of early-stopped forwards form reference cycles that
             # hold a block's tensors; collect them now rather than at some later block.
             gc.collect()
             _trim_heap()
-    return stamp()
 
 
 class _Preconditioner:
@@ -745,7 +800,7 @@ def _embedding_sample(model: nn.Module) -> torch.Tensor | None:
     return flat[:: max(1, flat.numel() // 4096)].float().cpu()
 
 
-_REPORT_FIELDS = ("layer_errors", "damping", "skipped", "asym_alpha", "fp_stream_bytes", "seconds", "phase_seconds")
+_REPORT_FIELDS = ("layer_errors", "layer_error_kind", "damping", "skipped", "asym_alpha", "fp_stream_bytes", "seconds", "phase_seconds")
 
 
 def _report_state(report: QuantizationReport) -> dict:

@@ -151,7 +151,7 @@ def _report_record(model, report) -> dict:
     record = base_model_info(getattr(model, "name_or_path", None))
     record.update({
         "seconds": round(report.seconds, 2), "device": device, "layer_errors": dict(report.layer_errors),
-        "calibration": report.calibration or None, "skipped": list(report.skipped),
+        "layer_error_kind": report.layer_error_kind, "calibration": report.calibration or None, "skipped": list(report.skipped),
         "quantized_packed_bytes": packed, "quantized_fp16_bytes": fp16,
     })
     if report.phase_seconds:

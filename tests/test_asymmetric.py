@@ -6,11 +6,13 @@ import math
 import pytest
 import torch
 
+from hf_astroquant import AstroQuantConfig
 from hf_astroquant.algorithms import SolverOptions, gptq_quantize, solve_linear, successive_quantize
 from hf_astroquant.algorithms.beam import beam_step
 from hf_astroquant.algorithms.gptaq import gptaq_p_matrix, rescomp_r_from_p, rescomp_r_matrix
 from hf_astroquant.algorithms.gptq import damped_inverse_cholesky
 from hf_astroquant.algorithms.grid import dequantize, fit_groups, quantize
+from hf_astroquant.algorithms.rtn import rtn_quantize
 from hf_astroquant.algorithms.interpolation import asymmetric_target, auto_alpha, projected_alpha
 from hf_astroquant.algorithms.successive import successive_objective_terms
 from reference import layer_objective
@@ -256,7 +258,15 @@ def test_every_solver_combination_runs_and_reports_its_alpha(method, asym_alpha,
         assert a == (0.0 if method == "gptq" else 1.0)
     elif asym_alpha == 0.5:
         assert a == 0.5
-    assert torch.isfinite(res.weight).all() and res.weight.shape == W.shape
+    # the weights are exactly the grid's values of the returned codes
+    g = res.g_idx.long()
+    assert res.codes.min() >= 0 and res.codes.max() <= 2**3 - 1
+    assert torch.equal(res.weight, (res.codes - res.zeros[g].t()).float() * res.scales[g].t())
+    # and they solve the combination's own problem better than round-to-nearest on the same grid:
+    # ‖Q·X − W·X_α‖² with X_α = X + α·ΔX
+    X_a = X + a * (Xfp - X)
+    rtn = rtn_quantize(W.float(), bits=3, group_size=16).weight
+    assert asym_objective(res.weight, W, X, X_a) < 0.9 * asym_objective(rtn, W, X, X_a)
 
 
 def test_solver_needs_d_for_asymmetric_options():
@@ -266,10 +276,14 @@ def test_solver_needs_d_for_asymmetric_options():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_rescomp_runs_gptaq_at_2_bits_only(bits):
+def test_rescomp_is_its_own_solver_at_every_width_and_the_config_refuses_it_below_3_bits(bits):
     W, X, Xfp, H, D, G = asym_problem(8, 32, 300, seed=12)
     common = dict(bits=bits, group_size=16, desc_act=True, static_groups=True)
     res = {m: solve_linear(W.float(), H.float(), SolverOptions(method=m, **common), D.float())[0]
            for m in ("gptaq", "rescomp")}
-    same = torch.equal(res["gptaq"].weight, res["rescomp"].weight)
-    assert same == (bits == 2)
+    assert not torch.equal(res["gptaq"].weight, res["rescomp"].weight)  # no silent substitution
+    if bits < 3:
+        with pytest.raises(ValueError, match="use method='gptaq'"):
+            AstroQuantConfig(bits=bits, method="rescomp")
+    else:
+        assert AstroQuantConfig(bits=bits, method="rescomp").method == "rescomp"

@@ -5,6 +5,8 @@ Config values are checked here for every option (a new option without a bad-valu
 layer shapes are checked at the point where they are used.
 """
 
+import re
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -15,50 +17,37 @@ from hf_astroquant.calibration import CalibrationDataError, prepare_calibration
 from hf_astroquant.pipeline import _LayerSolver, _Stats, QuantizationReport
 from tiny import calib_ids, save_tiny, tiny_llama, tiny_tokenizer
 
-# option: [(bad value, what the message must say is allowed)]
-BAD = {
-    "bits": [(5, "2, 3, 4, 8"), ("4", "2, 3, 4, 8"), (True, "2, 3, 4, 8"), (4.0, "2, 3, 4, 8")],
-    "group_size": [(0, "-1"), (-2, "-1"), (64.0, "integer"), (None, "integer")],
-    "sym": [(1, "True or False")],
-    "desc_act": [("yes", "True or False")],
-    "static_groups": [(None, "True or False")],
-    "damp_percent": [(0, r"\(0, 1\]"), (1.5, r"\(0, 1\]"), ("0.01", r"\(0, 1\]"), (float("nan"), r"\(0, 1\]")],
-    "true_sequential": [(0, "True or False")],
-    "method": [("awq", "'rtn', 'gptq', 'gptaq', 'rescomp'"), (None, "'rtn'")],
-    "mse": [("no", "True or False")],
-    "alpha": [(-0.1, r"\[0, 1\]"), (2, r"\[0, 1\]"), (True, r"\[0, 1\]"), ("0.25", r"\[0, 1\]")],
-    "asym_alpha": [(1.5, "None, a number in"), ("best", "'auto' or 'projected'"), (False, "None, a number in")],
-    "rounding": [("nearest", "'gptq', 'successive', 'beam'"), (None, "'gptq'")],
-    "beam_width": [(0, ">= 1"), (2.0, "integer"), (True, "integer")],
-    "fp_samples": [(0, ">= 1"), (2.5, "integer"), ("all", "integer")],
-    "dataset": [(12, "list of strings"), ({"text": "a"}, "list of strings")],
-    "tokenizer": [(12, "a tokenizer, or a tokenizer name or path")],
-    "n_samples": [(0, ">= 1"), (2.5, "integer")],
-    "seqlen": [(0, ">= 1"), ("2048", "integer")],
-    "seed": [(-1, ">= 0"), (1.0, "integer")],
-    "modules_to_not_convert": [("lm_head", "list of module names"), ([1], "list")],
-    "block_size": [(0, ">= 1")],
-    "calibration_batch_size": [(0, ">= 1"), ("auto", "integer")],
-    "backend": [("cuda", "'auto', 'reference'")],
-    "resume_dir": [(3, "None or a directory path"), ("", "None or a directory path")],
-    "solve_devices": [("cuda:0", "non-empty list of devices"), ([], "non-empty list"), (["gpu zero"], "list of devices"),
-                      ([0], "list of devices")],
-    "astro": [(1, "True or False"), ("yes", "True or False")],
-    "astro_beta": [(-1.0, "finite number >= 0"), (float("inf"), "finite number >= 0"), ("1", "finite number"),
-                   (True, "finite number")],
-    "astro_steps": [(0, ">= 1"), (10.0, "integer")],
-    "astro_lr": [(0, r"\(0, 1\]"), (1.5, r"\(0, 1\]"), ("1", r"\(0, 1\]")],
-    "transform": [("hadamard", "'none', 'rotate', 'scale', 'adaptive'"), (None, "'none'")],
-    "kurtosis_threshold_attn": [(float("nan"), "finite number"), ("1", "finite number")],
-    "kurtosis_threshold_mlp": [(float("inf"), "finite number"), (None, "finite number")],
+# Bad values beyond the ones every option's check generates (`bad_value_cases`): the cases a
+# generated list could miss, each with what the message must say is allowed.
+EXTRA_BAD = {
+    "bits": [(True, "2, 3, 4, 8")],
+    "group_size": [(0, "-1"), (-2, "-1"), (None, "integer")],
+    "damp_percent": [(0, r"\(0, 1\]"), (1.5, r"\(0, 1\]")],
+    "alpha": [(-0.1, r"\[0, 1\]")],
+    "fp_samples": [("all", "integer")],
+    "calibration_batch_size": [("auto", "integer")],
+    "astro_beta": [(float("inf"), "finite number >= 0")],
 }
 
 
-def test_every_option_has_a_bad_value_case():
-    assert set(BAD) == set(AstroQuantConfig._option_names())
+def bad_value_cases(config_cls=AstroQuantConfig):
+    """(option, bad value, allowed text) for every option of `config_cls`: the values its check must
+    refuse, each with the allowed text the message must carry."""
+    cases = []
+    for o in config_cls.OPTIONS:
+        for value in o.check.bad_examples():
+            cases.append((o.name, value, re.escape(o.check.allowed)))
+        cases += [(o.name, v, a) for v, a in EXTRA_BAD.get(o.name, [])]
+    return cases
 
 
-@pytest.mark.parametrize("name,value,allowed", [(n, v, a) for n, cases in BAD.items() for v, a in cases])
+def test_every_option_has_bad_value_cases():
+    names = {name for name, _, _ in bad_value_cases()}
+    assert names == set(AstroQuantConfig._option_names())
+    assert set(EXTRA_BAD) <= names
+
+
+@pytest.mark.parametrize("name,value,allowed", bad_value_cases())
 def test_bad_option_values_name_the_option_the_value_and_what_is_allowed(name, value, allowed):
     with pytest.raises(ValueError, match=allowed) as info:
         AstroQuantConfig(**{name: value})
@@ -72,6 +61,12 @@ def test_bad_option_values_name_the_option_the_value_and_what_is_allowed(name, v
     (dict(method="rtn", rounding="beam"), "method='rtn' is not valid"),
     (dict(fp_samples=8), "fp_samples=8 is not valid; allowed: None with method='gptq'"),
     (dict(method="gptq", asym_alpha=0.0, fp_samples=8), "only the asymmetric solvers"),
+    (dict(method="rescomp", bits=2), "method='rescomp' is not valid; allowed: 'gptq' or 'gptaq' at bits=2"),
+    (dict(rounding="beam", static_groups=False), "static_groups=False is not valid; allowed: True with rounding"),
+    (dict(rounding="successive", static_groups=False), "static_groups=False is not valid"),
+    (dict(rounding="successive", desc_act=False), "desc_act=False is not valid; allowed: True with rounding"),
+    (dict(method="rtn", astro=True), "astro=True is not valid"),
+    (dict(method="rtn", transform="scale"), "transform='scale' is not valid"),
 ])
 def test_option_combinations_that_cannot_work_are_refused(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -53,6 +53,24 @@ def test_save_writes_card_plot_report_and_stub(quantized):
     assert "import hf_astroquant" in (q / STUB_FILE).read_text()
 
 
+def test_the_card_names_the_error_each_method_records(quantized, tmp_path):
+    _, q = quantized
+    assert json.loads((q / REPORT_FILE).read_text())["layer_error_kind"] == "output"
+    save_tiny(tmp_path / "fp", layers=1, hidden=64, inter=128)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fp"), quantization_config=AstroQuantConfig(
+        bits=4, group_size=32, method="rtn"))
+    model.save_pretrained(tmp_path / "rtn")
+    report = json.loads((tmp_path / "rtn" / REPORT_FILE).read_text())
+    text = (tmp_path / "rtn" / "README.md").read_text()
+    assert report["layer_error_kind"] == "weight"
+    assert "relative weight error ‖ΔW‖²/‖W‖²" in text and "tr(ΔW·H·ΔWᵀ)" not in text
+    # and the recorded number is that weight-space error
+    w = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fp")).model.layers[0].mlp.up_proj.weight.detach()
+    q_w = model.model.layers[0].mlp.up_proj.dequantize_weight()
+    expected = float(((q_w - w) ** 2).sum() / (w ** 2).sum())
+    assert report["layer_errors"]["model.layers.0.mlp.up_proj"] == pytest.approx(expected, rel=1e-4)
+
+
 def test_card_usage_snippet_really_runs(quantized, tmp_path):
     import re
 

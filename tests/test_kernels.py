@@ -182,7 +182,7 @@ def test_generate_uses_the_fast_path_and_matches_the_reference(tiny_quantized, m
     assert torch.equal(fast, slow)
 
 
-def test_torch_compile_traces_the_fast_path(tiny_quantized):
+def test_torch_compile_runs_the_model(tiny_quantized):
     model, _ = tiny_quantized
     assert model.hf_quantizer.is_compileable
     ids = calib_ids(2, 16, seed=7)
@@ -191,6 +191,23 @@ def test_torch_compile_traces_the_fast_path(tiny_quantized):
         compiled = torch.compile(model, backend="aot_eager", fullgraph=False)
         got = compiled(ids).logits
     assert torch.allclose(got, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,group_size,backend,dtype", [
+    (4, 32, "int4", torch.float32), (4, 32, "int4", torch.bfloat16), (3, 64, "int4", torch.bfloat16),
+    (8, -1, "int8", torch.bfloat16), (3, 32, "reference", torch.float32)])
+def test_every_fast_path_traces_as_one_graph(bits, group_size, backend, dtype):
+    # fullgraph=True: a graph break anywhere in the packed forward (an untraceable kernel call, a
+    # Python-side branch on tensor values) fails here instead of silently falling back to eager
+    layer = _layer(bits, 64, 128, group_size, seed=bits).to(dtype)
+    layer.set_backend(backend)
+    x = torch.randn(3, 5, 128).to(dtype)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = layer(x)
+        assert layer.active_backend == backend
+        got = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    assert torch.equal(got, eager)
 
 
 @CUDA

@@ -150,7 +150,7 @@ def test_cli_help_is_written_for_the_shell():
                 assert action.help and len(action.help) > 10, (name, action.dest)
     helps = cli.option_help()
     assert all("(default: " in h for h in helps.values())
-    assert helps["bits"].endswith("(default: 4)") and helps["desc_act"].endswith("(default: --no-desc-act)")
+    assert helps["bits"].endswith("(default: 4)") and helps["desc_act"].endswith("(default: --desc-act)")
     assert helps["calibration_batch_size"].endswith("(default: auto)") and helps["fp_samples"].endswith("(default: all)")
 
 

@@ -62,7 +62,7 @@ def test_one_pass_and_batched_calibration_agree(tiny_dir, monkeypatch):
     assert len(seen) == 28
     for i in range(14):
         rel = float((seen[i] - seen[14 + i]).norm() / seen[i].norm())
-        assert rel < 1e-4, (i, rel)
+        assert rel < 5e-4, (i, rel)  # a wrong count or a lost batch moves H by 1e-2 or more
     e1, e2 = one.hf_quantizer.report.layer_errors, batched.hf_quantizer.report.layer_errors
     assert e1.keys() == e2.keys() and len(e1) == 14
     for name in e1:
@@ -104,8 +104,8 @@ def test_true_sequential_feeds_quantized_outputs_to_later_linears(tiny_dir, monk
 
 @pytest.mark.parametrize("kw", [
     dict(bits=2, group_size=32), dict(bits=3, group_size=-1), dict(bits=8, group_size=16),
-    dict(bits=4, group_size=48), dict(bits=4, group_size=32, sym=True), dict(bits=4, group_size=32, desc_act=True),
-    dict(bits=4, group_size=32, desc_act=True, static_groups=True), dict(bits=4, group_size=32, mse=True),
+    dict(bits=4, group_size=48), dict(bits=4, group_size=32, sym=True), dict(bits=4, group_size=32, static_groups=False),
+    dict(bits=4, group_size=32, desc_act=False, static_groups=False, mse=False), dict(bits=4, group_size=32, mse=False),
     dict(bits=4, group_size=32, damp_percent=0.1), dict(bits=4, group_size=32, block_size=8),
     dict(bits=4, group_size=32, true_sequential=False), dict(bits=4, method="rtn", group_size=32),
     dict(bits=4, group_size=32, calibration_batch_size=3),
@@ -120,7 +120,7 @@ def test_every_option_end_to_end(tiny_dir, kw):
     saved = model.config.quantization_config.to_dict()
     for k, v in kw.items():
         assert saved[k] == v
-    if kw.get("desc_act") and not kw.get("static_groups"):
+    if kw.get("desc_act", True) and not kw.get("static_groups", True):  # act-order's groups, not contiguous
         g = model.model.layers[0].mlp.down_proj.g_idx
         assert not torch.equal(g, torch.arange(128, dtype=torch.int32) // 32)
 
@@ -175,6 +175,18 @@ def test_half_precision_models_calibrate_in_fp32(tmp_path, dtype):
     with torch.no_grad():
         logits = model(calib_ids(2, 16)).logits
     assert logits.dtype == dtype and torch.isfinite(logits).all()
+    # The statistics and solves run in fp32: the same weights calibrated from an fp32 model choose
+    # mostly the same codes (only the half-precision forward differs), and the first Linears, whose
+    # inputs are the same embeddings in both, the same codes almost everywhere.
+    ref = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), dtype=torch.float32, quantization_config=AstroQuantConfig(bits=4, group_size=32,
+                                                                               dataset=calib_ids()))
+    for name, mine in model.named_modules():
+        if isinstance(mine, QuantLinear):
+            theirs = ref.get_submodule(name)
+            same = (mine.dequantize_weight() == theirs.dequantize_weight()).float().mean().item()
+            first = name.startswith("model.layers.0.self_attn.") and name[-6:] in ("q_proj", "k_proj", "v_proj")
+            assert same > (0.98 if first else 0.6), (name, same)  # codes of an unrelated solve agree ~0.3
 
 
 def test_find_blocks_error_names_the_model():

@@ -305,7 +305,8 @@ def test_preconditioning_options_end_to_end(varied_dir, tmp_path, kw):
 
 def test_rotation_lowers_the_error_of_a_model_with_an_outlier_channel(tmp_path):
     """A residual channel with a huge scale (what rotations are for): rotating spreads it and the
-    3-bit model lands closer to full precision than without."""
+    3-bit model lands closer to full precision than without. On the min/max grid, where an outlier
+    costs most (the clipping search, a default, already absorbs much of it on this tiny model)."""
     m = _varied_llama(layers=2)
     with torch.no_grad():
         m.model.embed_tokens.weight[:, 7] *= 30
@@ -315,7 +316,7 @@ def test_rotation_lowers_the_error_of_a_model_with_an_outlier_channel(tmp_path):
     errs = {}
     for t in ("none", "rotate"):
         q = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=AstroQuantConfig(
-            bits=3, group_size=32, dataset=calib_ids(), transform=t))
+            bits=3, group_size=32, dataset=calib_ids(), transform=t, mse=False))
         errs[t] = float((_logits(q, ids) - ref).norm() / ref.norm())
     assert errs["rotate"] < errs["none"], errs
 

@@ -1,6 +1,7 @@
 """Property-based tests (hypothesis): packing, config round trips, the quantization grid."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -89,7 +90,19 @@ def _valid_configs():
                                   st.just(None) if d["method"] == "rtn" else st.one_of(
                                       st.none(), st.floats(0.0, 1.0), st.sampled_from(["auto", "projected"])),
                                   st.just("gptq") if d["method"] == "rtn" else st.sampled_from(
-                                      [r for r in SUPPORTED_ROUNDING if d["method"] == "gptq" or r != "successive"])))
+                                      [r for r in SUPPORTED_ROUNDING if d["method"] == "gptq" or r != "successive"]))
+    ).map(_follow_the_rules)
+
+
+def _follow_the_rules(d):
+    """Set what `config.check_combinations` requires of the drawn combination."""
+    if d["rounding"] in ("beam", "successive"):
+        d["static_groups"] = True
+    if d["rounding"] == "successive":
+        d["desc_act"] = True
+    if d["method"] == "rescomp" and d["bits"] < 3:
+        d["bits"] = 3
+    return d
 
 
 @SETTINGS
@@ -109,13 +122,26 @@ def test_every_valid_config_round_trips_through_json(options):
 @given(st.sampled_from(AstroQuantConfig._option_names()),
        st.one_of(st.integers(-10, 10), st.floats(allow_nan=True), st.text(max_size=5), st.none(), st.booleans(),
                  st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1)))
-def test_any_value_is_accepted_or_refused_with_a_value_error_naming_the_option(name, value):
+def test_any_value_is_accepted_as_its_kind_or_refused_with_a_value_error_naming_the_option(name, value):
+    from hf_astroquant import checks
+
+    check = AstroQuantConfig.option(name).check
     try:
         cfg = AstroQuantConfig(**{name: value})
     except ValueError as exc:
-        assert f"{name}=" in str(exc)
-    else:
-        assert json.loads(cfg.to_json_string())["quant_method"] == "astroquant"
+        assert f"{name}=" in str(exc) and "allowed: " in str(exc)
+        return
+    stored = getattr(cfg, name)
+    # what was accepted is of the option's kind: a check that lets a wrong kind through fails here
+    if isinstance(check, checks.Boolean):
+        assert isinstance(value, bool) and stored is value
+    elif isinstance(check, checks.OneOf):
+        assert any(type(value) is type(v) and value == v for v in check.values)
+    elif isinstance(check, (checks.Integer, checks.Maybe)):
+        assert value is None or (type(value) is int and value >= 0 or value == -1)
+    elif isinstance(check, checks.Number):
+        assert type(value) in (int, float) and math.isfinite(value) and stored == float(value)
+    assert json.loads(cfg.to_json_string())["quant_method"] == "astroquant"
 
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)

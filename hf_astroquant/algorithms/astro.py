@@ -169,6 +169,23 @@ def astro_objective(Wp: torch.Tensor, W: torch.Tensor, hessian: torch.Tensor, be
     return rec + beta * float((group_extent(Wp, gs, norm).square() * c).sum())
 
 
+def _penalty_terms(W, H, penalty: str, beta: float, lr: float, lam: float, gs: int, norm: str, bits: int,
+                   sym: bool, damp_percent: float):
+    """(gradient scale, Lipschitz constant L, fixed threshold τ or None, predicted costs c or None) of the
+    penalty; None when the paper's relative form is undefined (a zero objective or extent)."""
+    out = W.shape[0]
+    if penalty == "paper":
+        a = group_activation_norms(H, gs)
+        rec0 = float(((W @ H) * W).sum())
+        reg0 = float((group_extent(W, gs, norm) * a).sum())
+        if rec0 <= 0 or reg0 <= 0:
+            return None
+        grad_scale = 2.0 / rec0
+        L = grad_scale * lam / lr
+        return grad_scale, L, (beta / reg0 / L) * a.unsqueeze(0).expand(out, a.numel()), None
+    grad_scale = 2.0
+    return grad_scale, grad_scale * lam / lr, None, _predicted_costs(H, gs, bits, sym, damp_percent)
+
 def astro_reshape(weight: torch.Tensor, hessian: torch.Tensor, *, beta: float = 1.0, steps: int = 25,
                   lr: float = 1.0, group_size: int = 128, bits: int = 4, sym: bool = False,
                   penalty: str = "predicted", damp_percent: float = 0.01) -> torch.Tensor:
@@ -193,20 +210,10 @@ def astro_reshape(weight: torch.Tensor, hessian: torch.Tensor, *, beta: float = 
     r = d.rsqrt()
     lam = _largest_eigenvalue(H * r.unsqueeze(1) * r.unsqueeze(0))
     out, n_in = W.shape
-    if penalty == "paper":
-        a = group_activation_norms(H, gs)
-        rec0 = float(((W @ H) * W).sum())
-        reg0 = float((group_extent(W, gs, norm) * a).sum())
-        if rec0 <= 0 or reg0 <= 0:
-            return W.clone()
-        grad_scale = 2.0 / rec0
-        L = grad_scale * lam / lr
-        fixed_tau = (beta / reg0 / L) * a.unsqueeze(0).expand(out, a.numel())
-    else:
-        c = _predicted_costs(H, gs, bits, sym, damp_percent)
-        grad_scale = 2.0
-        L = grad_scale * lam / lr
-        fixed_tau = None
+    terms = _penalty_terms(W, H, penalty, beta, lr, lam, gs, norm, bits, sym, damp_percent)
+    if terms is None:
+        return W.clone()
+    grad_scale, L, fixed_tau, c = terms
     full = n_in // gs * gs  # columns in whole groups; a shorter last group is handled on its own
     n_full = full // gs
     d_full = d[:full].reshape(1, n_full, gs).expand(out, n_full, gs)

@@ -143,19 +143,66 @@ def gptq_quantize(
     from .gptaq import gptaq_p_matrix  # the asymmetric correction; imported here to keep one direction
 
     rows, cols = weight.shape
-    if hessian.shape != (cols, cols):
-        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match weight shape {tuple(weight.shape)}")
-    if beam_width is not None and (isinstance(beam_width, bool) or not isinstance(beam_width, int) or beam_width < 1):
-        raise ValueError(f"beam_width={beam_width!r} is not valid; allowed: an integer >= 1")
+    _check_solve_inputs(weight, hessian, beam_width)
     gs = cols if group_size == -1 else group_size
     n_groups = math.ceil(cols / gs)
     static_groups = static_groups or beam_width is not None
 
+    # Factor first: the in×in matrices of the factorization are the solve's memory peak, so the
+    # copies of W (and D) are made only once they are done.
+    dead, perm, U, damp_used = _factor_in_sweep_order(hessian, desc_act, damp_percent)
+    perm_list = perm.tolist()
+    W, D = _dead_columns_zeroed(weight, dxxt, dead)
+    # static grids are fitted on the original weights; the others as the sweep reaches each group
+    scales, zeros = (fit_groups(W, gs, bits, sym, mse=mse) if static_groups else
+                     (torch.zeros(n_groups, rows, device=W.device), torch.zeros(n_groups, rows, device=W.device)))
+    if desc_act:
+        W, D = W[:, perm], (D[perm][:, perm] if D is not None else None)
+    P = gptaq_p_matrix(D, U, alpha) if D is not None else None
+    del D
+    # Work on Wᵀ (in × out): a column of W is then a contiguous row, and the rank-1 updates of
+    # the inner loop run on contiguous memory (about 2.5× faster on CPU than on W's columns).
+    Wt = W.t().contiguous()
+    del W
+    Wt, W0t, P = _with_residual(Wt, P, residual)
+    groups_of = [(perm_list[p] // gs) if static_groups else (p // gs) for p in range(cols)]
+    sweep = _greedy_sweep if beam_width is None else _beam_sweep
+    sw = _Sweep(U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, static_groups, alpha, clamp, block_size,
+                beam_width)
+    del U, P, W0t
+    Wt, codes_t = sweep(Wt, sw)
+    del sw  # U, P, W0ᵀ go before the outputs are assembled: they are the next memory peak
+    return _in_original_order(Wt, codes_t, perm, groups_of, scales, zeros, damp_used)
+
+
+def _check_solve_inputs(weight: torch.Tensor, hessian: torch.Tensor, beam_width) -> None:
+    cols = weight.shape[1]
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match weight shape {tuple(weight.shape)}")
+    if beam_width is not None and (isinstance(beam_width, bool) or not isinstance(beam_width, int) or beam_width < 1):
+        raise ValueError(f"beam_width={beam_width!r} is not valid; allowed: an integer >= 1")
+
+
+def _with_residual(Wt: torch.Tensor, P: torch.Tensor | None, residual: bool):
+    """(Wᵀ to sweep, ResComp's original columns W0ᵀ or None, the P the sweep still applies).
+
+    ResComp's P-term is driven by the original columns: known up front, so it is applied here (P
+    is strictly upper triangular: column j only receives terms of columns before it)."""
+    if not residual:
+        return Wt, None, P
+    W0t = Wt.clone()
+    if P is not None:
+        Wt.addmm_(P.t(), W0t)
+    return Wt, W0t, None
+
+def _factor_in_sweep_order(hessian: torch.Tensor, desc_act: bool, damp_percent: float):
+    """(dead columns, the sweep's column order, U = the damped upper Cholesky factor of H⁻¹ in that
+    order, the damping used). A column no input reaches gets unit curvature (its weight is zeroed)."""
+    cols = hessian.shape[0]
     diag = torch.diag(hessian).float()
     dead = diag == 0
-    diag = diag.masked_fill(dead, 1)  # a column no input reaches: unit curvature, weight zeroed
-    perm = torch.argsort(diag, descending=True) if desc_act else torch.arange(cols, device=weight.device)
-    perm_list = perm.tolist()
+    diag = diag.masked_fill(dead, 1)
+    perm = torch.argsort(diag, descending=True) if desc_act else torch.arange(cols, device=hessian.device)
 
     def working_hessian() -> torch.Tensor:
         """A fresh fp32 copy of H with dead columns fixed, in the sweep's column order."""
@@ -166,10 +213,12 @@ def gptq_quantize(
         Hc[dead_p, dead_p] = 1
         return Hc
 
-    # Factor first: the in×in matrices of the factorization are the solve's memory peak, so the
-    # copies of W (and D) are made only once they are done.
     U, damp_used = damped_inverse_cholesky(working_hessian, damp_percent)
+    return dead, perm, U, damp_used
 
+
+def _dead_columns_zeroed(weight: torch.Tensor, dxxt: torch.Tensor | None, dead: torch.Tensor):
+    """fp32 copies of W and D (or None) with the dead columns (and D's dead rows) zeroed."""
     W = weight.detach().float().clone()
     W[:, dead] = 0
     D = None
@@ -177,39 +226,10 @@ def gptq_quantize(
         D = dxxt.detach().float().clone()
         D[:, dead] = 0
         D[dead, :] = 0
+    return W, D
 
-    if static_groups:
-        scales, zeros = fit_groups(W, gs, bits, sym, mse=mse)
-    else:
-        scales = torch.zeros(n_groups, rows, device=W.device)
-        zeros = torch.zeros(n_groups, rows, device=W.device)
-
-    if desc_act:
-        W = W[:, perm]
-        if D is not None:
-            D = D[perm][:, perm]
-
-    P = gptaq_p_matrix(D, U, alpha) if D is not None else None
-    del D
-
-    # Work on Wᵀ (in × out): a column of W is then a contiguous row, and the rank-1 updates of
-    # the inner loop run on contiguous memory (about 2.5× faster on CPU than on W's columns).
-    Wt = W.t().contiguous()
-    del W
-    W0t = None
-    if residual:
-        # ResComp's P-term is driven by the original columns: known up front, so apply it now
-        # (P is strictly upper triangular: column j only receives terms of columns before it).
-        W0t = Wt.clone()
-        if P is not None:
-            Wt.addmm_(P.t(), W0t)
-        P = None
-    groups_of = [(perm_list[p] // gs) if static_groups else (p // gs) for p in range(cols)]
-    sweep = _greedy_sweep if beam_width is None else _beam_sweep
-    Wt, codes_t = sweep(Wt, U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, static_groups, alpha, clamp,
-                        block_size, beam_width)
-    del U, P, W0t  # before the outputs are assembled: they are the next memory peak
-
+def _in_original_order(Wt, codes_t, perm, groups_of, scales, zeros, damp_used) -> LayerQuantResult:
+    """The result, with the columns of the sweep's order (`perm`) put back in the weight's own."""
     g_idx_perm = torch.tensor(groups_of, dtype=torch.int32)
     Q = Wt.t()  # every column now holds its de-quantized value ŵ
     codes = codes_t.t()
@@ -230,8 +250,33 @@ def _grid_range(s, z, maxq):
     return (0 - z) * s, (maxq - z) * s
 
 
-def _greedy_sweep(Wt, U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, static_groups, alpha, clamp,
-                  block_size, _beam_width):
+@dataclass
+class _Sweep:
+    """What a column sweep reads besides Wᵀ: the inverse-Hessian factor U, GPTAQ's P (or None), ResComp's
+    original columns W0ᵀ (or None), the grids (filled in as it goes unless static), each processed
+    column's group, and the grid and step options."""
+
+    U: torch.Tensor
+    P: torch.Tensor | None
+    W0t: torch.Tensor | None
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    groups_of: list[int]
+    bits: int
+    sym: bool
+    mse: bool
+    gs: int
+    static_groups: bool
+    alpha: float
+    clamp: bool
+    block_size: int
+    beam_width: int | None
+
+
+def _greedy_sweep(Wt, sw: _Sweep):
+    U, P, W0t, scales, zeros, groups_of = sw.U, sw.P, sw.W0t, sw.scales, sw.zeros, sw.groups_of
+    bits, sym, mse, gs, static_groups, alpha, clamp, block_size = (sw.bits, sw.sym, sw.mse, sw.gs, sw.static_groups,
+                                                                    sw.alpha, sw.clamp, sw.block_size)
     cols = Wt.shape[0]
     codes_t = torch.zeros_like(Wt)
     maxq = 2**bits - 1
@@ -297,14 +342,15 @@ def _block_step(right, U, P, Err1, V1, i1, i2):
         right.addmm_(P[i1:i2, i2:].t(), V1)
 
 
-def _beam_sweep(Wt, U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, static_groups, alpha, clamp,
-                block_size, K):
+def _beam_sweep(Wt, sw: _Sweep):
     """The sweep with K partial solutions per row, laid out as K adjacent columns of Wᵀ per row.
 
     Each step re-orders the beams (`src`: the parent of every new beam). Only what later steps read
     is re-ordered at once: the lazy block's columns still to come, and at a block's end the columns
     right of it. The error and v rows of finished columns, and the chosen levels, are kept in the
     beam order of their own step and aligned by walking the parents back (a block's end, the end)."""
+    U, P, W0t, scales, zeros, groups_of = sw.U, sw.P, sw.W0t, sw.scales, sw.zeros, sw.groups_of
+    bits, alpha, clamp, block_size, K = sw.bits, sw.alpha, sw.clamp, sw.block_size, sw.beam_width
     cols, rows = Wt.shape
     n = rows * K
     maxq = 2**bits - 1

@@ -2,9 +2,8 @@
 
     method     gptq     ‖(Q − W_ref)X‖² (W_ref = W unless asym_alpha shifts the target)
                gptaq    GPTAQ's P-term sweep toward ‖Q·X − W·X_α‖²
-               rescomp  GPTAQ plus ResComp's compensation-aware residual; at 2 bits GPTAQ alone
-                        (`RESCOMP_MIN_BITS`: measured, SmolLM2-135M W2 g32: ResComp 221.7,
-                        GPTAQ 208.8; ResComp's reference implementation makes the same choice)
+               rescomp  GPTAQ plus ResComp's compensation-aware residual (the config refuses it
+                        below 3 bits, where it measured worse than GPTAQ: `config.RESCOMP_MIN_BITS`)
     astro      reshape W first (Astro, astro.py): the solver starts from, and aims at, the reshaped W′
     asym_alpha the interpolation α of X_α = X + α·ΔX: None (0 for gptq, 1 for gptaq/rescomp),
                a number in [0, 1], "auto" or "projected" (see interpolation.py). For gptq it
@@ -28,9 +27,6 @@ from .rtn import rtn_quantize
 from .successive import successive_quantize
 
 ASYMMETRIC_METHODS = ("gptaq", "rescomp")
-# Below this width the residual term pulls every column toward W0 by more than the grid can
-# follow, and ResComp loses to GPTAQ (README ablation); method="rescomp" then runs GPTAQ.
-RESCOMP_MIN_BITS = 3
 
 
 @dataclass(frozen=True)
@@ -104,7 +100,7 @@ def solve_linear(W: torch.Tensor, H: torch.Tensor, opts: SolverOptions, D: torch
                              f"method={opts.method!r}; use method='gptq' with asym_alpha, or rounding 'gptq'/'beam'")
         res = gptq_quantize(W, H, desc_act=opts.desc_act, static_groups=opts.static_groups,
                             dxxt=a * D if opts.needs_fp_stream else None,
-                            alpha=opts.alpha, residual=opts.method == "rescomp" and opts.bits >= RESCOMP_MIN_BITS,
+                            alpha=opts.alpha, residual=opts.method == "rescomp",
                             beam_width=opts.beam_width if opts.rounding == "beam" else None, **grid)
         return res, a
     target = asymmetric_target(W, H, D, a, opts.damp_percent) if a else W

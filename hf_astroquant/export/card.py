@@ -51,9 +51,18 @@ def is_ours(readme: Path) -> bool:
     return not readme.exists() or CARD_MARK in readme.read_text(errors="replace")
 
 
+# What a report's layer_errors measure, by its layer_error_kind (reports without one are calibrated runs).
+ERROR_LABELS = {"output": "relative reconstruction error tr(ΔW·H·ΔWᵀ)/tr(W·H·Wᵀ)",
+                "weight": "relative weight error ‖ΔW‖²/‖W‖² (round-to-nearest uses no data)"}
+
+
+def error_label(report: dict) -> str:
+    return ERROR_LABELS[report.get("layer_error_kind", "output")]
+
+
 def plot_layer_errors(errors: dict[str, float], path: str | Path, title: str) -> Path:
-    """Bar chart of the relative reconstruction error tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) of every layer, block by
-    block, coloured by layer kind (q_proj, up_proj, ...), on a log scale."""
+    """Bar chart of the relative error of every layer (`ERROR_LABELS`), block by block, coloured by
+    layer kind (q_proj, up_proj, ...), on a log scale."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -140,6 +149,39 @@ def render_card(directory: str | Path, model_id: str | None = None, plot: bool =
     install, snippet = _snippet(model_id, tokenizer_id, fmt)
     bits = q.get("bits")
 
+    errors = report.get("layer_errors") or {}
+    rows = _summary_rows(directory, q, report, fmt)
+    plot_name, caption = None, None
+    if plot and errors:
+        caption = f"{error_label(report)[0].upper()}{error_label(report)[1:]} of every quantized layer"
+        plot_layer_errors(errors, directory / PLOT_FILE, f"{bits}-bit, {q.get('method')}: per-layer error")
+        plot_name = PLOT_FILE
+
+    calib = q.get("calibration") or report.get("calibration")
+    if calib:
+        calib_text = "\n".join(f"- {k}: {v}" for k, v in (calib.items() if isinstance(calib, dict) else [("data", calib)]))
+    else:
+        calib_text = "None recorded (round-to-nearest needs no data, or the record was lost)."
+
+    tags = ["hf_astroquant", "quantized", f"{bits}-bit", "gptq" if fmt == "gptq" else "astroquant"]
+    data = ModelCardData(
+        base_model=base, license=report.get("license"), library_name="transformers",
+        pipeline_tag="text-generation", tags=tags,
+        base_model_relation="quantized" if base else None,
+    )
+    name = model_id.rstrip("/").rsplit("/", 1)[-1]
+    return ModelCard.from_template(
+        data, template_str=template_text(), version=__version__, model_name=name, bits=bits,
+        base_model=base, source=report.get("source") or "its base model", method_text=_method_text(q),
+        format=fmt, checkpoint_format=q.get("checkpoint_format"), desc_act=q.get("desc_act"), sym=q.get("sym"),
+        install=install, snippet=snippet, summary_rows=rows, plot=plot_name, plot_caption=caption,
+        config_json=json.dumps(_card_config(q), indent=2, sort_keys=True), calibration_text=calib_text,
+    )
+
+
+def _summary_rows(directory: Path, q: dict, report: dict, fmt: str) -> list[tuple[str, str]]:
+    """The card's table: grid, perplexity, sizes, time, layer errors, lm-eval scores."""
+    bits = q.get("bits")
     rows: list[tuple[str, str]] = [("bits / group size", f"{bits} / {q.get('group_size')}")]
     ppl = report.get("perplexity") or {}
     if ppl:
@@ -164,37 +206,12 @@ def render_card(directory: str | Path, model_id: str | None = None, plot: bool =
         vals = [v for v in errors.values() if math.isfinite(v)]
         rows.append(("layers quantized", str(len(errors))))
         if vals:
-            rows.append(("relative reconstruction error, median / max",
+            rows.append((f"{error_label(report)}, median / max",
                          f"{sorted(vals)[len(vals) // 2]:.2e} / {max(vals):.2e}"))
     for task, score in sorted((report.get("lm_eval") or {}).items()):
         rows.append((f"lm-eval {task}", f"{score:.4f}" if isinstance(score, float) else str(score)))
 
-    plot_name, caption = None, None
-    if plot and errors:
-        caption = "Relative reconstruction error tr(ΔW·H·ΔWᵀ)/tr(W·H·Wᵀ) of every quantized layer"
-        plot_layer_errors(errors, directory / PLOT_FILE, f"{bits}-bit, {q.get('method')}: per-layer error")
-        plot_name = PLOT_FILE
-
-    calib = q.get("calibration") or report.get("calibration")
-    if calib:
-        calib_text = "\n".join(f"- {k}: {v}" for k, v in (calib.items() if isinstance(calib, dict) else [("data", calib)]))
-    else:
-        calib_text = "None recorded (round-to-nearest needs no data, or the record was lost)."
-
-    tags = ["hf_astroquant", "quantized", f"{bits}-bit", "gptq" if fmt == "gptq" else "astroquant"]
-    data = ModelCardData(
-        base_model=base, license=report.get("license"), library_name="transformers",
-        pipeline_tag="text-generation", tags=tags,
-        base_model_relation="quantized" if base else None,
-    )
-    name = model_id.rstrip("/").rsplit("/", 1)[-1]
-    return ModelCard.from_template(
-        data, template_str=template_text(), version=__version__, model_name=name, bits=bits,
-        base_model=base, source=report.get("source") or "its base model", method_text=_method_text(q),
-        format=fmt, checkpoint_format=q.get("checkpoint_format"), desc_act=q.get("desc_act"), sym=q.get("sym"),
-        install=install, snippet=snippet, summary_rows=rows, plot=plot_name, plot_caption=caption,
-        config_json=json.dumps(_card_config(q), indent=2, sort_keys=True), calibration_text=calib_text,
-    )
+    return rows
 
 
 def _card_config(q: dict) -> dict:

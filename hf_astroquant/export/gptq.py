@@ -122,6 +122,44 @@ def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
     config, q = _read_config(src)
     bits, group_size = int(q["bits"]), int(q["group_size"])
+    quantized, shapes, in_features, eff_group = _check_layers(src, q, group_size)
+    qset = set(quantized)
+
+    # desc_act is one flag for the whole model: True as soon as one layer's columns are reordered.
+    desc_act = False
+    for shard in _shards(src):
+        with safe_open(str(shard), "pt") as f:
+            for key in f.keys():
+                module, _, leaf = key.rpartition(".")
+                if leaf == "g_idx" and module in qset and not torch.equal(
+                        f.get_tensor(key).to(torch.int32), plain_g_idx(in_features[module], eff_group[module])):
+                    desc_act = True
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary = ExportSummary(out, checkpoint_format, desc_act, len(quantized), 0)
+    weight_map = _write_tensors(src, out, qset, shapes, bits, checkpoint_format, dtype, summary)
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        meta = json.loads(index.read_text()).get("metadata", {})
+        meta["total_size"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        (out / index.name).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2))
+
+    gptq_config = gptq_quantization_config(q, desc_act, checkpoint_format)
+    config["quantization_config"] = gptq_config
+    config.pop("auto_map", None)  # our remote-code stub imports hf_astroquant; GPTQ loaders need none
+    config["dtype"] = "float16" if dtype == torch.float16 else "bfloat16"
+    config.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (out / "quantize_config.json").write_text(json.dumps(gptq_config, indent=2) + "\n")
+    for name in _COPIED_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    return summary
+
+
+def _check_layers(src: Path, q: dict, group_size: int):
+    """(quantized module names, tensor shapes, in_features and effective group size per module), after
+    checking from the headers alone that GPTQ can hold every layer; ExportError naming what it cannot."""
     quantized = list(q["quantized_modules"])
     qset = set(quantized)
 
@@ -145,18 +183,13 @@ def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq
         raise ExportError(f"group_size={group_size} does not divide the input width of {ragged[:4]} "
                           f"({in_features[ragged[0]]}); GPTQ engines need whole groups")
 
-    # desc_act is one flag for the whole model: True as soon as one layer's columns are reordered.
-    desc_act = False
-    for shard in _shards(src):
-        with safe_open(str(shard), "pt") as f:
-            for key in f.keys():
-                module, _, leaf = key.rpartition(".")
-                if leaf == "g_idx" and module in qset and not torch.equal(
-                        f.get_tensor(key).to(torch.int32), plain_g_idx(in_features[module], eff_group[module])):
-                    desc_act = True
+    return quantized, shapes, in_features, eff_group
 
-    out.mkdir(parents=True, exist_ok=True)
-    summary = ExportSummary(out, checkpoint_format, desc_act, len(quantized), 0)
+
+def _write_tensors(src: Path, out: Path, qset: set, shapes: dict, bits: int, checkpoint_format: str,
+                   dtype: torch.dtype, summary: "ExportSummary") -> dict[str, str]:
+    """Write every shard in GPTQ's conventions (v1 zero points, fp16 scales, `dtype` elsewhere, no load
+    guard); return the weight map (tensor -> shard file)."""
     weight_map: dict[str, str] = {}
     for shard in _shards(src):
         tensors: dict[str, torch.Tensor] = {}
@@ -180,23 +213,7 @@ def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq
         save_file(tensors, str(target), metadata={"format": "pt"})
         summary.bytes_written += target.stat().st_size
         weight_map.update({k: shard.name for k in tensors})
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        meta = json.loads(index.read_text()).get("metadata", {})
-        meta["total_size"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        (out / index.name).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2))
-
-    gptq_config = gptq_quantization_config(q, desc_act, checkpoint_format)
-    config["quantization_config"] = gptq_config
-    config.pop("auto_map", None)  # our remote-code stub imports hf_astroquant; GPTQ loaders need none
-    config["dtype"] = "float16" if dtype == torch.float16 else "bfloat16"
-    config.pop("torch_dtype", None)
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (out / "quantize_config.json").write_text(json.dumps(gptq_config, indent=2) + "\n")
-    for name in _COPIED_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, out / name)
-    return summary
+    return weight_map
 
 
 def gptq_quantization_config(q: dict, desc_act: bool, checkpoint_format: str) -> dict:

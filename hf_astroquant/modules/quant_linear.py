@@ -59,6 +59,7 @@ class QuantLinear(nn.Module):
         self.backend = "auto"
         self.active_backend: str | None = None  # what the last preparation chose
         self._fast = None  # (device, dtype, backend, weights) of the prepared fast path
+        self._contiguous_groups: bool | None = None  # whether g_idx is the plain i // group_size (cached)
         self._qweight_shape: tuple[int, ...] | None = None  # set while `qweight` lives only in the kernel layout
 
     @classmethod
@@ -74,6 +75,7 @@ class QuantLinear(nn.Module):
         layer.qzeros.copy_(pack_cols(result.zeros, bits))
         layer.scales.copy_(result.scales.to(torch.float16))
         layer.g_idx.copy_(result.g_idx.to(torch.int32))
+        layer._contiguous_groups = None
         if bias is not None:
             layer.bias.copy_(bias.detach())
         return layer
@@ -111,6 +113,7 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self._drop_fast()  # new codes: the kernel layout is stale
+        self._contiguous_groups = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -121,7 +124,7 @@ class QuantLinear(nn.Module):
         """The de-quantized weight transposed, (in, out), as the codes are stored."""
         codes, zeros = self.unpack()
         K, gs = self.in_features, self.group_size
-        if K % gs == 0 and torch.equal(self.g_idx, self._plain_g_idx()):
+        if self._groups_are_contiguous():
             # groups are contiguous rows: broadcast instead of gathering a full-size zeros/scales copy
             w = (codes.view(self.n_groups, gs, -1) - zeros.unsqueeze(1)).to(torch.float32)
             w = (w * self.scales.unsqueeze(1).to(torch.float32)).view(K, -1)
@@ -129,6 +132,16 @@ class QuantLinear(nn.Module):
             g = self.g_idx.long()
             w = (codes - zeros[g]).to(torch.float32) * self.scales[g].to(torch.float32)
         return w.to(dtype)
+
+    def _groups_are_contiguous(self) -> bool:
+        """Whether g_idx is the plain i // group_size, checked once per g_idx (a check inside a traced
+        forward would break torch.compile's graph: there the gather, right for any g_idx, runs)."""
+        if self._contiguous_groups is None:
+            if torch.compiler.is_compiling():
+                return False
+            self._contiguous_groups = (self.in_features % self.group_size == 0
+                                       and torch.equal(self.g_idx, self._plain_g_idx()))
+        return self._contiguous_groups
 
     def _plain_g_idx(self) -> torch.Tensor:
         return torch.arange(self.in_features, device=self.g_idx.device, dtype=torch.int32) // self.group_size

@@ -1,0 +1,184 @@
+"""Every option of `AstroQuantConfig`, stated once.
+
+Each `Option` carries its group, default, value check (what is allowed, and values that must be
+refused), help, whether it is saved in config.json, and how the shell types it. From this one
+table come the config's keyword arguments, validation, `to_dict`, its docstring, the CLI's flags
+and help, the options table in docs/options.md and the bad-value tests. A new option is one
+`Option(...)` here (or in a subclass's ``OPTIONS``); rules between options live in
+`config.check_combinations`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .checks import (ASYM_ALPHA_WORDS, Boolean, Custom, Integer, Maybe, Number, OneOf, check_asym_alpha,
+                     check_dataset, check_devices, check_directory, check_module_patterns, check_tokenizer,
+                     shell_asym_alpha)
+from .modules.kernels import BACKENDS
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_METHODS = ("rtn", "gptq", "gptaq", "rescomp")
+SUPPORTED_ROUNDING = ("gptq", "successive", "beam")
+ASYM_ALPHA_CHOICES = ASYM_ALPHA_WORDS
+SUPPORTED_TRANSFORMS = ("none", "rotate", "scale", "adaptive")
+GROUPS = {
+    "grid": "What is quantized, and onto which grid",
+    "solver": "How each weight matrix is solved",
+    "calibration": "Calibration data",
+    "preconditioning": "Preconditioning (before the solve)",
+    "run": "Run and loading options (never saved in the checkpoint)",
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    group: str
+    default: Any
+    check: Any  # a check of `checks` (allowed text, bad examples, shell type)
+    help: str  # one or two sentences, for the shell, the docstring and the options table
+    detail: str = ""  # more, for the docstring and docs/options.md only
+    saved: bool = True  # written to config.json (run and loading options are not)
+    shell: dict = field(default_factory=dict)  # argparse settings over the check's own
+    none_word: str = "none"  # how the shell types a None default
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def argparse_kwargs(self) -> dict:
+        return {**self.check.flag(), **self.shell}
+
+    def shell_default(self) -> str:
+        """The default as the user would type it."""
+        if self.default is None:
+            return self.none_word
+        if isinstance(self.default, bool):
+            return self.flag if self.default else "--no-" + self.flag[2:]
+        return str(self.default)
+
+
+OPTIONS: tuple[Option, ...] = (
+    # ------------------------------------------------------------------ grid
+    Option("bits", "grid", 4, OneOf(SUPPORTED_BITS), "weight bit width"),
+    Option("group_size", "grid", 128,
+           Integer(1, also=(-1,), text="-1 (one group per output channel) or a positive integer"),
+           "input columns sharing one scale and zero point; -1: one group per output channel",
+           "A size that does not divide a layer's width leaves a shorter last group."),
+    Option("sym", "grid", False, Boolean(),
+           "symmetric grid (zero point fixed at 2^(bits-1)) instead of asymmetric min/max"),
+    Option("mse", "grid", None, Maybe(Boolean()),
+           "search each group's clipping range for the smallest rounding error instead of plain min/max "
+           "(about 15% slower; measured better with the calibrated methods, worse with rtn)",
+           "Measured on SmolLM2-135M (docs/results.md): with GPTQ better at 3 and 4 bits (43.36 against 53.14 "
+           "at W3 g64), with round-to-nearest worse (78.90 against 66.77). The value chosen is saved.",
+           none_word="on, off with --method rtn"),
+    Option("modules_to_not_convert", "grid", None, Custom(check_module_patterns,
+           "None or a list of module names/patterns (strings)", bad=("lm_head", [1], 3),
+           shell=dict(nargs="+", metavar="PATTERN")),
+           "modules kept in full precision: full names, dotted fragments (mlp.down_proj) or regexes; "
+           "lm_head is always kept"),
+    # ------------------------------------------------------------------ solver
+    Option("method", "solver", "gptq", OneOf(SUPPORTED_METHODS),
+           "solver: rtn (round to nearest, no data), gptq, gptaq (fits the full-precision output; carries a "
+           "full-precision stream) or rescomp (gptaq plus a residual toward the original weights; 3 bits and up)"),
+    Option("desc_act", "solver", True, Boolean(),
+           "act-order: solve columns by descending Hessian diagonal",
+           "The column-to-group map is recorded in g_idx. Plain left-to-right GPTQ over-fits out-of-domain "
+           "calibration data and measures worse than round-to-nearest (see docs/results.md)."),
+    Option("static_groups", "solver", True, Boolean(),
+           "fit every group's grid up front on the original weights, so groups stay contiguous "
+           "(needed by rounding beam and successive)"),
+    Option("damp_percent", "solver", 0.01, Number(0, 1, low_open=True), "Hessian damping as a fraction of its "
+           "mean diagonal"),
+    Option("true_sequential", "solver", True, Boolean(),
+           "each Linear of a block sees the outputs of the already-quantized Linears before it; off: one "
+           "full-precision pass per block"),
+    Option("alpha", "solver", 0.25, Number(0, 1), "step scale of gptaq's P-term and rescomp's R-term "
+           "(0.25 in the reference code)"),
+    Option("asym_alpha", "solver", None, Custom(check_asym_alpha, "None, a number in [0, 1], 'auto' or 'projected'",
+           bad=(1.5, "best", False, -0.5), shell=dict(type=shell_asym_alpha, metavar="{X,auto,projected,none}")),
+           "interpolation of the target X + a*dX: a number in [0, 1], auto or projected (chosen per layer), or "
+           "none (0 for gptq, 1 for gptaq/rescomp)",
+           "For gptq the interpolated target shifts the weights solved for (W_ref); for gptaq/rescomp it scales "
+           "D = 2*dX*X^T/N in the P-term. Any value other than None/0 carries the full-precision stream; 0 "
+           "carries none (gptaq is then GPTQ, rescomp GPTQ plus ResComp's residual)."),
+    Option("rounding", "solver", "gptq", OneOf(SUPPORTED_ROUNDING),
+           "gptq (greedy sweep), beam (beam_width candidates per row) or successive (reverse-order decoding "
+           "toward the target; method gptq only)",
+           "beam and successive fit every grid up front (static_groups); successive decodes in act-order."),
+    Option("beam_width", "solver", 4, Integer(1), "partial solutions kept per row with rounding beam (1 = greedy)"),
+    Option("fp_samples", "solver", None, Maybe(Integer(1), ("all",)),
+           "asymmetric solvers: how many calibration windows (the first) also run through the full-precision "
+           "blocks; fewer save time and memory, at the price of a noisier D",
+           none_word="all"),
+    Option("block_size", "solver", 128, Integer(1), "GPTQ lazy-batch width (speed only; results do not change)"),
+    # ------------------------------------------------------------------ calibration
+    Option("dataset", "calibration", None, Custom(check_dataset, "a list of strings, a list of token-id lists, "
+           "a 2-D tensor of token ids, a text file path, a datasets.Dataset with a text column, or one of "
+           "'wikitext2', 'c4'", bad=(12, {"text": "a"}), shell=dict(metavar="{wikitext2,c4,FILE}")),
+           "calibration text: a local text file, or wikitext2 / c4 from the Hugging Face Hub (needs the network)",
+           "From Python also a list of strings, token-id windows (a list of lists or a 2-D tensor, used as "
+           "given) or a datasets.Dataset with a text column.", saved=False),
+    Option("tokenizer", "calibration", None, Custom(check_tokenizer, "None, a tokenizer, or a tokenizer name or path",
+           bad=(12, 1.5), shell=dict(metavar="NAME_OR_DIR")),
+           "tokenizer for text calibration data (a Hub id or a directory; default: the model's)", none_word="MODEL's",
+           saved=False),
+    Option("n_samples", "calibration", 128, Integer(1), "calibration windows drawn from text data"),
+    Option("seqlen", "calibration", 2048, Integer(1), "tokens per calibration window"),
+    Option("seed", "calibration", 0, Integer(0), "seed for drawing the calibration windows"),
+    Option("calibration_batch_size", "calibration", None, Maybe(Integer(1), ("auto",)),
+           "windows per forward pass; auto: all at once when they fit a 4 GiB activation budget", none_word="auto"),
+    # ------------------------------------------------------------------ preconditioning
+    Option("astro", "preconditioning", False, Boolean(),
+           "Astro: reshape each Linear's weights, inside the flat region of its objective, toward weights that "
+           "round with less error, before it is solved",
+           "Proximal gradient on H only (algorithms/astro.py); the checkpoint format and inference are unchanged."),
+    Option("astro_beta", "preconditioning", 1.0, Number(0), "weight of Astro's group-extent term (0 turns it off)",
+           "1 trades the reshaping error against GPTQ's predicted rounding error exactly."),
+    Option("astro_steps", "preconditioning", 25, Integer(1), "FISTA steps of Astro's proximal gradient"),
+    Option("astro_lr", "preconditioning", 1.0, Number(0, 1, low_open=True), "Astro's step size as a fraction of 1/L"),
+    Option("transform", "preconditioning", "none", OneOf(SUPPORTED_TRANSFORMS),
+           "transforms folded into the weights before calibration: rotate, scale, or adaptive (per site, "
+           "chosen by weight kurtosis)",
+           "rotate: an orthogonal rotation of the residual stream (norm weights folded into the next Linears) "
+           "plus a per-head rotation of value/output; scale: per-channel scales searched on activation "
+           "statistics; adaptive: per site, rotation or scales by the robust z-score of the weights' kurtosis. "
+           "Each site's choice is recorded in the saved config (transforms_applied)."),
+    Option("kurtosis_threshold_attn", "preconditioning", 1.0, Number(text="a finite number (a robust z-score)"),
+           "transform adaptive: kurtosis z-score above which an attention site gets rotation instead of scales"),
+    Option("kurtosis_threshold_mlp", "preconditioning", 1.0, Number(text="a finite number (a robust z-score)"),
+           "transform adaptive: the same for MLP sites (above it down_proj gets nothing)"),
+    # ------------------------------------------------------------------ run
+    Option("backend", "run", "auto", OneOf(BACKENDS),
+           "forward path of the packed layers: auto (the fastest that runs each layer), reference, int4, int8 "
+           "or triton",
+           "A loading option: pass AstroQuantConfig(backend=...) to from_pretrained of a saved model to "
+           "override it.", saved=False),
+    Option("resume_dir", "run", None, Custom(check_directory, "None or a directory path", bad=(3, ""),
+           shell=dict(metavar="DIR")),
+           "checkpoint every finished block here; a rerun with the same directory continues after a crash, "
+           "bit for bit", saved=False),
+    Option("solve_devices", "run", None, Custom(check_devices, "None, 'auto', or a non-empty list of devices such "
+           "as ['cuda:0', 'cuda:1']", bad=("cuda:0", [], ["gpu zero"], [0]),
+           shell=dict(nargs="+", metavar="DEVICE")),
+           "solve the Linears that share an input on these devices in parallel (e.g. cuda:0 cuda:1), or auto",
+           "Results can differ in rounding from one device type to another.", saved=False,
+           none_word="the block's device"),
+)
+
+
+def options_table(options: tuple[Option, ...] = OPTIONS, detail: bool = False) -> str:
+    """The options as a Markdown table, grouped: name, shell flag, default, allowed values, help."""
+    lines = ["| option | flag | default | allowed | what it does |", "|---|---|---|---|---|"]
+    for group, title in GROUPS.items():
+        members = [o for o in options if o.group == group]
+        if members:
+            lines.append(f"| **{title}** | | | | |")
+        for o in members:
+            text = f"{o.help}. {o.detail}" if detail and o.detail else o.help
+            cell = lambda s: str(s).replace("|", "\\|")  # noqa: E731 - a Markdown cell
+            lines.append(f"| `{o.name}` | `{o.flag}` | `{o.default!r}` | {cell(o.check.allowed)} | {cell(text)} |")
+    return "\n".join(lines)

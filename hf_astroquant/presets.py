@@ -1,0 +1,54 @@
+"""Measured presets: `AstroQuantConfig.recommended(bits, quality)` and the CLI's ``--preset``.
+
+Each preset is exactly one configuration of the benchmark grid (`benchmarks/bench_quality.py`, the
+row named here), measured on SmolLM2-135M by the shared protocol; docs/results.md lists its
+perplexity and time, rendered from benchmarks/results/ by `benchmarks/update_readme.py`.
+
+    fast      GPTQ with act-order, static groups and the clipping search (the defaults): runs on
+              every model family
+    balanced  adds the residual-stream rotation (GPTAQ at 2 bits), about as fast as fast
+    best      the lowest perplexity we measured at that width: GPTAQ behind transforms (and Astro)
+
+The transforms of balanced and best fold exactly only into some families; elsewhere they are
+refused with the reason (docs/models.md), and fast is the preset to use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+QUALITIES = ("fast", "balanced", "best")
+PRESET_BITS = (2, 3, 4)
+_GRID = dict(sym=False, damp_percent=0.01, desc_act=True, static_groups=True, mse=True)
+
+# (quality, bits): (options, the bench_quality row that measured exactly these options)
+PRESETS: dict[tuple[str, int], tuple[dict[str, Any], str]] = {
+    ("fast", 4): (dict(bits=4, group_size=64, method="gptq"), "gptq-w4"),
+    ("fast", 3): (dict(bits=3, group_size=64, method="gptq"), "gptq-w3"),
+    ("fast", 2): (dict(bits=2, group_size=32, method="gptq"), "gptq-w2"),
+    ("balanced", 4): (dict(bits=4, group_size=64, method="gptq", transform="rotate"), "gptq-rotate-w4"),
+    ("balanced", 3): (dict(bits=3, group_size=64, method="gptq", transform="rotate"), "gptq-rotate-w3"),
+    ("balanced", 2): (dict(bits=2, group_size=32, method="gptaq", transform="rotate"), "gptaq-rotate-w2"),
+    ("best", 4): (dict(bits=4, group_size=64, method="gptaq", transform="adaptive"), "gptaq-adaptive-w4"),
+    ("best", 3): (dict(bits=3, group_size=64, method="gptaq", transform="rotate", astro=True),
+                  "gptaq-rotate-astro-w3"),
+    ("best", 2): (dict(bits=2, group_size=32, method="gptaq", transform="rotate", astro=True),
+                  "gptaq-rotate-astro-w2"),
+}
+
+
+def preset_options(bits: Any, quality: Any) -> dict[str, Any]:
+    """The options of one preset; a ValueError names a bad `bits` or `quality` and what is allowed."""
+    if quality not in QUALITIES or not isinstance(quality, str):
+        raise ValueError(f"AstroQuantConfig.recommended: quality={quality!r} is not valid; allowed: "
+                         + ", ".join(map(repr, QUALITIES)))
+    if type(bits) is not int or bits not in PRESET_BITS:
+        raise ValueError(f"AstroQuantConfig.recommended: bits={bits!r} is not valid; allowed: "
+                         f"{', '.join(map(str, PRESET_BITS))} (the widths the presets were measured at; for 8 bits "
+                         "use AstroQuantConfig(bits=8))")
+    options, _row = PRESETS[(quality, bits)]
+    return {**_GRID, **options}
+
+
+def preset_row(bits: int, quality: str) -> str:
+    return PRESETS[(quality, bits)][1]
