@@ -254,12 +254,13 @@ def render_defaults(rows: list[dict]) -> str:
     seeds = sorted({s for _, s in by})
     lines = ["| bits | group | " + " | ".join(f"defaults, calibration seed {s}" for s in seeds) + " | round-to-nearest "
              "(min/max, its default) | round-to-nearest with the clipping search | plain GPTQ (the old defaults), "
-             "per seed |",
+             "on the same windows |",
              "|---|---|" + "---|" * len(seeds) + "---|---|---|"]
     for bits in (4, 3):
         cells = [f"{by[(f'defaults-w{bits}', s)]['ppl']:.2f}" if (f"defaults-w{bits}", s) in by else "" for s in seeds]
         rtn = [by.get((f"rtn-w{bits}", 0)), by.get((f"rtn-mse-w{bits}", 0))]
-        plain = [f"{by[(f'gptq-w{bits}-plain', s)]['ppl']:.2f}" for s in seeds if (f"gptq-w{bits}-plain", s) in by]
+        plain = [f"{by[(f'gptq-w{bits}-plain', s)]['ppl']:.2f} (seed {s})" for s in seeds
+                 if (f"gptq-w{bits}-plain", s) in by]
         lines.append(f"| {bits} | 64 | " + " | ".join(cells) + " | "
                      + " | ".join(f"{r['ppl']:.2f}" if r else "" for r in rtn) + f" | {' / '.join(plain)} |")
     return "\n".join(lines)
