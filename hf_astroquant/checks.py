@@ -215,7 +215,7 @@ _ASYM_ALLOWED = "None, a number in [0, 1], 'auto' or 'projected'"
 
 
 def check_asym_alpha(v: Any) -> Any:
-    if v is None or v in ASYM_ALPHA_WORDS and isinstance(v, str):
+    if v is None or isinstance(v, str) and v in ASYM_ALPHA_WORDS:
         return v
     if _is_real(v) and 0 <= v <= 1:
         return float(v)

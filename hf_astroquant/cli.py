@@ -259,7 +259,7 @@ def _load_and_quantize(args, cfg, source: str, load_kwargs: dict, tok, eval_text
 
 
 def _quantize_summary(args, cfg, model, out: Path, seconds: float, ppl: dict) -> list[tuple[str, Any]]:
-    from .export.card import format_bytes, read_report
+    from .export.card import error_label, format_bytes, read_report
 
     report = read_report(out)
     errs = sorted(report.get("layer_errors", {}).values())
@@ -273,8 +273,7 @@ def _quantize_summary(args, cfg, model, out: Path, seconds: float, ppl: dict) ->
     if report.get("quantized_fp16_bytes"):
         rows.append(("quantized layers, packed / fp16", f"{report['quantized_packed_bytes'] / report['quantized_fp16_bytes']:.3f}"))
     if errs:
-        kind = "weight" if report.get("layer_error_kind") == "weight" else "reconstruction"
-        rows.append((f"relative {kind} error per layer, median / max", f"{errs[len(errs) // 2]:.2e} / {errs[-1]:.2e}"))
+        rows.append((f"{error_label(report)} per layer, median / max", f"{errs[len(errs) // 2]:.2e} / {errs[-1]:.2e}"))
     rows.append(("base model (card)", report.get("base_model") or
                  "unknown: rerun with --base-model ORG/NAME (or edit README.md's base_model) to link it"))
     if args.eval_data:

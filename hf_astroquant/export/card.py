@@ -153,7 +153,8 @@ def render_card(directory: str | Path, model_id: str | None = None, plot: bool =
     rows = _summary_rows(directory, q, report, fmt)
     plot_name, caption = None, None
     if plot and errors:
-        caption = f"{error_label(report)[0].upper()}{error_label(report)[1:]} of every quantized layer"
+        label = error_label(report)
+        caption = f"{label[0].upper()}{label[1:]} of every quantized layer"
         plot_layer_errors(errors, directory / PLOT_FILE, f"{bits}-bit, {q.get('method')}: per-layer error")
         plot_name = PLOT_FILE
 
