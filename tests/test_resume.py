@@ -81,6 +81,7 @@ def _blocks_done(resume_dir: Path) -> int:
         return 0
 
 
+@pytest.mark.slow  # about 30 s each: the run is slowed on purpose so it can be killed between blocks
 @pytest.mark.parametrize("method", ["gptq", "rescomp"])
 def test_a_killed_run_resumes_and_matches_an_uninterrupted_run_bit_for_bit(tiny6, tmp_path, method):
     resume_dir = tmp_path / "resume"
@@ -139,6 +140,7 @@ def test_a_finished_resume_dir_restores_every_block_without_calibrating(tiny6, t
     assert sum(isinstance(m, QuantLinear) for m in again.modules()) == 7 * LAYERS
 
 
+@pytest.mark.slow  # three rescomp runs of a 6-block model
 def test_a_crashed_run_resumes_with_its_partial_full_precision_stream(tiny6, tmp_path, monkeypatch):
     """fp_samples: the checkpointed full-precision stream holds only its windows (5 of 16, across
     batches of 4); the resumed run picks it up and ends with the uninterrupted run's weights."""
