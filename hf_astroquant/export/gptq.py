@@ -22,8 +22,6 @@ transform that is not folded into the weights).
 from __future__ import annotations
 
 import json
-import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,22 +29,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import CHECKPOINT_FORMAT, QUANT_METHOD, AstroQuantConfig
 from ..modules.packing import pack_cols, unpack_cols
 from .guard import read_headers
+from .source import LAYER_TENSORS as _LAYER_TENSORS
+from .source import ExportError, block_prefix, cast, check_out_dir, copy_side_files, plain_g_idx, read_config
+from .source import shards as _shards
+from .source import write_engine_config, write_index
 
 GPTQ_FORMATS = ("gptq", "gptq_v2")
-# Config keys whose every value the export can serve (the solver that produced the codes does not
-# matter to an engine; layout-related keys are checked below).
-_SERVABLE_KEYS = set(AstroQuantConfig._option_names()) | {
-    "quant_method", "checkpoint_format", "calibration", "quantized_modules", "transforms_applied"}
-_COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                 "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
-_LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
-
-
-class ExportError(ValueError):
-    """The checkpoint uses a setting the target format cannot serve; the message says which."""
 
 
 @dataclass
@@ -58,9 +48,6 @@ class ExportSummary:
     bytes_written: int
 
 
-def plain_g_idx(in_features: int, group_size: int) -> torch.Tensor:
-    """The column → group map of contiguous groups: i // group_size."""
-    return torch.arange(in_features, dtype=torch.int32) // group_size
 
 
 def v1_qzeros(qzeros: torch.Tensor, bits: int, out_features: int, layer: str) -> torch.Tensor:
@@ -75,37 +62,10 @@ def v1_qzeros(qzeros: torch.Tensor, bits: int, out_features: int, layer: str) ->
     return pack_cols(zeros - 1, bits)
 
 
-def _read_config(src: Path) -> tuple[dict, dict]:
-    path = src / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{src} has no config.json: not a saved transformers model directory")
-    config = json.loads(path.read_text())
-    q = config.get("quantization_config")
-    if not q or q.get("quant_method") != QUANT_METHOD:
-        raise ExportError(f"{src} is not an hf_astroquant checkpoint (quantization_config.quant_method is "
-                          f"{(q or {}).get('quant_method')!r}, expected {QUANT_METHOD!r})")
-    if q.get("checkpoint_format") != CHECKPOINT_FORMAT:
-        raise ExportError(f"{src}: checkpoint_format {q.get('checkpoint_format')!r} is not {CHECKPOINT_FORMAT!r}")
-    unknown = sorted(set(q) - _SERVABLE_KEYS)
-    if unknown:
-        raise ExportError(f"{src}: option(s) {unknown} are not known to the GPTQ export (for example a "
-                          "preconditioning transform that is not folded into the weights): refusing to export")
-    if not q.get("quantized_modules"):
-        raise ExportError(f"{src}: the config lists no quantized modules")
-    return config, q
 
 
-def _shards(src: Path) -> list[Path]:
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{src} holds no .safetensors files")
-    return files
 
 
-def _block_prefix(name: str) -> str | None:
-    """'model.layers.3.self_attn.q_proj' → 'model.layers.3.' (the decoder block it lives in)."""
-    m = re.match(r"(.*?\.\d+\.)", name)
-    return m.group(1) if m else None
 
 
 def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq",
@@ -116,11 +76,8 @@ def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq
         raise ValueError(f"checkpoint_format={checkpoint_format!r} is not valid; allowed: {', '.join(GPTQ_FORMATS)}")
     if dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"dtype={dtype} is not valid; allowed: torch.float16, torch.bfloat16")
-    if out.resolve() == src.resolve():
-        raise ValueError("the export directory must differ from the source directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
-    config, q = _read_config(src)
+    check_out_dir(src, out, overwrite)
+    config, q = read_config(src, "GPTQ")
     bits, group_size = int(q["bits"]), int(q["group_size"])
     quantized, shapes, in_features, eff_group = _check_layers(src, q, group_size)
     qset = set(quantized)
@@ -138,22 +95,11 @@ def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq
     out.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary(out, checkpoint_format, desc_act, len(quantized), 0)
     weight_map = _write_tensors(src, out, qset, shapes, bits, checkpoint_format, dtype, summary)
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        meta = json.loads(index.read_text()).get("metadata", {})
-        meta["total_size"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        (out / index.name).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2))
-
+    write_index(src, out, weight_map)
     gptq_config = gptq_quantization_config(q, desc_act, checkpoint_format)
-    config["quantization_config"] = gptq_config
-    config.pop("auto_map", None)  # our remote-code stub imports hf_astroquant; GPTQ loaders need none
-    config["dtype"] = "float16" if dtype == torch.float16 else "bfloat16"
-    config.pop("torch_dtype", None)
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_engine_config(config, out, gptq_config, dtype)
     (out / "quantize_config.json").write_text(json.dumps(gptq_config, indent=2) + "\n")
-    for name in _COPIED_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, out / name)
+    copy_side_files(src, out)
     return summary
 
 
@@ -168,9 +114,9 @@ def _check_layers(src: Path, q: dict, group_size: int):
     missing = [f"{m}.{t}" for m in quantized for t in _LAYER_TENSORS if f"{m}.{t}" not in shapes]
     if missing:
         raise ExportError(f"{src}: quantized tensors missing from the checkpoint: {missing[:4]}")
-    blocks = {_block_prefix(m) for m in quantized} - {None}
+    blocks = {block_prefix(m) for m in quantized} - {None}
     unquantized = sorted(k[: -len(".weight")] for k, s in shapes.items()
-                         if k.endswith(".weight") and len(s) == 2 and _block_prefix(k) in blocks
+                         if k.endswith(".weight") and len(s) == 2 and block_prefix(k) in blocks
                          and k[: -len(".weight")] not in qset)
     if unquantized:
         raise ExportError(
@@ -203,11 +149,11 @@ def _write_tensors(src: Path, out: Path, qset: set, shapes: dict, bits: int, che
                     if leaf == "qzeros" and checkpoint_format == "gptq":
                         t = v1_qzeros(t, bits, shapes[f"{module}.scales"][1], module)
                     elif leaf in ("scales", "bias"):
-                        t = _cast(t, torch.float16, key)
+                        t = cast(t, torch.float16, key)
                     elif leaf == "g_idx":
                         t = t.to(torch.int32)
                 elif t.is_floating_point():
-                    t = _cast(t, dtype, key)
+                    t = cast(t, dtype, key)
                 tensors[key] = t.contiguous()
         target = out / shard.name
         save_file(tensors, str(target), metadata={"format": "pt"})
@@ -236,9 +182,3 @@ def gptq_quantization_config(q: dict, desc_act: bool, checkpoint_format: str) ->
         "meta": {"quantizer": [f"hf_astroquant:{__version__}"], "method": q.get("method")},
     }
 
-
-def _cast(t: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
-    out = t.to(dtype)
-    if torch.isfinite(t).all() and not torch.isfinite(out).all():
-        raise ExportError(f"{key}: values overflow {dtype} (largest magnitude {float(t.abs().max()):.3g})")
-    return out

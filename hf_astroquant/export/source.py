@@ -1,0 +1,108 @@
+"""Reading an hf_astroquant checkpoint directory for an export: its config, shards and layers.
+
+Every exporter starts here, so each refuses the same things the same way: a directory that is not
+ours, an option no engine format knows (a transform that is not folded into the weights), a
+checkpoint without quantized layers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ..config import CHECKPOINT_FORMAT, QUANT_METHOD, AstroQuantConfig
+
+# Config keys whose every value an export can serve (the solver that produced the codes does not
+# matter to an engine; layout-related keys are checked by each format).
+SERVABLE_KEYS = set(AstroQuantConfig._option_names()) | {
+    "quant_method", "checkpoint_format", "calibration", "quantized_modules", "transforms_applied"}
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+class ExportError(ValueError):
+    """The checkpoint uses a setting the target format cannot serve; the message says which."""
+
+
+def read_config(src: Path, format_name: str) -> tuple[dict, dict]:
+    """(config.json as a dict, its quantization_config), after checking `src` is ours and servable."""
+    path = src / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{src} has no config.json: not a saved transformers model directory")
+    config = json.loads(path.read_text())
+    q = config.get("quantization_config")
+    if not q or q.get("quant_method") != QUANT_METHOD:
+        raise ExportError(f"{src} is not an hf_astroquant checkpoint (quantization_config.quant_method is "
+                          f"{(q or {}).get('quant_method')!r}, expected {QUANT_METHOD!r})")
+    if q.get("checkpoint_format") != CHECKPOINT_FORMAT:
+        raise ExportError(f"{src}: checkpoint_format {q.get('checkpoint_format')!r} is not {CHECKPOINT_FORMAT!r}")
+    unknown = sorted(set(q) - SERVABLE_KEYS)
+    if unknown:
+        raise ExportError(f"{src}: option(s) {unknown} are not known to the {format_name} export (for example a "
+                          "preconditioning transform that is not folded into the weights): refusing to export")
+    if not q.get("quantized_modules"):
+        raise ExportError(f"{src}: the config lists no quantized modules")
+    return config, q
+
+
+def shards(src: Path) -> list[Path]:
+    files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{src} holds no .safetensors files")
+    return files
+
+
+def block_prefix(name: str) -> str | None:
+    """'model.layers.3.self_attn.q_proj' → 'model.layers.3.' (the decoder block it lives in)."""
+    m = re.match(r"(.*?\.\d+\.)", name)
+    return m.group(1) if m else None
+
+
+def plain_g_idx(in_features: int, group_size: int) -> torch.Tensor:
+    """The column → group map of contiguous groups: i // group_size."""
+    return torch.arange(in_features, dtype=torch.int32) // group_size
+
+
+def check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
+    if out.resolve() == src.resolve():
+        raise ValueError("the export directory must differ from the source directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype, key: str) -> torch.Tensor:
+    """`t` in `dtype`; ExportError when finite values would overflow it."""
+    out = t.to(dtype)
+    if torch.isfinite(t).all() and not torch.isfinite(out).all():
+        raise ExportError(f"{key}: values overflow {dtype} (largest magnitude {float(t.abs().max()):.3g})")
+    return out
+
+
+def write_index(src: Path, out: Path, weight_map: dict[str, str]) -> None:
+    """The sharded checkpoint's index, when the source had one."""
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        meta = json.loads(index.read_text()).get("metadata", {})
+        meta["total_size"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        (out / index.name).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2))
+
+
+def write_engine_config(config: dict, out: Path, quantization_config: dict, dtype: torch.dtype) -> None:
+    """config.json for an engine: its quantization_config, no remote code (our stub imports us)."""
+    config = dict(config, quantization_config=quantization_config)
+    config.pop("auto_map", None)
+    config.pop("torch_dtype", None)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def copy_side_files(src: Path, out: Path) -> None:
+    import shutil
+
+    for name in COPIED_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
