@@ -27,6 +27,9 @@ SPEED = (RESULTS / "speed.jsonl",)
 SPEED_START, SPEED_END = "<!-- speed:start -->", "<!-- speed:end -->"
 EXPORT = (RESULTS / "export.jsonl",)  # bench_export.py: GPTQ exports in GPTQModel
 EXPORT_START, EXPORT_END = "<!-- export:start -->", "<!-- export:end -->"
+VLLM = (RESULTS / "vllm.jsonl",)  # bench_vllm.py: exports served by vLLM's CPU build
+VLLM_START, VLLM_END = "<!-- vllm:start -->", "<!-- vllm:end -->"
+VLLM_SUMMARY_START, VLLM_SUMMARY_END = "<!-- vllm-summary:start -->", "<!-- vllm-summary:end -->"
 OFFLOAD = RESULTS / "offload.json"
 OFFLOAD_START, OFFLOAD_END = "<!-- offload:start -->", "<!-- offload:end -->"
 PRE_START, PRE_END = "<!-- preconditioning:start -->", "<!-- preconditioning:end -->"
@@ -41,7 +44,7 @@ ASTRO_BETA = RESULTS / "astro-beta.json"  # bench_astro.py --betas: the reshaped
 def load_rows() -> list[dict]:
     rows = []
     for f in sorted(RESULTS.glob("*.jsonl")):
-        if f.name.startswith(("ablation", "speed", "export", "preconditioning")):  # their own tables
+        if f.name.startswith(("ablation", "speed", "export", "preconditioning", "vllm")):  # their own tables
             continue
         rows += read_jsonl(f)
     for f in sorted(RESULTS.glob("*.json")):
@@ -143,6 +146,31 @@ def render_export(rows: list[dict]) -> str:
         lines.append(f"| {r['config']} | {r['format']} | {r['gptqmodel_vs_ours_fp16']:.2e} | "
                      f"{r['gptqmodel_vs_truth']:.2e} | {r['ours_fp16_vs_truth']:.2e} |")
     return "\n".join(lines)
+
+
+def render_vllm(rows: list[dict]) -> str:
+    """Perplexity of exports in vLLM against ours on the same tokens (latest row per configuration)."""
+    lines = ["| config | export | tokens | ours (fp32) | ours (fp16) | vLLM (fp16) | vLLM vs ours (fp32) | vLLM kernel "
+             "| HTTP server |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in {r["config"]: r for r in rows}.values():
+        server = (f"answered ({r['server_seconds_to_start']:.0f} s to start)" if r.get("server_text")
+                  else "not run" if r.get("server_text") is None else "empty answer")
+        lines.append(f"| {r['config']} | {r['format']} | {r['tokens']} | {r['ours_fp32']:.3f} | {r['ours_fp16']:.3f} | "
+                     f"{r['vllm_fp16']:.3f} | {r['vllm_vs_ours_fp32']:+.2%} | {r['vllm_kernel']} | {server} |")
+    return "\n".join(lines)
+
+
+def render_vllm_summary(rows: list[dict]) -> str:
+    """The README's short version of render_vllm."""
+    lines = ["| checkpoint | export | perplexity, ours (fp32) | in vLLM (fp16) |", "|---|---|---|---|"]
+    for r in {r["config"]: r for r in rows}.values():
+        lines.append(f"| {VLLM_NAMES.get(r['config'], r['config'])} | {r['format']} | {r['ours_fp32']:.2f} | "
+                     f"{r['vllm_fp16']:.2f} ({r['vllm_vs_ours_fp32']:+.2%}) |")
+    return "\n".join(lines)
+
+
+VLLM_NAMES = {"best-w4": "`best` preset, W4 g64 (asymmetric)", "gptq-w4": "defaults, W4 g64 (asymmetric)",
+              "gptq-sym-w4": "defaults + `sym`, W4 g64"}
 
 
 def render_offload(r: dict) -> str:
@@ -286,7 +314,9 @@ def main() -> None:
     if DEFAULTS.exists():
         put(DEFAULTS_START, DEFAULTS_END, render_defaults(read_jsonl(DEFAULTS)))
     sections = [(ABLATION, ABL_START, ABL_END, render_ablation), (ABLATION_PPL, ABL2_START, ABL2_END, render_ablation_ppl),
-                (SPEED, SPEED_START, SPEED_END, render_speed), (EXPORT, EXPORT_START, EXPORT_END, render_export)]
+                (SPEED, SPEED_START, SPEED_END, render_speed), (EXPORT, EXPORT_START, EXPORT_END, render_export),
+                (VLLM, VLLM_START, VLLM_END, render_vllm),
+                (VLLM, VLLM_SUMMARY_START, VLLM_SUMMARY_END, render_vllm_summary)]
     for paths, start, end, render_rows in sections:
         paths = [p for p in paths if p.exists()]
         if paths:

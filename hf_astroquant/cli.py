@@ -2,7 +2,7 @@
 
     hf-astroquant quantize MODEL --bits 4 --dataset FILE --out DIR   every AstroQuantConfig option
     hf-astroquant eval DIR [--data wikitext2|FILE] [--baseline MODEL] [--tasks ...]
-    hf-astroquant export DIR --format gptq --out DIR2
+    hf-astroquant export DIR --format gptq|compressed-tensors --out DIR2
     hf-astroquant push DIR REPO_ID [--private]
 
 MODEL is a Hub id, a local model directory or a local .gguf file (de-quantized by transformers).
@@ -11,6 +11,7 @@ MODEL is a Hub id, a local model directory or a local .gguf file (de-quantized b
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -331,28 +332,58 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export.card import REPORT_FILE, format_bytes, write_card
-    from .export.gptq import ExportError, export_gptq
+    from .export.source import ExportError
 
     src, out = Path(args.dir), Path(args.out)
+    if args.format != "gptq" and args.checkpoint_format is not None:
+        raise CliError(f"--checkpoint-format is a GPTQ option; --format {args.format} has none")
     tmp_out = _prepare_out(out, args.overwrite)
     try:
-        summary = export_gptq(src, tmp_out, checkpoint_format=args.checkpoint_format,
-                              dtype=_torch_dtype(args.dtype), overwrite=True)
+        rows = _EXPORTERS[args.format](src, tmp_out, args)
         if (src / REPORT_FILE).is_file():
             shutil.copy2(src / REPORT_FILE, tmp_out / REPORT_FILE)
         write_card(tmp_out, model_id=out.name)  # a name, never a path of this machine
         _finish_out(tmp_out, out)
     except ExportError as err:
         shutil.rmtree(tmp_out, ignore_errors=True)
-        raise CliError(f"cannot export to GPTQ: {err}") from err
+        raise CliError(f"cannot export to {_FORMAT_NAMES[args.format]}: {err}") from err
     except BaseException:
         shutil.rmtree(tmp_out, ignore_errors=True)
         raise
-    print_table("hf-astroquant export", [
-        ("source", str(src)), ("output", str(out)), ("format", f"gptq ({summary.checkpoint_format})"),
-        ("desc_act", summary.desc_act), ("quantized layers", summary.layers),
-        ("size", format_bytes(summary.bytes_written))])
+    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    print_table("hf-astroquant export", [("source", str(src)), ("output", str(out))] + rows
+                + [("size", format_bytes(size))])
     return 0
+
+
+def _export_gptq(src: Path, out: Path, args: argparse.Namespace) -> list[tuple[str, object]]:
+    from .export.engines import vllm_notes
+    from .export.gptq import export_gptq
+
+    summary = export_gptq(src, out, checkpoint_format=args.checkpoint_format or "gptq",
+                          dtype=_torch_dtype(args.dtype), overwrite=True)
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    notes = vllm_notes("gptq", q["bits"], q["sym"], summary.desc_act)
+    return [("format", f"gptq ({summary.checkpoint_format})"), ("desc_act", summary.desc_act),
+            ("quantized layers", summary.layers)] + [("vLLM", note) for note in notes]
+
+
+def _export_compressed_tensors(src: Path, out: Path, args: argparse.Namespace) -> list[tuple[str, object]]:
+    from .export.compressed_tensors import export_compressed_tensors
+    from .export.engines import vllm_notes
+
+    summary = export_compressed_tensors(src, out, dtype=_torch_dtype(args.dtype), overwrite=True)
+    rows = [("format", "compressed-tensors (pack-quantized)"), ("actorder", summary.actorder or "none"),
+            ("quantized layers", summary.layers), ("left in full precision", ", ".join(summary.ignored) or "none")]
+    if summary.largest_scale_rounding:
+        rows.append(("scales rounded to " + args.dtype, f"by at most {summary.largest_scale_rounding:.2%} (relative)"))
+    w = summary.weights
+    return rows + [("vLLM", note) for note in vllm_notes("compressed-tensors", w["num_bits"], w["symmetric"],
+                                                        summary.actorder == "group")]
+
+
+_EXPORTERS = {"gptq": _export_gptq, "compressed-tensors": _export_compressed_tensors}
+_FORMAT_NAMES = {"gptq": "GPTQ", "compressed-tensors": "compressed-tensors"}
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -445,12 +476,16 @@ def _add_eval(sub) -> None:
 def _add_export(sub) -> None:
     x = sub.add_parser("export", help="write a copy in a serving engine's format")
     x.add_argument("dir", metavar="DIR", help="a directory saved by hf-astroquant quantize")
-    x.add_argument("--format", choices=("gptq",), required=True, help="the engine format to write")
+    x.add_argument("--format", choices=("gptq", "compressed-tensors"), required=True,
+                   help="the engine format to write: gptq (vLLM, SGLang, TGI, transformers, GPTQModel; symmetric "
+                        "grids for vLLM) or compressed-tensors (vLLM and transformers, asymmetric grids included)")
     x.add_argument("--out", required=True, metavar="DIR2", help="output directory (appears only when complete)")
-    x.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default="gptq",
-                   help="gptq: v1, read by vLLM/SGLang/TGI/transformers; gptq_v2: GPTQModel (default: gptq)")
+    x.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default=None,
+                   help="--format gptq only. gptq: v1, read by vLLM/SGLang/TGI/transformers; gptq_v2: GPTQModel "
+                        "(default: gptq)")
     x.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
-                   help="dtype of the unquantized tensors; scales are always float16 (default: float16)")
+                   help="dtype of the unquantized tensors; gptq writes float16 scales always, compressed-tensors "
+                        "writes scales in this dtype (float16 holds ours exactly) (default: float16)")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty DIR2")
     x.set_defaults(func=cmd_export)
 

