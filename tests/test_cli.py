@@ -230,3 +230,14 @@ def test_python_dash_m_and_console_script():
     for cmd in ([sys.executable, "-m", "hf_astroquant", "--version"], ["hf-astroquant", "--version"]):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0 and proc.stdout.strip() == f"hf-astroquant {hf_astroquant.__version__}"
+
+
+def test_export_names_what_vllm_will_refuse(source, tmp_path, capsys):
+    out = tmp_path / "q3"
+    assert _run(["quantize", source / "fp", "--out", out, "--bits", "3", "--group-size", "32", "--method", "rtn"],
+                capsys)[0] == 0
+    code, stdout, _ = _run(["export", out, "--format", "compressed-tensors", "--out", tmp_path / "ct"], capsys)
+    assert code == 0 and "vLLM" in stdout and "CPU kernel serves 4 bits only" in stdout
+    code, stdout, _ = _run(["export", out, "--format", "gptq", "--checkpoint-format", "gptq_v2",
+                            "--out", tmp_path / "g"], capsys)
+    assert code == 0 and "refuses asymmetric GPTQ" in stdout and "4 or 8 bits, not 3" in stdout

@@ -65,7 +65,7 @@ def run_in_vllm(model_dir: str | Path, windows: torch.Tensor, prompt: str, max_n
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request.write_text(json.dumps({"windows": windows.tolist(), "prompt": prompt, "dtype": dtype,
                                        "max_new_tokens": max_new_tokens,
-                                       "max_model_len": max(1024, int(windows.shape[1]))}))
+                                       "max_model_len": max(1024, int(windows.shape[1]) + max_new_tokens)}))
         proc = subprocess.run([python, str(WORKER), str(model_dir), str(request), str(result)], cwd=tmp,
                               env=_env(), capture_output=True, text=True, timeout=timeout)
         log = proc.stdout + proc.stderr
