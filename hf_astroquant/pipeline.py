@@ -263,25 +263,63 @@ def fp_stream_batches(batches: list[torch.Tensor], fp_samples: int | None) -> li
     return out
 
 
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor]):
-    """Run the model up to its first block on every batch; return (inputs, kwargs) per batch."""
-    inputs, kwargs_list = [], []
+_RUN_ONLY_KWARGS = ("hidden_states", "past_key_values", "use_cache")
 
-    def grab(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        inputs.append(hidden.detach())
-        kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "use_cache")}
-        kwargs_list.append(kw)
-        raise _StopForward
+
+def capture_block_inputs(model: nn.Module, blocks: list[nn.Module], batches: list[torch.Tensor]):
+    """Run the model on every batch with each block replaced by a recorder; return (the first
+    block's input per batch, kwargs[block][batch]: the keyword arguments the model gives each block).
+
+    Models with `config.layer_types` (Gemma 2/3, gpt-oss, Qwen with sliding windows, ...) give each
+    layer type its own attention mask and rotary embeddings, so every block keeps its own. The
+    recorders return their input unchanged, so no block's weights are touched (or onloaded); the
+    last one stops the forward. Most models pass every block the same objects, so this holds no
+    more than one block's kwargs."""
+    inputs: list[torch.Tensor] = []
+    kwargs: list[list[dict]] = [[] for _ in blocks]
+
+    def recorder(i):
+        def forward(*args, **kw):
+            hidden = args[0] if args else kw["hidden_states"]
+            if i == 0:
+                inputs.append(hidden.detach())
+            kwargs[i].append({k: v for k, v in kw.items() if k not in _RUN_ONLY_KWARGS})
+            if i == len(blocks) - 1:
+                raise _StopForward
+            return hidden
+        return forward
 
     device = offload.execution_device(model.get_input_embeddings())
-    with _pre_hooks([first_block], grab, with_kwargs=True):
-        for batch in batches:
+    saved = [block.__dict__.get("forward") for block in blocks]  # accelerate's hook wraps forward per instance
+    try:
+        for i, block in enumerate(blocks):
+            block.forward = recorder(i)
+        for n, batch in enumerate(batches, start=1):
             try:
                 model(input_ids=batch.to(device), use_cache=False)
             except _StopForward:
                 pass
-    return inputs, kwargs_list
+            except Exception as exc:  # the model's own code between blocks failed on the recorders' output
+                if len(inputs) < n:  # before the first block: a real error
+                    raise
+                _fill_from_first_block(kwargs, exc)
+    finally:
+        for block, forward in zip(blocks, saved):
+            del block.forward
+            if forward is not None:
+                block.forward = forward
+    return inputs, kwargs
+
+
+def _fill_from_first_block(kwargs: list[list[dict]], exc: Exception) -> None:
+    """Blocks the recorders did not reach this batch get the first block's kwargs (the one case where
+    a model's per-layer arguments cannot be captured without running its blocks)."""
+    n = len(kwargs[0])
+    missing = [i for i, per_batch in enumerate(kwargs) if len(per_batch) < n]
+    logger.warning("could not record the keyword arguments of blocks %s (%s: %s); they are calibrated with the "
+                   "first block's", missing, type(exc).__name__, exc)
+    for i in missing:
+        kwargs[i].append(kwargs[0][-1])
 
 
 class _LayerSolver:
@@ -647,16 +685,16 @@ class _Run:
             self.finish_block(i, packed, None, None)
 
     def start_streams(self, fp_wanted: bool, asymmetric: bool, store: torch.device):
-        """The first block's inputs: (quantized stream, its kwargs, full-precision stream or None, its kwargs),
-        from the finished blocks' checkpoint when resuming."""
-        inputs, kwargs_list = capture_block_inputs(self.model, self.blocks[0], self.batches)
+        """The first block's inputs: (quantized stream, kwargs[block][batch], full-precision stream or None,
+        its kwargs[block][batch]), from the finished blocks' checkpoint when resuming."""
+        inputs, kwargs_list = capture_block_inputs(self.model, self.blocks, self.batches)
         fp_inputs, fp_kwargs = None, kwargs_list
         if fp_wanted:
             fp_batches = fp_stream_batches(self.batches, self.cfg.fp_samples if asymmetric else None)
             if fp_batches is self.batches:
                 fp_inputs = [x.to(store, copy=True) for x in inputs]
             else:  # fewer windows: their own block inputs and kwargs (attention masks are per batch)
-                fp_inputs, fp_kwargs = capture_block_inputs(self.model, self.blocks[0], fp_batches)
+                fp_inputs, fp_kwargs = capture_block_inputs(self.model, self.blocks, fp_batches)
                 fp_inputs = [x.to(store) for x in fp_inputs]
                 logger.info("full-precision stream on %d of %d windows (fp_samples)",
                             sum(len(b) for b in fp_batches), sum(len(b) for b in self.batches))
@@ -710,14 +748,14 @@ class _Run:
             homes = offload.onload(targets)
             if self.pre is not None:
                 with report.timing("preconditioning"):
-                    self.pre.before_block(i, inputs, kwargs_list)
+                    self.pre.before_block(i, inputs, kwargs_list[i])
             if on_block is not None:
                 on_block(i, fp_inputs, inputs)
             fp_captured = None
             if fp_inputs is not None:
-                fp_inputs, fp_captured = self.advance_fp_stream(block, fp_inputs, fp_kwargs, targets, asymmetric,
+                fp_inputs, fp_captured = self.advance_fp_stream(block, fp_inputs, fp_kwargs[i], targets, asymmetric,
                                                                 store)
-            inputs, missed = _calibrate_block(targets, inputs, kwargs_list, block, solver, cfg.true_sequential,
+            inputs, missed = _calibrate_block(targets, inputs, kwargs_list[i], block, solver, cfg.true_sequential,
                                               fp_captured, name, devices)
             del fp_captured
             for lname in missed:
