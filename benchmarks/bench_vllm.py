@@ -49,17 +49,6 @@ def quantize(ckpt: str, options: dict, calib: torch.Tensor):
     return model, time.time() - t0
 
 
-def export(src: Path, out: Path, fmt: str) -> None:
-    if fmt == "gptq":
-        from hf_astroquant.export.gptq import export_gptq
-
-        export_gptq(src, out)
-    else:
-        from hf_astroquant.export.compressed_tensors import export_compressed_tensors
-
-        export_compressed_tensors(src, out)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -69,6 +58,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from hf_astroquant.export import EXPORTERS
     from hf_astroquant.serving import vllm_harness as vllm
 
     reason = vllm.unavailable_reason()
@@ -86,7 +76,7 @@ def main() -> None:
             tmp = Path(tmp)
             model.save_pretrained(tmp / "q")
             tok.save_pretrained(tmp / "q")
-            export(tmp / "q", tmp / "x", fmt)
+            EXPORTERS[fmt](tmp / "q", tmp / "x")
             ours32 = vllm.our_nll(model, windows)
             ours16 = vllm.our_nll(AutoModelForCausalLM.from_pretrained(tmp / "q", dtype=torch.float16), windows)
             theirs = vllm.run_in_vllm(tmp / "x", windows, PROMPT)

@@ -16,8 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_astroquant import AstroQuantConfig
 from hf_astroquant.eval import evaluation_text, stdlib_docs_text
-from hf_astroquant.export.compressed_tensors import export_compressed_tensors
-from hf_astroquant.export.gptq import export_gptq
+from hf_astroquant.export import EXPORTERS
 from hf_astroquant.serving import vllm_harness as vllm
 
 PROMPT = "The capital of France is"
@@ -40,10 +39,7 @@ def _quantize_and_export(smollm2, out, fmt, **options):
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg)
     model.save_pretrained(out / "q")
     tok.save_pretrained(out / "q")
-    if fmt == "gptq":
-        export_gptq(out / "q", out / "x")
-    else:
-        export_compressed_tensors(out / "q", out / "x")
+    EXPORTERS[fmt](out / "q", out / "x")
     return model, out / "x"
 
 

@@ -19,7 +19,7 @@ from hf_astroquant.export.compressed_tensors import (convert_layer, decode, expo
                                                      pack_last_dim, unpack_last_dim)
 from hf_astroquant.export.gptq import ExportError
 from hf_astroquant.modules.packing import pack_cols, pack_rows
-from tiny import calib_ids, save_tiny
+from tiny import calib_ids, save_tiny, set_quantization_options
 
 LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -191,9 +191,7 @@ def test_refusals(tmp_path):
     _, saved = _quantized(tmp_path, bits=4, group_size=48)  # 64 and 128 inputs: ragged last group
     with pytest.raises(ExportError, match="group_size=48 does not divide the input width.*whole groups"):
         export_compressed_tensors(saved, tmp_path / "x")
-    config = json.loads((saved / "config.json").read_text())
-    config["quantization_config"]["online_hadamard"] = True
-    (saved / "config.json").write_text(json.dumps(config))
+    set_quantization_options(saved, online_hadamard=True)
     with pytest.raises(ExportError, match=r"\['online_hadamard'\] are not known to the compressed-tensors export"):
         export_compressed_tensors(saved, tmp_path / "x")
     save_tiny(tmp_path / "plain", layers=1, hidden=32, inter=64)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 import hf_astroquant  # noqa: F401
 from hf_astroquant import AstroQuantConfig
 from hf_astroquant.export.gptq import ExportError, export_gptq
-from tiny import calib_ids, save_tiny
+from tiny import calib_ids, save_tiny, set_quantization_options
 
 
 def _bit(words: torch.Tensor, k: int) -> int:
@@ -129,14 +129,11 @@ def test_refuses_unquantized_linear_inside_a_block(tmp_path):
 
 def test_refuses_unknown_options_and_foreign_checkpoints(tmp_path):
     _, saved = _quantized_tiny(tmp_path, bits=4, group_size=16)
-    config = json.loads((saved / "config.json").read_text())
     # a folded transform is plain weights to an engine: exported
-    config["quantization_config"].update(transform="rotate", transforms_applied={"transform": "rotate"})
-    (saved / "config.json").write_text(json.dumps(config))
+    set_quantization_options(saved, transform="rotate", transforms_applied={"transform": "rotate"})
     export_gptq(saved, tmp_path / "folded")
     # an option the export does not know (e.g. an online transform) is refused
-    config["quantization_config"]["online_hadamard"] = True
-    (saved / "config.json").write_text(json.dumps(config))
+    set_quantization_options(saved, online_hadamard=True)
     with pytest.raises(ExportError, match=r"option\(s\) \['online_hadamard'\] are not known to the GPTQ export"):
         export_gptq(saved, tmp_path / "x")
     save_tiny(tmp_path / "plain", layers=1, hidden=32, inter=64)

@@ -55,3 +55,14 @@ def tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+def set_quantization_options(directory, **options):
+    """Write `options` into a saved checkpoint's quantization_config (to make it one an export must refuse)."""
+    import json
+    from pathlib import Path
+
+    path = Path(directory) / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization_config"].update(options)
+    path.write_text(json.dumps(config))

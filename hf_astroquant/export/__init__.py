@@ -6,4 +6,7 @@ from .gptq import export_gptq
 from .source import ExportError
 from .hub import push_folder
 
-__all__ = ["ExportError", "export_compressed_tensors", "export_gptq", "push_folder", "render_card", "write_card"]
+# Engine format name (the CLI's --format) -> its exporter, called as exporter(src, out).
+EXPORTERS = {"gptq": export_gptq, "compressed-tensors": export_compressed_tensors}
+
+__all__ = ["EXPORTERS", "ExportError", "export_compressed_tensors", "export_gptq", "push_folder", "render_card", "write_card"]

@@ -27,7 +27,7 @@ full precision (lm_head, `modules_to_not_convert`) are listed in `ignore`, as th
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +38,8 @@ from safetensors.torch import save_file
 
 from ..modules.packing import unpack_cols, unpack_rows
 from .guard import read_headers
-from .source import (LAYER_TENSORS, ExportError, cast, check_out_dir, copy_side_files, plain_g_idx, read_config,
-                     shards, write_engine_config, write_index)
+from .source import (LAYER_TENSORS, ExportError, cast, check_out_dir, copy_side_files, layer_inputs, read_config,
+                     reordered_modules, shards, write_engine_config, write_index)
 
 FORMAT = "pack-quantized"
 # The compressed-tensors release whose format definition this follows (written into the config).
@@ -50,12 +50,15 @@ DTYPES = (torch.float16, torch.bfloat16)
 @dataclass
 class CompressedTensorsSummary:
     out_dir: Path
-    actorder: str | None
     layers: int
     ignored: list[str]
     weights: dict  # the config group's QuantizationArgs
     bytes_written: int
     largest_scale_rounding: float  # relative; 0 when the scales are written exactly
+
+    @property
+    def actorder(self) -> str | None:
+        return self.weights["actorder"]
 
 
 # --------------------------------------------------------------------------- the layout (pure)
@@ -175,16 +178,16 @@ def export_compressed_tensors(src: str | Path, out: str | Path, dtype: torch.dty
         raise ExportError(f"bits={bits}: compressed-tensors' pack-quantized format holds 1 to 8 bits")
     quantized = list(q["quantized_modules"])
     shapes = {key: shape for key, (shape, _) in read_headers(shards(src)).items()}
-    in_features = _check_layers(src, quantized, shapes, group_size)
-    trivial = _trivial_g_idx(src, set(quantized), in_features, group_size)
-    actorder = None if all(trivial.values()) else "group"
+    in_features = layer_inputs(src, quantized, shapes, group_size,
+                               "compressed-tensors' group strategy needs whole groups")
+    actorder = "group" if reordered_modules(src, in_features, group_size) else None
     if actorder is None and q.get("desc_act") and q.get("method") != "rtn":
         actorder = "weight"  # solved in activation order, groups still contiguous: nothing extra to store
     ignore = _unquantized_linears(config, set(quantized), shapes)
 
     out.mkdir(parents=True, exist_ok=True)
-    summary = CompressedTensorsSummary(out, actorder, len(quantized), ignore,
-                                       weights_args(bits, group_size, sym, actorder), 0, 0.0)
+    summary = CompressedTensorsSummary(out, len(quantized), ignore, weights_args(bits, group_size, sym, actorder),
+                                       0, 0.0)
     layout = dict(bits=bits, sym=sym, dtype=dtype, g_idx=actorder == "group")  # "group": every layer has one
     weight_map = _write_tensors(src, out, set(quantized), layout, summary)
     write_index(src, out, weight_map)
@@ -192,33 +195,6 @@ def export_compressed_tensors(src: str | Path, out: str | Path, dtype: torch.dty
                         dtype)
     copy_side_files(src, out)
     return summary
-
-
-def _check_layers(src: Path, quantized: list[str], shapes: dict, group_size: int) -> dict[str, int]:
-    """in_features per quantized module, after checking from the headers that the format holds each."""
-    missing = [f"{m}.{t}" for m in quantized for t in LAYER_TENSORS if f"{m}.{t}" not in shapes]
-    if missing:
-        raise ExportError(f"{src}: quantized tensors missing from the checkpoint: {missing[:4]}")
-    in_features = {m: shapes[f"{m}.g_idx"][0] for m in quantized}
-    ragged = sorted(m for m, n in in_features.items() if group_size != -1 and n % group_size)
-    if ragged:
-        raise ExportError(f"group_size={group_size} does not divide the input width of {ragged[:4]} "
-                          f"({in_features[ragged[0]]}); compressed-tensors' group strategy needs whole groups")
-    return in_features
-
-
-def _trivial_g_idx(src: Path, qset: set, in_features: dict, group_size: int) -> dict[str, bool]:
-    """Per module: does its g_idx put column i in group i // group_size (then none is stored)?"""
-    trivial = {}
-    for shard in shards(src):
-        with safe_open(str(shard), "pt") as f:
-            for key in f.keys():
-                module, _, leaf = key.rpartition(".")
-                if leaf == "g_idx" and module in qset:
-                    n = in_features[module]
-                    trivial[module] = torch.equal(f.get_tensor(key).to(torch.int32),
-                                                  plain_g_idx(n, n if group_size == -1 else group_size))
-    return trivial
 
 
 def _unquantized_linears(config: dict, qset: set, shapes: dict) -> list[str]:
@@ -243,15 +219,12 @@ def _unquantized_linears(config: dict, qset: set, shapes: dict) -> list[str]:
 def _write_tensors(src: Path, out: Path, qset: set, layout: dict, summary: CompressedTensorsSummary) -> dict:
     """Every shard rewritten: quantized layers in the format's tensors (in the shard holding their
     qweight), everything else cast to the export dtype; returns the weight map."""
-    files = shards(src)
-    home = {}  # tensor → its shard, for a layer whose tensors straddle two shards
-    for shard in files:
-        with safe_open(str(shard), "pt") as f:
-            home.update({k: shard for k in f.keys()})
     weight_map: dict[str, str] = {}
-    for shard in files:
-        tensors: dict[str, torch.Tensor] = {}
-        with safe_open(str(shard), "pt") as f:
+    with contextlib.ExitStack() as stack:
+        handles = {shard: stack.enter_context(safe_open(str(shard), "pt")) for shard in shards(src)}
+        home = {k: f for f in handles.values() for k in f.keys()}  # a layer's tensors may straddle two shards
+        for shard, f in handles.items():
+            tensors: dict[str, torch.Tensor] = {}
             for key in f.keys():
                 module, _, leaf = key.rpartition(".")
                 if module in qset:
@@ -262,18 +235,15 @@ def _write_tensors(src: Path, out: Path, qset: set, layout: dict, summary: Compr
                     continue  # qzeros, scales, g_idx went into the layer's tensors; .weight is our load guard
                 t = f.get_tensor(key)
                 tensors[key] = (cast(t, layout["dtype"], key) if t.is_floating_point() else t).contiguous()
-        target = out / shard.name
-        save_file(tensors, str(target), metadata={"format": "pt"})
-        summary.bytes_written += target.stat().st_size
-        weight_map.update({k: shard.name for k in tensors})
+            target = out / shard.name
+            save_file(tensors, str(target), metadata={"format": "pt"})
+            summary.bytes_written += target.stat().st_size
+            weight_map.update({k: shard.name for k in tensors})
     return weight_map
 
 
 def _convert(module: str, home: dict, layout: dict, summary: CompressedTensorsSummary) -> dict:
-    parts = {}
-    for leaf in LAYER_TENSORS:
-        with safe_open(str(home[f"{module}.{leaf}"]), "pt") as f:
-            parts[leaf] = f.get_tensor(f"{module}.{leaf}")
+    parts = {leaf: home[f"{module}.{leaf}"].get_tensor(f"{module}.{leaf}") for leaf in LAYER_TENSORS}
     scales = parts["scales"].float()
     rounded = scales.to(layout["dtype"]).float()
     rel = float(((rounded - scales).abs() / scales.abs().clamp(min=1e-30)).max()) if scales.numel() else 0.0
@@ -281,8 +251,3 @@ def _convert(module: str, home: dict, layout: dict, summary: CompressedTensorsSu
     tensors = convert_layer(parts["qweight"], parts["qzeros"], scales, parts["g_idx"], layout["bits"],
                             layout["sym"], layout["dtype"], store_g_idx=layout["g_idx"])
     return {f"{module}.{k}": v for k, v in tensors.items()}
-
-
-def read_quantization_config(directory: str | Path) -> dict:
-    """The `quantization_config` of an exported directory (for tests and the CLI summary)."""
-    return json.loads((Path(directory) / "config.json").read_text())["quantization_config"]

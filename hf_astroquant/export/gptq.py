@@ -31,10 +31,9 @@ from safetensors.torch import save_file
 
 from ..modules.packing import pack_cols, unpack_cols
 from .guard import read_headers
-from .source import LAYER_TENSORS as _LAYER_TENSORS
-from .source import ExportError, block_prefix, cast, check_out_dir, copy_side_files, plain_g_idx, read_config
+from .source import (ExportError, block_prefix, cast, check_out_dir, copy_side_files, layer_inputs, read_config,
+                     reordered_modules, write_engine_config, write_index)
 from .source import shards as _shards
-from .source import write_engine_config, write_index
 
 GPTQ_FORMATS = ("gptq", "gptq_v2")
 
@@ -62,12 +61,6 @@ def v1_qzeros(qzeros: torch.Tensor, bits: int, out_features: int, layer: str) ->
     return pack_cols(zeros - 1, bits)
 
 
-
-
-
-
-
-
 def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq",
                 dtype: torch.dtype = torch.float16, overwrite: bool = False) -> ExportSummary:
     """Write the GPTQ-format copy of the hf_astroquant checkpoint `src` into `out`."""
@@ -79,18 +72,10 @@ def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq
     check_out_dir(src, out, overwrite)
     config, q = read_config(src, "GPTQ")
     bits, group_size = int(q["bits"]), int(q["group_size"])
-    quantized, shapes, in_features, eff_group = _check_layers(src, q, group_size)
+    quantized, shapes, in_features = _check_layers(src, q, group_size)
     qset = set(quantized)
-
     # desc_act is one flag for the whole model: True as soon as one layer's columns are reordered.
-    desc_act = False
-    for shard in _shards(src):
-        with safe_open(str(shard), "pt") as f:
-            for key in f.keys():
-                module, _, leaf = key.rpartition(".")
-                if leaf == "g_idx" and module in qset and not torch.equal(
-                        f.get_tensor(key).to(torch.int32), plain_g_idx(in_features[module], eff_group[module])):
-                    desc_act = True
+    desc_act = bool(reordered_modules(src, in_features, group_size))
 
     out.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary(out, checkpoint_format, desc_act, len(quantized), 0)
@@ -104,16 +89,14 @@ def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq
 
 
 def _check_layers(src: Path, q: dict, group_size: int):
-    """(quantized module names, tensor shapes, in_features and effective group size per module), after
-    checking from the headers alone that GPTQ can hold every layer; ExportError naming what it cannot."""
+    """(quantized module names, tensor shapes, in_features per module), after checking from the
+    headers alone that GPTQ can hold every layer; ExportError naming what it cannot."""
     quantized = list(q["quantized_modules"])
     qset = set(quantized)
 
     # One pass over the headers: every check happens before anything is written.
     shapes = {key: shape for key, (shape, _) in read_headers(_shards(src)).items()}
-    missing = [f"{m}.{t}" for m in quantized for t in _LAYER_TENSORS if f"{m}.{t}" not in shapes]
-    if missing:
-        raise ExportError(f"{src}: quantized tensors missing from the checkpoint: {missing[:4]}")
+    in_features = layer_inputs(src, quantized, shapes, group_size, "GPTQ engines need whole groups")
     blocks = {block_prefix(m) for m in quantized} - {None}
     unquantized = sorted(k[: -len(".weight")] for k, s in shapes.items()
                          if k.endswith(".weight") and len(s) == 2 and block_prefix(k) in blocks
@@ -122,14 +105,7 @@ def _check_layers(src: Path, q: dict, group_size: int):
         raise ExportError(
             f"Linear layers inside decoder blocks were left unquantized ({unquantized[:4]}"
             f"{' ...' if len(unquantized) > 4 else ''}); GPTQ engines quantize every Linear of a block")
-    in_features = {m: shapes[f"{m}.g_idx"][0] for m in quantized}
-    eff_group = {m: (n if group_size == -1 else group_size) for m, n in in_features.items()}
-    ragged = sorted(m for m, n in in_features.items() if n % eff_group[m])
-    if ragged:
-        raise ExportError(f"group_size={group_size} does not divide the input width of {ragged[:4]} "
-                          f"({in_features[ragged[0]]}); GPTQ engines need whole groups")
-
-    return quantized, shapes, in_features, eff_group
+    return quantized, shapes, in_features
 
 
 def _write_tensors(src: Path, out: Path, qset: set, shapes: dict, bits: int, checkpoint_format: str,

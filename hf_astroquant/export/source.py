@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from ..config import CHECKPOINT_FORMAT, QUANT_METHOD, AstroQuantConfig
 
@@ -65,6 +66,36 @@ def block_prefix(name: str) -> str | None:
 def plain_g_idx(in_features: int, group_size: int) -> torch.Tensor:
     """The column → group map of contiguous groups: i // group_size."""
     return torch.arange(in_features, dtype=torch.int32) // group_size
+
+
+def layer_inputs(src: Path, quantized: list[str], shapes: dict, group_size: int, whole_groups_reason: str
+                 ) -> dict[str, int]:
+    """in_features per quantized module, read from the headers (`shapes`), after checking that each
+    layer's packed tensors are there and that its groups tile its input (ExportError naming the layer)."""
+    missing = [f"{m}.{t}" for m in quantized for t in LAYER_TENSORS if f"{m}.{t}" not in shapes]
+    if missing:
+        raise ExportError(f"{src}: quantized tensors missing from the checkpoint: {missing[:4]}")
+    in_features = {m: shapes[f"{m}.g_idx"][0] for m in quantized}
+    ragged = sorted(m for m, n in in_features.items() if group_size != -1 and n % group_size)
+    if ragged:
+        raise ExportError(f"group_size={group_size} does not divide the input width of {ragged[:4]} "
+                          f"({in_features[ragged[0]]}); {whole_groups_reason}")
+    return in_features
+
+
+def reordered_modules(src: Path, in_features: dict[str, int], group_size: int) -> set[str]:
+    """The quantized modules whose g_idx is not the plain i // group_size (act-order's own groups)."""
+    reordered = set()
+    for shard in shards(src):
+        with safe_open(str(shard), "pt") as f:
+            for key in f.keys():
+                module, _, leaf = key.rpartition(".")
+                if leaf == "g_idx" and module in in_features:
+                    n = in_features[module]
+                    if not torch.equal(f.get_tensor(key).to(torch.int32),
+                                       plain_g_idx(n, n if group_size == -1 else group_size)):
+                        reordered.add(module)
+    return reordered
 
 
 def check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
