@@ -23,9 +23,12 @@ CHECKPOINT_FORMAT = "astroquant_v1"  # GPTQ int32 layout, true (not minus-one) z
 # ResComp's residual pulls every column toward W0 by more than a 2-bit grid can follow: measured
 # worse than GPTAQ there (SmolLM2-135M W2 g32: 221.7 against 208.8), as its reference code finds.
 RESCOMP_MIN_BITS = 3
+# The options a GGUF type fixes per tensor, which must stay at their defaults beside gguf_type.
+GGUF_FIXED = ("bits", "group_size", "sym")
 
 # Keys that `to_dict()` emits besides the options; accepted back by `__init__`.
-_RECORD_KEYS = ("quant_method", "checkpoint_format", "calibration", "quantized_modules", "transforms_applied")
+_RECORD_KEYS = ("quant_method", "checkpoint_format", "calibration", "quantized_modules", "transforms_applied",
+                "gguf_tensor_types")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -70,6 +73,7 @@ class AstroQuantConfig(QuantizationConfigMixin):
         # Filled in after calibration: what data was used, which modules were packed.
         self.calibration = kwargs.get("calibration")
         self.quantized_modules = kwargs.get("quantized_modules")
+        self.gguf_tensor_types = kwargs.get("gguf_tensor_types")  # with gguf_type: each module's tensor type
         self.post_init()
 
     @classmethod
@@ -86,7 +90,10 @@ class AstroQuantConfig(QuantizationConfigMixin):
         `overrides` (any option, the data included) go on top."""
         from .presets import preset_options
 
-        return cls(**{**preset_options(bits, quality), **overrides})
+        options = preset_options(bits, quality)
+        if overrides.get("gguf_type") is not None:  # the GGUF type fixes the grid
+            options = {k: v for k, v in options.items() if k not in GGUF_FIXED}
+        return cls(**{**options, **overrides})
 
     def post_init(self) -> None:
         """Validate every option; raise ValueError naming the bad value and what is allowed."""
@@ -112,7 +119,8 @@ class AstroQuantConfig(QuantizationConfigMixin):
 
         from .algorithms.solve import SolverOptions
 
-        return SolverOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SolverOptions)})
+        return SolverOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SolverOptions)
+                               if hasattr(self, f.name)})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict for config.json: saved options and records, never the calibration data."""
@@ -150,6 +158,14 @@ def check_combinations(cfg: AstroQuantConfig) -> None:
     """Rules between options. Each combination that cannot do what it says is refused here, with what
     to set instead: no option silently changes what another one does."""
     m = cfg.method
+    if cfg.gguf_type is not None:
+        for name in GGUF_FIXED:
+            if getattr(cfg, name) != cfg.option(name).default:
+                _fail(name, getattr(cfg, name), f"its default {cfg.option(name).default!r} with "
+                      f"gguf_type={cfg.gguf_type!r} (the GGUF type fixes each tensor's bits, sub-block and grid)")
+        if not cfg.static_groups:
+            _fail("static_groups", cfg.static_groups, f"True with gguf_type={cfg.gguf_type!r} (a GGUF grid is "
+                  "fitted up front)")
     if cfg.rounding == "successive" and m not in ("gptq", "rtn"):
         _fail("rounding", cfg.rounding, f"'gptq' or 'beam' with method={m!r} ('successive' decodes toward a fixed "
               "target: use method='gptq' with asym_alpha for the asymmetric target)")

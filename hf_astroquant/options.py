@@ -16,6 +16,7 @@ from typing import Any
 from .checks import (ASYM_ALPHA_WORDS, Boolean, Custom, Integer, Maybe, Number, OneOf, check_asym_alpha,
                      check_dataset, check_devices, check_directory, check_module_patterns, check_tokenizer,
                      shell_asym_alpha)
+from .algorithms.gguf_types import FILE_TYPES
 from .modules.kernels import BACKENDS
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -75,6 +76,14 @@ OPTIONS: tuple[Option, ...] = (
            "Measured on SmolLM2-135M (docs/results.md): with GPTQ better at 3 and 4 bits (43.36 against 53.14 "
            "at W3 g64), with round-to-nearest worse (78.90 against 66.77). The value chosen is saved.",
            none_word="on, off with --method rtn"),
+    Option("gguf_type", "grid", None, Maybe(OneOf(tuple(FILE_TYPES))),
+           "solve every Linear onto exactly the grid of its tensor's type in this llama.cpp file type (the _S/_M/_L "
+           "mixtures as llama.cpp chooses them), for `hf-astroquant export --format gguf`; replaces bits, "
+           "group_size and sym",
+           "Types: " + ", ".join(FILE_TYPES) + ". Each tensor's type follows llama.cpp's llama_tensor_get_type "
+           "(a type higher for some attn_v/ffn_down/attn_output tensors; rows a K-quant's 256 columns do not tile "
+           "fall back as llama.cpp does). The grid (fp16 factors, integer sub-block steps) is fitted up front, "
+           "weighted by the Hessian's diagonal, with mse its search; the checkpoint stores the GGML blocks."),
     Option("modules_to_not_convert", "grid", None, Custom(check_module_patterns,
            "None or a list of module names/patterns (strings)", bad=("lm_head", [1], 3),
            shell=dict(nargs="+", metavar="PATTERN")),

@@ -31,11 +31,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import offload, resume
-from .algorithms import rtn_quantize, solve_linear
+from .algorithms import gguf_types, rtn_quantize, solve_linear
 from .algorithms.gptq import reconstruction_error
 from .calibration import batch_windows, prepare_calibration
 from .config import AstroQuantConfig
-from .modules import QuantLinear
+from .modules import QuantLinear, empty_layer, make_layer
 
 logger = logging.getLogger("hf_astroquant")
 
@@ -346,8 +346,11 @@ class _LayerSolver:
             W, H = W.to(device), H.to(device)
             D = D.to(device) if D is not None else None
             G = G.to(device) if G is not None else None
+        opts = self.options
+        if self.cfg.gguf_tensor_types:
+            opts = dataclasses.replace(opts, tensor_type=self.cfg.gguf_tensor_types[name])
         try:
-            result, alpha = solve_linear(W, H, self.options, D, G)
+            result, alpha = solve_linear(W, H, opts, D, G)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from exc
         err = reconstruction_error(W, result.weight, H)
@@ -365,8 +368,9 @@ class _LayerSolver:
         # Packed now, so a block holds its packed layers rather than full-size codes and weights.
         # The reference path computes F.linear with exactly these de-quantized values, so a forward
         # through the packed layer gives the same outputs as the Linear; a kernel might not.
-        packed = QuantLinear.from_result(result, self.cfg.group_size, self.cfg.bits, linear.bias)
-        packed.set_backend("reference")
+        packed = make_layer(result, self.cfg, linear.bias)
+        if isinstance(packed, QuantLinear):
+            packed.set_backend("reference")
         self.packed[name] = packed
         del result
         _trim_heap()
@@ -612,10 +616,32 @@ class _Run:
         self.report = QuantizationReport()
         block_name, self.blocks = find_blocks(model)
         self.names = [f"{block_name}.{i}" for i in range(len(self.blocks))]
+        if cfg.gguf_type is not None:
+            self.should_convert = self._choose_gguf_types(should_convert)
         self.windows, self.batches, self.batch_size = [], [], 0
         self.device = offload.execution_device(self.blocks[0])
         self.pre = _Preconditioner(model, cfg, self.blocks, self.names) if cfg.transform != "none" else None
         self.checkpoints, self.state, self.first, self.earlier_seconds = None, None, 0, 0.0
+
+    def _choose_gguf_types(self, should_convert):
+        """Record each target's GGUF tensor type (llama.cpp's mixture, `gguf_types.tensor_type`) in
+        `cfg.gguf_tensor_types`; returns `should_convert` less the Linears no GGUF block tiles (left in
+        full precision, as llama.cpp writes them in F16)."""
+        cfg, config = self.cfg, getattr(self.model, "config", None)
+        heads = getattr(config, "num_attention_heads", None) or 1
+        n_gqa = heads // (getattr(config, "num_key_value_heads", None) or heads)
+        types, full = {}, []
+        for i, (name, block) in enumerate(zip(self.names, self.blocks)):
+            for lname, linear in block_targets(name, block, should_convert).items():
+                t = gguf_types.tensor_type(cfg.gguf_type, gguf_types.role_of(lname), i, len(self.blocks),
+                                           linear.in_features, n_gqa)
+                (full.append(lname) if t == "F16" else types.__setitem__(lname, t))
+        if full:
+            logger.warning("astroquant: %d Linear(s) have widths no GGUF block tiles; kept in full precision: %s",
+                           len(full), full[:4])
+            self.report.skipped.extend(full)
+        cfg.gguf_tensor_types = types
+        return lambda n: should_convert(n) and n not in full
 
     def prepare_calibration(self, calibration) -> None:
         cfg = self.cfg
@@ -678,8 +704,9 @@ class _Run:
             for lname, linear in targets.items():
                 W = linear.weight.data
                 _check_finite_weights(lname, W)
-                res = rtn_quantize(W, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, mse=cfg.mse)
-                layer = QuantLinear.from_result(res, cfg.group_size, cfg.bits, linear.bias)
+                res = rtn_quantize(W, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, mse=cfg.mse,
+                                   tensor_type=(cfg.gguf_tensor_types or {}).get(lname))
+                layer = make_layer(res, cfg, linear.bias)
                 _place(self.model, lname, layer, homes, packed)
                 report.layer_errors[lname] = float(((res.weight - W.float()) ** 2).sum() / (W.float() ** 2).sum())
             self.finish_block(i, packed, None, None)
@@ -861,12 +888,12 @@ def _load_block(model: nn.Module, name: str, block: nn.Module, should_convert, c
     device = offload.execution_device(block)
     for lname, linear in targets.items():
         own = {k[len(lname) + 1:]: v for k, v in tensors.items() if k.startswith(lname + ".")}
-        if "qweight" not in own:  # the run left this one in full precision
+        if "qweight" not in own and "qblocks" not in own:  # the run left this one in full precision
             if lname in homes:
                 offload.restore(linear, homes[lname])
             continue
         bias = own.get("bias")
-        layer = QuantLinear(linear.in_features, linear.out_features, cfg.bits, cfg.group_size, bias is not None,
+        layer = empty_layer(linear, cfg, (cfg.gguf_tensor_types or {}).get(lname), bias is not None,
                             dtype=None if bias is None else bias.dtype, device=device)
         layer.load_state_dict({k: v.to(device) for k, v in own.items()})
         _place(model, lname, layer, homes)

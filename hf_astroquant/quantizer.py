@@ -19,7 +19,7 @@ from .calibration import prepare_calibration
 from .config import AstroQuantConfig
 from .export import guard
 from .export.hub import base_model_info, install_save_hooks
-from .modules import QuantLinear, set_backend
+from .modules import QUANTIZED_LAYERS, empty_layer, set_backend
 from .pipeline import quantize_model, set_submodule
 
 logger = logging.getLogger("hf_astroquant")
@@ -77,8 +77,8 @@ class AstroQuantizer(HfQuantizer):
         expected = {}
         for name in names:
             linear = modules[name]
-            layer = QuantLinear(linear.in_features, linear.out_features, cfg.bits, cfg.group_size,
-                                linear.bias is not None, dtype=linear.weight.dtype, device=linear.weight.device)
+            layer = empty_layer(linear, cfg, (cfg.gguf_tensor_types or {}).get(name), linear.bias is not None,
+                                dtype=linear.weight.dtype, device=linear.weight.device)
             set_submodule(model, name, layer)
             expected.update(guard.expected_tensors(name, layer))
         guard.check_checkpoint(kwargs.get("checkpoint_files") or [], expected, getattr(model, "base_model_prefix", ""))
@@ -93,7 +93,7 @@ class AstroQuantizer(HfQuantizer):
         if not self.pre_quantized:
             self.report = quantize_model(model, cfg, self._should_convert, calibration=self.calibration)
             self.calibration = None  # the windows are not needed after calibration
-            quantized = sorted(n for n, m in model.named_modules() if isinstance(m, QuantLinear))
+            quantized = sorted(n for n, m in model.named_modules() if isinstance(m, QUANTIZED_LAYERS))
             if not quantized:
                 raise ValueError(
                     f"astroquant quantized no layer of {type(model).__name__}: every Linear in its decoder blocks "
@@ -107,7 +107,7 @@ class AstroQuantizer(HfQuantizer):
             logger.info("astroquant: quantized %d Linear layers in %.1f s", len(quantized), self.report.seconds)
             model.astroquant_report = _report_record(model, self.report)
         for module in model.modules():
-            if isinstance(module, QuantLinear):
+            if isinstance(module, QUANTIZED_LAYERS):
                 for buf in module.buffers():
                     buf.requires_grad_(False)
         counts = set_backend(model, cfg.backend)
@@ -144,7 +144,7 @@ def _strip_prefix(model, key: str) -> str:
 
 def _report_record(model, report) -> dict:
     """The JSON-safe run record that save_pretrained writes next to the weights (and the card reads)."""
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    layers = [m for m in model.modules() if isinstance(m, QUANTIZED_LAYERS)]
     packed = sum(sum(b.numel() * b.element_size() for n, b in m.named_buffers() if n != "bias") for m in layers)
     fp16 = sum(m.in_features * m.out_features * 2 for m in layers)
     device = next((p.device.type for p in model.parameters()), "cpu")

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 
-def beam_step(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int, d: float, cost: torch.Tensor):
+def beam_step(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int, d: float, cost: torch.Tensor,
+              fractional_zero: bool = False):
     """Expand and prune the beams at one column.
 
     Args:
@@ -27,6 +28,7 @@ def beam_step(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int, d: f
         maxq: 2^bits − 1.
         d: U_ii, the column's diagonal of the upper Cholesky factor of H⁻¹.
         cost: (rows, K) accumulated objective of each beam (inf for an unused beam).
+        fractional_zero: z is not an integer (a GGUF grid's z + b/a): round after adding it.
 
     Returns:
         new cost (rows, K); src (rows·K,) the flat index of each new beam's parent; the chosen
@@ -34,7 +36,7 @@ def beam_step(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int, d: f
     """
     rows, K = cost.shape
     offsets = torch.arange(-(K - 1), K, device=w.device, dtype=w.dtype)  # 2K − 1 candidates
-    nearest = torch.round(w / s).add_(z).clamp_(0, maxq)
+    nearest = (torch.round(w / s + z) if fractional_zero else torch.round(w / s).add_(z)).clamp_(0, maxq)
     levels = nearest[:, None] + offsets  # (rows·K, 2K − 1)
     # (ŵ − w)²/d² in place: ŵ − w = −(w − ŵ) exactly, and the square drops the sign
     inc = (levels - z[:, None]).mul_(s[:, None]).sub_(w[:, None]).div_(d).square_()

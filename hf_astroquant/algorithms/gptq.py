@@ -38,6 +38,7 @@ Dead inputs (diag H = 0: the column never sees a non-zero activation) get H_ii =
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -45,6 +46,9 @@ from typing import Callable
 import torch
 
 from .beam import beam_step
+from .gguf_grid import GGUFGrid, fit_gguf_grid
+from .gguf_grid import dequantize as gguf_dequantize
+from .gguf_types import TENSOR_TYPES
 from .grid import fit_grid, fit_groups
 
 
@@ -58,6 +62,7 @@ class LayerQuantResult:
     g_idx: torch.Tensor  # int32 (in,), group of each input column
     weight: torch.Tensor  # fp32 (out, in): the de-quantized weight (q − z)·s
     damp_percent: float | None = None  # the damping actually used (escalated when H was singular)
+    gguf: "GGUFGrid | None" = None  # the GGUF grid the codes lie on (then `weight` is its exact decode)
 
 
 def reconstruction_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -131,6 +136,7 @@ def gptq_quantize(
     residual: bool = False,
     clamp: bool = True,
     beam_width: int | None = None,
+    tensor_type: str | None = None,
 ) -> LayerQuantResult:
     """Quantize `weight` (out × in) against the Hessian `hessian` (in × in).
 
@@ -139,6 +145,9 @@ def gptq_quantize(
     X̃ = X: ResComp on plain GPTQ, the pull toward the original weights alone).
     `beam_width` K runs the bounded search with K partial solutions per row (K = 1 reproduces the
     greedy sweep with static grids); None is the greedy sweep.
+    `tensor_type` (a GGUF tensor type, `gguf_types.TENSOR_TYPES`) replaces bits, group_size and sym
+    by that type's grid, fitted up front (`gguf_grid.py`, with `mse` its search, weighted by
+    diag H); the returned weight is then that grid's exact decode of the codes.
     """
     from .gptaq import gptaq_p_matrix  # the asymmetric correction; imported here to keep one direction
 
@@ -146,7 +155,10 @@ def gptq_quantize(
     _check_solve_inputs(weight, hessian, beam_width)
     gs = cols if group_size == -1 else group_size
     n_groups = math.ceil(cols / gs)
-    static_groups = static_groups or beam_width is not None
+    static_groups = static_groups or beam_width is not None or tensor_type is not None
+    if tensor_type is not None:
+        spec = TENSOR_TYPES[tensor_type]
+        bits, gs, n_groups = spec.bits, spec.sub, cols // spec.sub
 
     # Factor first: the in×in matrices of the factorization are the solve's memory peak, so the
     # copies of W (and D) are made only once they are done.
@@ -154,8 +166,13 @@ def gptq_quantize(
     perm_list = perm.tolist()
     W, D = _dead_columns_zeroed(weight, dxxt, dead)
     # static grids are fitted on the original weights; the others as the sweep reaches each group
-    scales, zeros = (fit_groups(W, gs, bits, sym, mse=mse) if static_groups else
-                     (torch.zeros(n_groups, rows, device=W.device), torch.zeros(n_groups, rows, device=W.device)))
+    gguf = fit_gguf_grid(W, tensor_type, search=mse, importance=torch.diag(hessian)) if tensor_type else None
+    if gguf is not None:
+        scales, zeros = gguf.a, gguf.sweep_zero
+    elif static_groups:
+        scales, zeros = fit_groups(W, gs, bits, sym, mse=mse)
+    else:
+        scales, zeros = torch.zeros(n_groups, rows, device=W.device), torch.zeros(n_groups, rows, device=W.device)
     if desc_act:
         W, D = W[:, perm], (D[perm][:, perm] if D is not None else None)
     P = gptaq_p_matrix(D, U, alpha) if D is not None else None
@@ -168,11 +185,14 @@ def gptq_quantize(
     groups_of = [(perm_list[p] // gs) if static_groups else (p // gs) for p in range(cols)]
     sweep = _greedy_sweep if beam_width is None else _beam_sweep
     sw = _Sweep(U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, static_groups, alpha, clamp, block_size,
-                beam_width)
+                beam_width, fractional_zero=gguf is not None)
     del U, P, W0t
     Wt, codes_t = sweep(Wt, sw)
     del sw  # U, P, W0ᵀ go before the outputs are assembled: they are the next memory peak
-    return _in_original_order(Wt, codes_t, perm, groups_of, scales, zeros, damp_used)
+    res = _in_original_order(Wt, codes_t, perm, groups_of, scales, zeros, damp_used)
+    if gguf is None:
+        return res
+    return dataclasses.replace(res, weight=gguf_dequantize(res.codes, gguf), gguf=gguf)
 
 
 def _check_solve_inputs(weight: torch.Tensor, hessian: torch.Tensor, beam_width) -> None:
@@ -246,8 +266,10 @@ def _in_original_order(Wt, codes_t, perm, groups_of, scales, zeros, damp_used) -
 
 
 def _grid_range(s, z, maxq):
-    """The de-quantized values of levels 0 and maxq: the range the grid can represent."""
-    return (0 - z) * s, (maxq - z) * s
+    """The de-quantized values of levels 0 and maxq: the range the grid can represent (a GGUF
+    grid's step may be negative: the ends are then swapped)."""
+    lo, hi = (0 - z) * s, (maxq - z) * s
+    return torch.minimum(lo, hi), torch.maximum(lo, hi)
 
 
 @dataclass
@@ -271,6 +293,7 @@ class _Sweep:
     clamp: bool
     block_size: int
     beam_width: int | None
+    fractional_zero: bool = False  # a GGUF grid's zero point z + b/a: round after adding it
 
 
 def _greedy_sweep(Wt, sw: _Sweep):
@@ -299,7 +322,7 @@ def _greedy_sweep(Wt, sw: _Sweep):
             s, z = scales[g], zeros[g]
             w = W1[i]
             # q = clamp(round(w/s) + z, 0, maxq), ŵ = (q − z)·s: the grid of grid.py, in place
-            q = torch.round(w / s).add_(z).clamp_(0, maxq)
+            q = (torch.round(w / s + z) if sw.fractional_zero else torch.round(w / s).add_(z)).clamp_(0, maxq)
             codes_t[p] = q
             dq = q.sub_(z).mul_(s)
             _column_step(W1[i + 1:], Err1[i], V1[i] if V1 is not None else None, U1[i, i + 1:],
@@ -369,7 +392,7 @@ def _beam_sweep(Wt, sw: _Sweep):
         for i in range(i2 - i1):
             p = i1 + i
             s, z = sK[groups_of[p]], zK[groups_of[p]]
-            cost, src, q = beam_step(rest[0], s, z, maxq, diag[i], cost)
+            cost, src, q = beam_step(rest[0], s, z, maxq, diag[i], cost, fractional_zero=sw.fractional_zero)
             parents[p] = src
             levels[p] = q
             rest = rest.index_select(1, src)  # (3× faster than rest[:, src] on CPU)

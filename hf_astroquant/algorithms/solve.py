@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .astro import astro_reshape
+from .gguf_types import TENSOR_TYPES
 from .gptq import LayerQuantResult, gptq_quantize
 from .interpolation import asymmetric_target, auto_alpha, projected_alpha
 from .rtn import rtn_quantize
@@ -48,6 +49,7 @@ class SolverOptions:
     astro_beta: float = 1.0
     astro_steps: int = 25
     astro_lr: float = 1.0
+    tensor_type: str | None = None  # a GGUF tensor type: its grid replaces bits, group_size and sym
 
     @property
     def needs_fp_stream(self) -> bool:
@@ -72,7 +74,8 @@ def interpolation_alpha(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor | None
     if isinstance(a, (int, float)):
         return float(a)
     if a == "auto":
-        q0 = rtn_quantize(W, bits=opts.bits, group_size=opts.group_size, sym=opts.sym, mse=opts.mse).weight
+        q0 = rtn_quantize(W, bits=opts.bits, group_size=opts.group_size, sym=opts.sym, mse=opts.mse,
+                          tensor_type=opts.tensor_type).weight
         return auto_alpha(W, q0, H, D, opts.damp_percent)
     if a == "projected":
         return projected_alpha(W, H, D, G, opts.damp_percent)
@@ -88,12 +91,15 @@ def solve_linear(W: torch.Tensor, H: torch.Tensor, opts: SolverOptions, D: torch
                          "stream statistic D = 2·ΔX·Xᵀ/N")
     if opts.astro:
         # Astro reshapes the weights inside the flat region of H first; every solver then takes
-        # the reshaped weights as its starting point and target.
+        # the reshaped weights as its starting point and target. (On a GGUF grid it models the
+        # type's code width and sub-block as a uniform grid.)
+        t = TENSOR_TYPES[opts.tensor_type] if opts.tensor_type else None
         W = astro_reshape(W, H, beta=opts.astro_beta, steps=opts.astro_steps, lr=opts.astro_lr,
-                          group_size=opts.group_size, bits=opts.bits, sym=opts.sym, damp_percent=opts.damp_percent)
+                          group_size=t.sub if t else opts.group_size, bits=t.bits if t else opts.bits,
+                          sym=(not t.affine) if t else opts.sym, damp_percent=opts.damp_percent)
     a = interpolation_alpha(W, H, D, G, opts) if opts.needs_fp_stream else 0.0
     grid = dict(bits=opts.bits, group_size=opts.group_size, sym=opts.sym, damp_percent=opts.damp_percent,
-                block_size=opts.block_size, mse=opts.mse)
+                block_size=opts.block_size, mse=opts.mse, tensor_type=opts.tensor_type)
     if opts.method in ASYMMETRIC_METHODS:
         if opts.rounding == "successive":
             raise ValueError(f"rounding='successive' decodes toward a fixed target and has no form for "

@@ -17,13 +17,16 @@ from __future__ import annotations
 import torch
 
 from .gptq import LayerQuantResult, damped_cholesky
+from .gguf_grid import dequantize as gguf_dequantize
+from .gguf_grid import fit_gguf_grid
 from .grid import fit_groups
 
 
 def successive_quantize(target: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int = -1,
                         sym: bool = False, damp_percent: float = 0.01, block_size: int = 128,
-                        mse: bool = False) -> LayerQuantResult:
-    """Greedy successive rounding of `target` (out × in) under the Hessian `hessian` (in × in)."""
+                        mse: bool = False, tensor_type: str | None = None) -> LayerQuantResult:
+    """Greedy successive rounding of `target` (out × in) under the Hessian `hessian` (in × in);
+    `tensor_type` (a GGUF tensor type) decodes onto that type's grid, fitted on the target."""
     T = target.detach().float().clone()
     H = hessian.detach().float().clone()
     rows, cols = T.shape
@@ -33,7 +36,13 @@ def successive_quantize(target: torch.Tensor, hessian: torch.Tensor, *, bits: in
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     T[:, dead] = 0
-    scales, zeros = fit_groups(T, gs, bits, sym, mse=mse)
+    gguf = None
+    if tensor_type is not None:
+        gguf = fit_gguf_grid(T, tensor_type, search=mse, importance=torch.diag(H))
+        bits, gs = gguf.spec.bits, gguf.spec.sub
+        scales, zeros = gguf.a, gguf.sweep_zero
+    else:
+        scales, zeros = fit_groups(T, gs, bits, sym, mse=mse)
     g_idx = torch.arange(cols, dtype=torch.int32) // gs
 
     order = torch.argsort(torch.diag(H))  # ascending: decoded last to first
@@ -53,15 +62,18 @@ def successive_quantize(target: torch.Tensor, hessian: torch.Tensor, *, bits: in
         for j in range(j2 - 1, j1 - 1, -1):
             k = j - j1
             what = Tp[:, j] + acc[:, k] / L[j, j]
-            q = torch.round(what / S[:, j]).add_(Z[:, j]).clamp_(0, maxq)
+            q = (torch.round(what / S[:, j] + Z[:, j]) if gguf is not None else
+                 torch.round(what / S[:, j]).add_(Z[:, j])).clamp_(0, maxq)
             codes[:, j] = q
             Q[:, j] = (q - Z[:, j]) * S[:, j]
             R[:, j] = Tp[:, j] - Q[:, j]
             if k:
                 acc[:, :k].addr_(R[:, j], L[j, j1:j])
     inv = torch.argsort(order)
-    return LayerQuantResult(codes=codes[:, inv].to(torch.int32), scales=scales, zeros=zeros.to(torch.int32),
-                            g_idx=g_idx, weight=Q[:, inv], damp_percent=damp_used)
+    codes = codes[:, inv].to(torch.int32)
+    weight = Q[:, inv] if gguf is None else gguf_dequantize(codes, gguf)
+    return LayerQuantResult(codes=codes, scales=scales, zeros=zeros.to(torch.int32), g_idx=g_idx, weight=weight,
+                            damp_percent=damp_used, gguf=gguf)
 
 
 def successive_objective_terms(target: torch.Tensor, quantized: torch.Tensor, L: torch.Tensor) -> torch.Tensor:

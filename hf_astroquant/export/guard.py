@@ -37,7 +37,12 @@ def ignore_pattern(key: str) -> str:
 
 
 def expected_tensors(module_name: str, layer) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The checkpoint tensors of one QuantLinear: name → (shape, dtype kind: 'int32' | 'float')."""
+    """The checkpoint tensors of one packed layer: name → (shape, dtype kind: 'int32' | 'uint8' | 'float')."""
+    if hasattr(layer, "qblocks"):  # a GGUFLinear: one row of GGML blocks per output channel
+        out = {f"{module_name}.qblocks": (tuple(layer.qblocks.shape), "uint8")}
+        if layer.bias is not None:
+            out[f"{module_name}.bias"] = ((layer.out_features,), "float")
+        return out
     n_in, n_out, bits = layer.in_features, layer.out_features, layer.bits
     out = {
         f"{module_name}.qweight": ((packed_rows(n_in, bits), n_out), "int32"),
@@ -98,6 +103,8 @@ def check_checkpoint(files: list[str | Path], expected: dict[str, tuple[tuple[in
             problems.append(f"{key}: shape {list(got_shape)}, expected {list(shape)}")
         elif kind == "int32" and got_dtype != "I32":
             problems.append(f"{key}: dtype {got_dtype}, expected I32")
+        elif kind == "uint8" and got_dtype != "U8":
+            problems.append(f"{key}: dtype {got_dtype}, expected U8")
         elif kind == "float" and got_dtype not in _FLOAT_DTYPES:
             problems.append(f"{key}: dtype {got_dtype}, expected a float type")
     if problems:

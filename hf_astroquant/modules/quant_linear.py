@@ -269,4 +269,7 @@ def set_backend(model: nn.Module, backend: str = "auto", dtype: torch.dtype | No
             module.set_backend(backend)
             name = module.prepare(dtype)
             counts[name] = counts.get(name, 0) + 1
+        elif hasattr(module, "qblocks"):  # a GGUFLinear: its one path
+            module.set_backend(backend)
+            counts["gguf"] = counts.get("gguf", 0) + 1
     return counts
