@@ -27,7 +27,7 @@ RESCOMP_MIN_BITS = 3
 GGUF_FIXED = ("bits", "group_size", "sym")
 
 # Keys that `to_dict()` emits besides the options; accepted back by `__init__`.
-_RECORD_KEYS = ("quant_method", "checkpoint_format", "calibration", "quantized_modules", "transforms_applied",
+RECORD_KEYS = ("quant_method", "checkpoint_format", "calibration", "quantized_modules", "transforms_applied",
                 "gguf_tensor_types")
 
 
@@ -59,7 +59,7 @@ class AstroQuantConfig(QuantizationConfigMixin):
 
     def __init__(self, **kwargs: Any):
         names = self._option_names()
-        unknown = sorted(set(kwargs) - set(names) - set(_RECORD_KEYS))
+        unknown = sorted(set(kwargs) - set(names) - set(RECORD_KEYS))
         if unknown:
             raise TypeError(f"{type(self).__name__} got unknown option(s) {unknown}; known options: {sorted(names)}")
         quant_method = kwargs.get("quant_method", QUANT_METHOD)
@@ -128,7 +128,7 @@ class AstroQuantConfig(QuantizationConfigMixin):
         for o in self.OPTIONS:
             if o.saved:
                 out[o.name] = getattr(self, o.name)
-        for name in _RECORD_KEYS:
+        for name in RECORD_KEYS:
             out[name] = getattr(self, name)
         return out
 

@@ -121,6 +121,11 @@ def test_gguf_type_end_to_end_save_and_reload(tmp_path):
     model.save_pretrained(tmp_path / "q")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert torch.equal(again(ids[:1]).logits, logits)
+    from hf_astroquant.export import EXPORTERS, ExportError
+
+    for fmt, exporter in EXPORTERS.items():  # GGML blocks are not a GPTQ or compressed-tensors layer
+        with pytest.raises(ExportError, match="GGUF grids"):
+            exporter(tmp_path / "q", tmp_path / fmt)
 
 
 @pytest.mark.parametrize("bad", [dict(gguf_type="Q4_K_X"), dict(gguf_type="Q4_K_M", bits=3),

@@ -14,12 +14,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..config import CHECKPOINT_FORMAT, QUANT_METHOD, AstroQuantConfig
+from ..config import CHECKPOINT_FORMAT, QUANT_METHOD, RECORD_KEYS, AstroQuantConfig
 
 # Config keys whose every value an export can serve (the solver that produced the codes does not
 # matter to an engine; layout-related keys are checked by each format).
-SERVABLE_KEYS = set(AstroQuantConfig._option_names()) | {
-    "quant_method", "checkpoint_format", "calibration", "quantized_modules", "transforms_applied"}
+SERVABLE_KEYS = set(AstroQuantConfig._option_names()) | set(RECORD_KEYS)
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                 "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
@@ -47,6 +46,9 @@ def read_config(src: Path, format_name: str) -> tuple[dict, dict]:
                           "preconditioning transform that is not folded into the weights): refusing to export")
     if not q.get("quantized_modules"):
         raise ExportError(f"{src}: the config lists no quantized modules")
+    if q.get("gguf_type") is not None:
+        raise ExportError(f"{src} was solved onto GGUF grids (gguf_type={q['gguf_type']!r}): its layers are GGML "
+                          f"blocks, which the {format_name} format cannot hold; quantize again without gguf_type")
     return config, q
 
 
