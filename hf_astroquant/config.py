@@ -109,6 +109,10 @@ class AstroQuantConfig(QuantizationConfigMixin):
             _fail("checkpoint_format", self.checkpoint_format, repr(CHECKPOINT_FORMAT))
         check_combinations(self)
 
+    def tensor_type_of(self, module: str) -> str | None:
+        """The GGUF tensor type a module is solved onto (with gguf_type), else None."""
+        return (self.gguf_tensor_types or {}).get(module)
+
     @property
     def needs_calibration_data(self) -> bool:
         return self.method != "rtn"

@@ -346,9 +346,7 @@ class _LayerSolver:
             W, H = W.to(device), H.to(device)
             D = D.to(device) if D is not None else None
             G = G.to(device) if G is not None else None
-        opts = self.options
-        if self.cfg.gguf_tensor_types:
-            opts = dataclasses.replace(opts, tensor_type=self.cfg.gguf_tensor_types[name])
+        opts = dataclasses.replace(self.options, tensor_type=self.cfg.tensor_type_of(name))
         try:
             result, alpha = solve_linear(W, H, opts, D, G)
         except ValueError as exc:
@@ -369,8 +367,7 @@ class _LayerSolver:
         # The reference path computes F.linear with exactly these de-quantized values, so a forward
         # through the packed layer gives the same outputs as the Linear; a kernel might not.
         packed = make_layer(result, self.cfg, linear.bias)
-        if isinstance(packed, QuantLinear):
-            packed.set_backend("reference")
+        packed.set_backend("reference")
         self.packed[name] = packed
         del result
         _trim_heap()
@@ -635,7 +632,10 @@ class _Run:
             for lname, linear in block_targets(name, block, should_convert).items():
                 t = gguf_types.tensor_type(cfg.gguf_type, gguf_types.role_of(lname), i, len(self.blocks),
                                            linear.in_features, n_gqa)
-                (full.append(lname) if t == "F16" else types.__setitem__(lname, t))
+                if t == "F16":
+                    full.append(lname)
+                else:
+                    types[lname] = t
         if full:
             logger.warning("astroquant: %d Linear(s) have widths no GGUF block tiles; kept in full precision: %s",
                            len(full), full[:4])
@@ -705,7 +705,7 @@ class _Run:
                 W = linear.weight.data
                 _check_finite_weights(lname, W)
                 res = rtn_quantize(W, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, mse=cfg.mse,
-                                   tensor_type=(cfg.gguf_tensor_types or {}).get(lname))
+                                   tensor_type=cfg.tensor_type_of(lname))
                 layer = make_layer(res, cfg, linear.bias)
                 _place(self.model, lname, layer, homes, packed)
                 report.layer_errors[lname] = float(((res.weight - W.float()) ** 2).sum() / (W.float() ** 2).sum())
@@ -893,7 +893,7 @@ def _load_block(model: nn.Module, name: str, block: nn.Module, should_convert, c
                 offload.restore(linear, homes[lname])
             continue
         bias = own.get("bias")
-        layer = empty_layer(linear, cfg, (cfg.gguf_tensor_types or {}).get(lname), bias is not None,
+        layer = empty_layer(linear, cfg, cfg.tensor_type_of(lname), bias is not None,
                             dtype=None if bias is None else bias.dtype, device=device)
         layer.load_state_dict({k: v.to(device) for k, v in own.items()})
         _place(model, lname, layer, homes)

@@ -77,7 +77,7 @@ class AstroQuantizer(HfQuantizer):
         expected = {}
         for name in names:
             linear = modules[name]
-            layer = empty_layer(linear, cfg, (cfg.gguf_tensor_types or {}).get(name), linear.bias is not None,
+            layer = empty_layer(linear, cfg, cfg.tensor_type_of(name), linear.bias is not None,
                                 dtype=linear.weight.dtype, device=linear.weight.device)
             set_submodule(model, name, layer)
             expected.update(guard.expected_tensors(name, layer))

@@ -61,25 +61,25 @@ def _sub_blocks(W: torch.Tensor, sub: int) -> torch.Tensor:
     return W.float().reshape(rows, cols // sub, sub).transpose(0, 1)  # (n_sub, rows, sub)
 
 
-def _error(X, h, a, z, b, maxq):
-    """Σ h·(x − ŵ)² per sub-block for steps a, zeros z, offsets b of shape X.shape[:-1]."""
-    a, z, b = a[..., None], z[..., None], b[..., None]
-    q = torch.round((X + b) / a + z).clamp_(0, maxq)
-    return (((q - z) * a - b - X) ** 2 * h).sum(-1)
+def _error(X, h, a, b, t: TensorType):
+    """Σ h·(x − ŵ)² per sub-block for steps a and offsets b of shape X.shape[:-1]."""
+    a, b = a[..., None], b[..., None]
+    q = torch.round((X + b) / a + t.zero).clamp_(0, t.maxq)
+    return (((q - t.zero) * a - b - X) ** 2 * h).sum(-1)
 
 
-def _best(candidates, X, h, maxq, z):
-    """The (a, b) of the candidates [(a, b), ...] with the smallest error, per sub-block."""
-    best_err, best_a, best_b = None, None, None
-    for a, b in candidates:
-        err = _error(X, h, a, torch.full_like(a, float(z)), b, maxq)
-        if best_err is None:
-            best_err, best_a, best_b = err, a, b
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_a, best_b = torch.where(better, a, best_a), torch.where(better, b, best_b)
-    return best_a, best_b
+def _pick(candidates):
+    """Per element, the tensors of the candidate [(error, (tensor, ...)), ...] with the smallest error
+    (the first on a tie); a None tensor stays None."""
+    best_err, best = None, None
+    for err, tensors in candidates:
+        if best is None:
+            best_err, best = err, list(tensors)
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = [None if c is None else torch.where(better, c, o) for c, o in zip(tensors, best)]
+    return best
 
 
 def _nonzero(a: torch.Tensor) -> torch.Tensor:
@@ -90,25 +90,27 @@ def _raw_steps(X, h, t: TensorType, search: bool, fp16: bool):
     """Step 1: continuous (s, m) per sub-block, rounded to fp16 where the type stores them so."""
     shrink = _SHRINK if search else _SHRINK[:1]
     r = _fp16 if fp16 else (lambda v: v)
-    zero_b = torch.zeros(X.shape[:-1], device=X.device)
     if not t.affine:
         idx = X.abs().argmax(-1, keepdim=True)
         xmax = X.gather(-1, idx).squeeze(-1)
+        zero_b = torch.zeros_like(xmax)
         sides = [-t.zero] + ([t.maxq - t.zero] if search else [])
         cands = [(_nonzero(r(xmax * p / side)), zero_b) for side in sides for p in shrink.tolist()]
-        return _best(cands, X, h, t.maxq, t.zero)
-    lo, hi = X.amin(-1), X.amax(-1)
-    if t.kquant:  # the stored min is unsigned: the range always includes 0
-        lo = lo.clamp(max=0)
-    cands = []
-    for p in shrink.tolist():
-        lo_p, hi_p = (lo * p, hi * p) if t.kquant else ((lo + hi) / 2 - (hi - lo) / 2 * p, (lo + hi) / 2 + (hi - lo) / 2 * p)
-        cands.append((_nonzero(r((hi_p - lo_p) / t.maxq)), r(-lo_p)))
-    return _best(cands, X, h, t.maxq, 0)
+    else:
+        lo, hi = X.amin(-1), X.amax(-1)
+        if t.kquant:  # the stored min is unsigned: the range always includes 0
+            lo = lo.clamp(max=0)
+        cands = []
+        for p in shrink.tolist():
+            lo_p, hi_p = ((lo * p, hi * p) if t.kquant else
+                          ((lo + hi) / 2 - (hi - lo) / 2 * p, (lo + hi) / 2 + (hi - lo) / 2 * p))
+            cands.append((_nonzero(r((hi_p - lo_p) / t.maxq)), r(-lo_p)))
+    return _pick((_error(X, h, a, b, t), (a, b)) for a, b in cands)
 
 
 def _quantize_steps(s, m, t: TensorType):
-    """Step 2 for K-quants: (d, sc, dmin, m') per super-block from the sub-block (s, m)."""
+    """Step 2 for K-quants: (d, sc, dmin, m') from the sub-block (s, m); d and dmin (n_super, rows),
+    sc and m' (n_super, sub-blocks per super-block, rows); no dmin or m' for the signed types."""
     n_sub, rows = s.shape
     per = 256 // t.sub
     S, M = s.reshape(n_sub // per, per, rows), m.reshape(n_sub // per, per, rows)
@@ -129,9 +131,8 @@ def _quantize_steps(s, m, t: TensorType):
     return d, sc, dmin, mq
 
 
-def _k_grid(d, sc, dmin, mq, t):
+def _k_grid(d, sc, dmin, mq):
     """(a, b) per sub-block (n_sub, rows) from the super-block factors and the integer steps."""
-    per = 256 // t.sub
     a = (d[:, None] * sc).reshape(-1, d.shape[-1])
     b = (dmin[:, None] * mq).reshape(-1, d.shape[-1]) if dmin is not None else torch.zeros_like(a)
     return a, b
@@ -140,23 +141,17 @@ def _k_grid(d, sc, dmin, mq, t):
 def _refine(X, h, t, d, sc, dmin, mq):
     """With the super-block factors fixed, each sub-block tries its integer step (and min) ± 1."""
     lo_sc, hi_sc = (-(2 ** (t.scale_bits - 1)), 2 ** (t.scale_bits - 1) - 1) if t.signed_scales else (1, 2**t.scale_bits - 1)
-    best = None
-    for ds in (0, -1, 1):
-        for dm in ((0, -1, 1) if mq is not None else (0,)):
-            sc_c = (sc + ds).clamp(lo_sc, hi_sc)
-            sc_c = torch.where(sc_c == 0, sc, sc_c)  # a zero step cannot be solved onto
-            mq_c = (mq + dm).clamp(0, 2**t.scale_bits - 1) if mq is not None else None
-            a, b = _k_grid(d, sc_c, dmin, mq_c, t)
-            err = _error(X, h, a, torch.full_like(a, float(t.zero)), b, t.maxq).reshape(sc.shape)
-            if best is None:
-                best = [err, sc_c, mq_c]
-            else:
-                better = err < best[0]
-                best[0] = torch.where(better, err, best[0])
-                best[1] = torch.where(better, sc_c, best[1])
-                if mq_c is not None:
-                    best[2] = torch.where(better, mq_c, best[2])
-    return best[1], best[2]
+
+    def candidates():
+        for ds in (0, -1, 1):
+            for dm in ((0, -1, 1) if mq is not None else (0,)):
+                sc_c = (sc + ds).clamp(lo_sc, hi_sc)
+                sc_c = torch.where(sc_c == 0, sc, sc_c)  # a zero step cannot be solved onto
+                mq_c = (mq + dm).clamp(0, 2**t.scale_bits - 1) if mq is not None else None
+                a, b = _k_grid(d, sc_c, dmin, mq_c)
+                yield _error(X, h, a, b, t).reshape(sc.shape), (sc_c, mq_c)
+
+    return _pick(candidates())
 
 
 def fit_gguf_grid(W: torch.Tensor, tensor_type: str, search: bool = True,
@@ -174,14 +169,11 @@ def fit_gguf_grid(W: torch.Tensor, tensor_type: str, search: bool = True,
     if not t.kquant:
         return GGUFGrid(tensor_type, a=s, b=m, d=s, dmin=m if t.affine else None)
     d, sc, dmin, mq = _quantize_steps(s, m, t)
-    sc, mq = sc.reshape(-1, rows), mq.reshape(-1, rows) if mq is not None else None
     if search:
-        sc, mq = _refine(X, h, t, d, sc.reshape(-1, 256 // t.sub, rows), dmin,
-                         mq.reshape(-1, 256 // t.sub, rows) if mq is not None else None)
-        sc, mq = sc.reshape(-1, rows), mq.reshape(-1, rows) if mq is not None else None
-    a, b = _k_grid(d, sc.reshape(-1, 256 // t.sub, rows), dmin,
-                   mq.reshape(-1, 256 // t.sub, rows) if mq is not None else None, t)
-    return GGUFGrid(tensor_type, a=a, b=b, d=d, dmin=dmin, sc=sc, mins=mq)
+        sc, mq = _refine(X, h, t, d, sc, dmin, mq)
+    a, b = _k_grid(d, sc, dmin, mq)
+    return GGUFGrid(tensor_type, a=a, b=b, d=d, dmin=dmin, sc=sc.reshape(-1, rows),
+                    mins=mq.reshape(-1, rows) if mq is not None else None)
 
 
 def quantize_codes(W: torch.Tensor, grid: GGUFGrid) -> torch.Tensor:

@@ -64,7 +64,6 @@ FILE_TYPES: dict[str, tuple[str, int]] = {
     "Q4_K_S": ("Q4_K", 14), "Q4_K_M": ("Q4_K", 15), "Q5_K_S": ("Q5_K", 16), "Q5_K_M": ("Q5_K", 17),
     "Q6_K": ("Q6_K", 18),
 }
-FULL_PRECISION_FILE_TYPES = {"F32": 0, "F16": 1}
 
 # Where a block does not tile a row, llama.cpp writes the nearest 32-column type instead.
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
@@ -120,20 +119,6 @@ def fit_to_shape(tensor_type: str, cols: int) -> str:
 def tensor_type(file_type: str, role: str | None, layer: int, n_layers: int, cols: int, n_gqa: int = 1) -> str:
     """The tensor type of a decoder Linear of `cols` input columns in layer `layer` of `n_layers`."""
     return fit_to_shape(_recipe_type(file_type, role, layer, n_layers, n_gqa), cols)
-
-
-def output_type(file_type: str, cols: int) -> str:
-    """The type of the output head (and of the token embedding when the two are tied): Q6_K, or Q8_0
-    where 256 does not tile the row or the recipe is Q8_0 already."""
-    base = FILE_TYPES[file_type][0]
-    if cols % 256 or base == "Q8_0":
-        return fit_to_shape("Q8_0", cols)
-    return "Q6_K"
-
-
-def embedding_type(file_type: str, cols: int, tied: bool) -> str:
-    """The token embedding's type: the output's when tied, else the recipe's base type."""
-    return output_type(file_type, cols) if tied else fit_to_shape(FILE_TYPES[file_type][0], cols)
 
 
 def role_of(name: str) -> str | None:

@@ -38,7 +38,6 @@ Dead inputs (diag H = 0: the column never sees a non-zero activation) get H_ii =
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -145,34 +144,22 @@ def gptq_quantize(
     X̃ = X: ResComp on plain GPTQ, the pull toward the original weights alone).
     `beam_width` K runs the bounded search with K partial solutions per row (K = 1 reproduces the
     greedy sweep with static grids); None is the greedy sweep.
-    `tensor_type` (a GGUF tensor type, `gguf_types.TENSOR_TYPES`) replaces bits, group_size and sym
-    by that type's grid, fitted up front (`gguf_grid.py`, with `mse` its search, weighted by
-    diag H); the returned weight is then that grid's exact decode of the codes.
+    `tensor_type` (a GGUF type) replaces bits, group_size and sym by its grid, fitted up front (`gguf_grid.py`,
+    `mse` its search, weighted by diag H); the returned weight is then that grid's exact decode of the codes.
     """
     from .gptaq import gptaq_p_matrix  # the asymmetric correction; imported here to keep one direction
 
     rows, cols = weight.shape
     _check_solve_inputs(weight, hessian, beam_width)
-    gs = cols if group_size == -1 else group_size
-    n_groups = math.ceil(cols / gs)
+    bits, gs, n_groups = _grid_layout(cols, group_size, bits, tensor_type)
     static_groups = static_groups or beam_width is not None or tensor_type is not None
-    if tensor_type is not None:
-        spec = TENSOR_TYPES[tensor_type]
-        bits, gs, n_groups = spec.bits, spec.sub, cols // spec.sub
 
     # Factor first: the in×in matrices of the factorization are the solve's memory peak, so the
     # copies of W (and D) are made only once they are done.
     dead, perm, U, damp_used = _factor_in_sweep_order(hessian, desc_act, damp_percent)
     perm_list = perm.tolist()
     W, D = _dead_columns_zeroed(weight, dxxt, dead)
-    # static grids are fitted on the original weights; the others as the sweep reaches each group
-    gguf = fit_gguf_grid(W, tensor_type, search=mse, importance=torch.diag(hessian)) if tensor_type else None
-    if gguf is not None:
-        scales, zeros = gguf.a, gguf.sweep_zero
-    elif static_groups:
-        scales, zeros = fit_groups(W, gs, bits, sym, mse=mse)
-    else:
-        scales, zeros = torch.zeros(n_groups, rows, device=W.device), torch.zeros(n_groups, rows, device=W.device)
+    gguf, scales, zeros = _initial_grids(W, hessian, gs, n_groups, bits, sym, mse, static_groups, tensor_type)
     if desc_act:
         W, D = W[:, perm], (D[perm][:, perm] if D is not None else None)
     P = gptaq_p_matrix(D, U, alpha) if D is not None else None
@@ -189,10 +176,28 @@ def gptq_quantize(
     del U, P, W0t
     Wt, codes_t = sweep(Wt, sw)
     del sw  # U, P, W0ᵀ go before the outputs are assembled: they are the next memory peak
-    res = _in_original_order(Wt, codes_t, perm, groups_of, scales, zeros, damp_used)
-    if gguf is None:
-        return res
-    return dataclasses.replace(res, weight=gguf_dequantize(res.codes, gguf), gguf=gguf)
+    return _in_original_order(Wt, codes_t, perm, groups_of, scales, zeros, damp_used, gguf)
+
+
+def _grid_layout(cols: int, group_size: int, bits: int, tensor_type: str | None):
+    """(bits, columns per group, groups): a GGUF type's own, else the options'."""
+    if tensor_type is not None:
+        spec = TENSOR_TYPES[tensor_type]
+        return spec.bits, spec.sub, cols // spec.sub
+    gs = cols if group_size == -1 else group_size
+    return bits, gs, math.ceil(cols / gs)
+
+
+def _initial_grids(W, hessian, gs, n_groups, bits, sym, mse, static_groups, tensor_type):
+    """(GGUF grid or None, scales, zeros) before the sweep. Static grids (and a GGUF type's) are fitted
+    on the original weights; the others are zeros the sweep fills in as it reaches each group."""
+    if tensor_type is not None:
+        gguf = fit_gguf_grid(W, tensor_type, search=mse, importance=torch.diag(hessian))
+        return gguf, gguf.a, gguf.sweep_zero
+    if static_groups:
+        return None, *fit_groups(W, gs, bits, sym, mse=mse)
+    rows = W.shape[0]
+    return None, torch.zeros(n_groups, rows, device=W.device), torch.zeros(n_groups, rows, device=W.device)
 
 
 def _check_solve_inputs(weight: torch.Tensor, hessian: torch.Tensor, beam_width) -> None:
@@ -248,20 +253,23 @@ def _dead_columns_zeroed(weight: torch.Tensor, dxxt: torch.Tensor | None, dead: 
         D[dead, :] = 0
     return W, D
 
-def _in_original_order(Wt, codes_t, perm, groups_of, scales, zeros, damp_used) -> LayerQuantResult:
-    """The result, with the columns of the sweep's order (`perm`) put back in the weight's own."""
+def _in_original_order(Wt, codes_t, perm, groups_of, scales, zeros, damp_used, gguf=None) -> LayerQuantResult:
+    """The result, with the columns of the sweep's order (`perm`) put back in the weight's own; on a
+    GGUF grid its weight is the grid's exact decode of the codes."""
     g_idx_perm = torch.tensor(groups_of, dtype=torch.int32)
     Q = Wt.t()  # every column now holds its de-quantized value ŵ
     codes = codes_t.t()
     inv = torch.argsort(perm)
     g_idx = g_idx_perm[inv.cpu()]
+    codes = codes[:, inv].to(torch.int32)
     return LayerQuantResult(
-        codes=codes[:, inv].to(torch.int32),
+        codes=codes,
         scales=scales,
         zeros=zeros.to(torch.int32),
         g_idx=g_idx,
-        weight=Q[:, inv],
+        weight=Q[:, inv] if gguf is None else gguf_dequantize(codes, gguf),
         damp_percent=damp_used,
+        gguf=gguf,
     )
 
 

@@ -71,16 +71,17 @@ def pack(codes: torch.Tensor, grid: GGUFGrid) -> np.ndarray:
     rows, cols = codes.shape
     nb = cols // t.block
     q = codes.to(torch.int64).cpu().numpy().astype(np.uint8).reshape(rows, nb, t.block)
-    per = t.block // t.sub  # sub-blocks per block
 
-    def per_block(x):  # (n_sub or n_super, rows) -> (rows, nb, per) or (rows, nb)
-        x = x.detach().cpu().numpy().T
-        return x.reshape(rows, nb, -1) if x.shape[1] != nb else x
+    def per_block(x):  # (n per row, rows) -> (rows, nb, n per block)
+        return x.detach().cpu().numpy().T.reshape(rows, nb, -1)
+
+    def factor(x):  # one fp16 value per block -> (rows, nb, 2) bytes
+        return _f16_bytes(per_block(x)[..., 0])
 
     if not t.kquant:
-        parts = [_f16_bytes(per_block(grid.d).reshape(rows, nb))]
+        parts = [factor(grid.d)]
         if t.affine:
-            parts.append(_f16_bytes(-per_block(grid.dmin).reshape(rows, nb)))  # the stored min is −b
+            parts.append(factor(-grid.dmin))  # the stored min is −b
         if t.bits == 5:
             qh = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
             parts.append(qh.sum(-1, dtype=np.uint32).astype("<u4")[..., None].view(np.uint8))
@@ -90,16 +91,15 @@ def pack(codes: torch.Tensor, grid: GGUFGrid) -> np.ndarray:
             parts.append(_nibbles(q[..., :16], q[..., 16:]))
         return np.concatenate(parts, axis=-1).reshape(rows, -1)
     sc = per_block(grid.sc).astype(np.int64)
-    d = _f16_bytes(per_block(grid.d).reshape(rows, nb))
+    d = factor(grid.d)
     if t.name == "Q2_K":
         mn = per_block(grid.mins).astype(np.uint8)
-        parts = [_nibbles(sc.astype(np.uint8), mn), _two_bit_planes(q), d,
-                 _f16_bytes(per_block(grid.dmin).reshape(rows, nb))]
+        parts = [_nibbles(sc.astype(np.uint8), mn), _two_bit_planes(q), d, factor(grid.dmin)]
     elif t.name == "Q3_K":
         parts = [_bits_of(q, 2, 8), _two_bit_planes(q), _q3_scales((sc + 32).astype(np.uint8)), d]
     elif t.name in ("Q4_K", "Q5_K"):
         mn = per_block(grid.mins).astype(np.uint8)
-        parts = [d, _f16_bytes(per_block(grid.dmin).reshape(rows, nb)), _k4_scales(sc.astype(np.uint8), mn)]
+        parts = [d, factor(grid.dmin), _k4_scales(sc.astype(np.uint8), mn)]
         if t.name == "Q5_K":
             parts.append(_bits_of(q, 4, 8))
         halves = q.reshape(rows, nb, 4, 2, 32)
@@ -111,7 +111,6 @@ def pack(codes: torch.Tensor, grid: GGUFGrid) -> np.ndarray:
         parts = [ql, qh, sc.astype(np.int8).view(np.uint8), d]
     else:
         raise ValueError(f"no packing for GGUF type {t.name}")
-    assert per == sc.shape[-1]
     return np.concatenate(parts, axis=-1).reshape(rows, -1)
 
 

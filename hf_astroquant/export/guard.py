@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..modules.gguf_linear import GGUFLinear
 from ..modules.packing import packed_rows
 
 GUARD_DTYPE = torch.float16
@@ -38,7 +39,7 @@ def ignore_pattern(key: str) -> str:
 
 def expected_tensors(module_name: str, layer) -> dict[str, tuple[tuple[int, ...], str]]:
     """The checkpoint tensors of one packed layer: name → (shape, dtype kind: 'int32' | 'uint8' | 'float')."""
-    if hasattr(layer, "qblocks"):  # a GGUFLinear: one row of GGML blocks per output channel
+    if isinstance(layer, GGUFLinear):  # one row of GGML blocks per output channel
         out = {f"{module_name}.qblocks": (tuple(layer.qblocks.shape), "uint8")}
         if layer.bias is not None:
             out[f"{module_name}.bias"] = ((layer.out_features,), "float")

@@ -30,6 +30,7 @@ from torch import nn
 
 from .. import offload
 from . import kernels
+from .gguf_linear import GGUFLinear
 from .packing import pack_cols, pack_rows, packed_rows, unpack_cols, unpack_rows
 
 logger = logging.getLogger("hf_astroquant")
@@ -260,7 +261,8 @@ def _warn_once(message: str) -> None:
 
 def set_backend(model: nn.Module, backend: str = "auto", dtype: torch.dtype | None = None) -> dict[str, int]:
     """Choose the forward path of every `QuantLinear` in `model` and prepare it for the layers'
-    current device and `dtype` (default: the model's dtype); return how many layers run each path."""
+    current device and `dtype` (default: the model's dtype); return how many layers run each path
+    (a `GGUFLinear` has one, "gguf")."""
     kernels.check_backend(backend)  # before the loop: a model without packed layers still says so
     dtype = dtype or getattr(model, "dtype", None)
     counts: dict[str, int] = {}
@@ -269,7 +271,7 @@ def set_backend(model: nn.Module, backend: str = "auto", dtype: torch.dtype | No
             module.set_backend(backend)
             name = module.prepare(dtype)
             counts[name] = counts.get(name, 0) + 1
-        elif hasattr(module, "qblocks"):  # a GGUFLinear: its one path
+        elif isinstance(module, GGUFLinear):  # its one path
             module.set_backend(backend)
             counts["gguf"] = counts.get("gguf", 0) + 1
     return counts
