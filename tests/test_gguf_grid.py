@@ -144,3 +144,32 @@ def test_a_gguf_layer_refuses_a_kernel_backend():
     layer = GGUFLinear(256, 8, "Q4_K", bias=False)
     with pytest.raises(ValueError, match="int4"):
         layer.set_backend("int4")
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3"])
+def test_gguf_type_on_other_families(tmp_path, family):
+    """Qwen 3 (its own head_dim, q/k norms) and Gemma 3 (sliding and full attention layers, (1+w) norms)."""
+    from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, Qwen3Config, Qwen3ForCausalLM
+
+    from hf_astroquant import AstroQuantConfig
+    from hf_astroquant.modules import GGUFLinear
+
+    common = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, vocab_size=128, max_position_embeddings=256)
+    torch.manual_seed(0)
+    if family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common))
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, sliding_window=16,
+                                                   layer_types=["sliding_attention", "full_attention"]))
+    model.eval().save_pretrained(tmp_path / "fp")
+    ids = torch.randint(0, 128, (8, 8), generator=torch.Generator().manual_seed(1)).repeat_interleave(4, dim=1)
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=AstroQuantConfig(
+        gguf_type="Q3_K_M", method="gptaq", dataset=ids))
+    layers = [m for m in q.modules() if isinstance(m, GGUFLinear)]
+    assert len(layers) == 14 and {m.tensor_type for m in layers} == {"Q3_K", "Q4_K", "Q5_K"}
+    logits = q(ids[:1]).logits
+    for m in layers:  # every layer ran, on exactly what its blocks decode to
+        assert m._weight is not None and torch.equal(m._weight, m.dequantize_weight())
+    q.save_pretrained(tmp_path / "q")
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "q")(ids[:1]).logits, logits)
