@@ -30,6 +30,9 @@ EXPORT_START, EXPORT_END = "<!-- export:start -->", "<!-- export:end -->"
 VLLM = (RESULTS / "vllm.jsonl",)  # bench_vllm.py: exports served by vLLM's CPU build
 VLLM_START, VLLM_END = "<!-- vllm:start -->", "<!-- vllm:end -->"
 VLLM_SUMMARY_START, VLLM_SUMMARY_END = "<!-- vllm-summary:start -->", "<!-- vllm-summary:end -->"
+GGUF = (RESULTS / "gguf.jsonl",)  # bench_gguf.py: GGUF files in llama.cpp, its quantizer against ours
+GGUF_START, GGUF_END = "<!-- gguf:start -->", "<!-- gguf:end -->"
+GGUF_SUMMARY_START, GGUF_SUMMARY_END = "<!-- gguf-summary:start -->", "<!-- gguf-summary:end -->"
 OFFLOAD = RESULTS / "offload.json"
 OFFLOAD_START, OFFLOAD_END = "<!-- offload:start -->", "<!-- offload:end -->"
 PRE_START, PRE_END = "<!-- preconditioning:start -->", "<!-- preconditioning:end -->"
@@ -44,7 +47,7 @@ ASTRO_BETA = RESULTS / "astro-beta.json"  # bench_astro.py --betas: the reshaped
 def load_rows() -> list[dict]:
     rows = []
     for f in sorted(RESULTS.glob("*.jsonl")):
-        if f.name.startswith(("ablation", "speed", "export", "preconditioning", "vllm")):  # their own tables
+        if f.name.startswith(("ablation", "speed", "export", "preconditioning", "vllm", "gguf")):  # their own tables
             continue
         rows += read_jsonl(f)
     for f in sorted(RESULTS.glob("*.json")):
@@ -171,6 +174,46 @@ def render_vllm_summary(rows: list[dict]) -> str:
 
 VLLM_NAMES = {"best-w4": "`best` preset, W4 g64 (asymmetric)", "gptq-w4": "defaults, W4 g64 (asymmetric)",
               "gptq-sym-w4": "defaults + `sym`, W4 g64"}
+
+
+def _latest(rows: list[dict]) -> dict[str, dict]:
+    return {r["row"]: r for r in rows}  # a rerun of a row replaces it
+
+
+GGUF_KINDS = {"llamacpp": "llama.cpp's quantizer", "gptq": "ours, GPTQ", "best": "ours, GPTAQ + Astro"}
+
+
+def render_gguf(rows: list[dict]) -> str:
+    """Every bench_gguf.py row: llama.cpp's perplexity, ours in PyTorch, size, speed, time."""
+    by = _latest(rows)
+    lines = ["| GGUF type | quantized by | perplexity in llama.cpp | ours in PyTorch (same weights) | file MiB | "
+             "decode tok/s (llama.cpp, 2 threads) | quantization s |", "|---|---|---|---|---|---|---|"]
+    if "fp16" in by:
+        r = by["fp16"]
+        lines.append(f"| F16 | (our export) | {r['llamacpp_ppl']:.2f} | | {r['file_mib']:.1f} | {r['decode_tok_s']:.1f} | |")
+    for t in ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K"):
+        for kind, label in GGUF_KINDS.items():
+            r = by.get(f"{kind}-{t}")
+            if r is None:
+                continue
+            torch_ppl = f"{r['torch_ppl']:.2f} ({r['ppl_gap']:+.2%})" if "torch_ppl" in r else ""
+            lines.append(f"| {t} | {label} | {r['llamacpp_ppl']:.2f} | {torch_ppl} | {r['file_mib']:.1f} | "
+                         f"{r['decode_tok_s']:.1f} | {r.get('quant_seconds', '')} |")
+    if "torch-int4" in by:
+        lines.append(f"| (W4 g64 packed, PyTorch int4 path, bf16) | ours | | | | {by['torch-int4']['decode_tok_s']:.1f} | |")
+    return "\n".join(lines)
+
+
+def render_gguf_summary(rows: list[dict]) -> str:
+    """The README's short version: llama.cpp's perplexity per type and quantizer, with file sizes."""
+    by = _latest(rows)
+    lines = ["| GGUF type | " + " | ".join(GGUF_KINDS.values()) + " |", "|---|---|---|---|"]
+    for t in ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K"):
+        cells = [f"{by[f'{k}-{t}']['llamacpp_ppl']:.2f} ({by[f'{k}-{t}']['file_mib']:.1f} MiB)"
+                 if f"{k}-{t}" in by else "" for k in GGUF_KINDS]
+        if any(cells):
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def render_offload(r: dict) -> str:
@@ -316,7 +359,8 @@ def main() -> None:
     sections = [(ABLATION, ABL_START, ABL_END, render_ablation), (ABLATION_PPL, ABL2_START, ABL2_END, render_ablation_ppl),
                 (SPEED, SPEED_START, SPEED_END, render_speed), (EXPORT, EXPORT_START, EXPORT_END, render_export),
                 (VLLM, VLLM_START, VLLM_END, render_vllm),
-                (VLLM, VLLM_SUMMARY_START, VLLM_SUMMARY_END, render_vllm_summary)]
+                (VLLM, VLLM_SUMMARY_START, VLLM_SUMMARY_END, render_vllm_summary),
+                (GGUF, GGUF_START, GGUF_END, render_gguf), (GGUF, GGUF_SUMMARY_START, GGUF_SUMMARY_END, render_gguf_summary)]
     for paths, start, end, render_rows in sections:
         paths = [p for p in paths if p.exists()]
         if paths:

@@ -3,6 +3,7 @@
     hf-astroquant quantize MODEL --bits 4 --dataset FILE --out DIR   every AstroQuantConfig option
     hf-astroquant eval DIR [--data wikitext2|FILE] [--baseline MODEL] [--tasks ...]
     hf-astroquant export DIR --format gptq|compressed-tensors --out DIR2
+    hf-astroquant export DIR --format gguf --out FILE.gguf [--gguf-type F16|F32]
     hf-astroquant push DIR REPO_ID [--private]
 
 MODEL is a Hub id, a local model directory or a local .gguf file (de-quantized by transformers).
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .algorithms.gguf_types import FILE_TYPES
 from .config import AstroQuantConfig
 from .file_modes import apply_umask, current_umask
 from .gguf import drop_gguf_marker, gguf_base_model_info
@@ -335,6 +337,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .export.source import ExportError
 
     src, out = Path(args.dir), Path(args.out)
+    if args.format == "gguf":
+        return _export_gguf(src, out, args)
+    if args.gguf_type is not None:
+        raise CliError(f"--gguf-type is a GGUF option; use it with --format gguf, not --format {args.format}")
     if args.format != "gptq" and args.checkpoint_format is not None:
         raise CliError(f"--checkpoint-format is a GPTQ option; --format {args.format} has none")
     tmp_out = _prepare_out(out, args.overwrite)
@@ -353,6 +359,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     print_table("hf-astroquant export", [("source", str(src)), ("output", str(out))] + rows
                 + [("size", format_bytes(size))])
+    return 0
+
+
+def _export_gguf(src: Path, out: Path, args: argparse.Namespace) -> int:
+    """One .gguf file (not a directory): llama.cpp, Ollama and LM Studio read it as is."""
+    from .export.card import format_bytes
+    from .export.gguf_export import export_gguf
+    from .export.gguf_writer import GGUFWriteError
+    from .export.source import ExportError
+
+    if args.checkpoint_format is not None:
+        raise CliError("--checkpoint-format is a GPTQ option; --format gguf has none")
+    try:
+        summary = export_gguf(src, out, args.gguf_type, overwrite=args.overwrite)
+    except FileExistsError as err:
+        raise CliError(f"{err}".replace("overwrite=True (--overwrite)", "--overwrite")) from err
+    except (ExportError, GGUFWriteError) as err:
+        raise CliError(f"cannot export to GGUF: {err}") from err
+    types = ", ".join(f"{k} {v}" for k, v in sorted(summary["tensor_types"].items()))
+    print_table("hf-astroquant export", [
+        ("source", str(src)), ("output", str(out)), ("format", f"gguf ({summary['gguf_type']})"),
+        ("architecture", summary["arch"]), ("tokenizer", f"{summary['tokenizer']} ({summary['tokenizer_pre']})"),
+        ("tensors", f"{summary['tensors']}: {types}"), ("size", format_bytes(summary["bytes"])),
+        ("run it", f"llama-cli -m {out}  (or: ollama create NAME with FROM {out} in a Modelfile)")])
     return 0
 
 
@@ -476,10 +506,16 @@ def _add_eval(sub) -> None:
 def _add_export(sub) -> None:
     x = sub.add_parser("export", help="write a copy in a serving engine's format")
     x.add_argument("dir", metavar="DIR", help="a directory saved by hf-astroquant quantize")
-    x.add_argument("--format", choices=("gptq", "compressed-tensors"), required=True,
+    x.add_argument("--format", choices=("gptq", "compressed-tensors", "gguf"), required=True,
                    help="the engine format to write: gptq (vLLM, SGLang, TGI, transformers, GPTQModel; symmetric "
-                        "grids for vLLM) or compressed-tensors (vLLM and transformers, asymmetric grids included)")
-    x.add_argument("--out", required=True, metavar="DIR2", help="output directory (appears only when complete)")
+                        "grids for vLLM), compressed-tensors (vLLM and transformers, asymmetric grids included) or "
+                        "gguf (llama.cpp, Ollama, LM Studio: a checkpoint quantized with --gguf-type, or a "
+                        "full-precision model as F16/F32)")
+    x.add_argument("--out", required=True, metavar="DIR2",
+                   help="output directory, or the .gguf file for --format gguf (appears only when complete)")
+    x.add_argument("--gguf-type", choices=("F16", "F32") + tuple(FILE_TYPES), default=None, metavar="TYPE",
+                   help="--format gguf: for a full-precision DIR, F16 (default) or F32; a DIR quantized with "
+                        "--gguf-type is written in the type it was solved for (naming it is optional)")
     x.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default=None,
                    help="--format gptq only. gptq: v1, read by vLLM/SGLang/TGI/transformers; gptq_v2: GPTQModel "
                         "(default: gptq)")

@@ -123,3 +123,17 @@ def tensor_type(file_type: str, role: str | None, layer: int, n_layers: int, col
 
 def role_of(name: str) -> str | None:
     return ROLES.get(name.rsplit(".", 1)[-1])
+
+
+def output_type(file_type: str, cols: int) -> str:
+    """The output matrix's type (and a tied token embedding's, which llama.cpp reuses as the output):
+    Q6_K, or Q8_0 where the file type's base block does not tile the row or the base is Q8_0."""
+    base = FILE_TYPES[file_type][0]
+    if cols % TENSOR_TYPES[base].block or base == "Q8_0":
+        return "Q8_0"
+    return fit_to_shape("Q6_K", cols)
+
+
+def token_embedding_type(file_type: str, cols: int, tied: bool) -> str:
+    """An untied token embedding keeps the file type's base type (after the shape fallback)."""
+    return output_type(file_type, cols) if tied else fit_to_shape(FILE_TYPES[file_type][0], cols)

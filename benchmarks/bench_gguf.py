@@ -1,0 +1,156 @@
+"""GGUF files in llama.cpp: llama.cpp's own quantizer against ours, perplexity measured by llama.cpp.
+
+    LLAMACPP_PYTHON=.ci/llamacpp-env/bin/python python benchmarks/bench_gguf.py [--rows NAME ...]
+
+llama.cpp (`bash .ci/install_llamacpp.sh .ci/llamacpp-env`) runs in the Python named by
+LLAMACPP_PYTHON. Protocol: SmolLM2-135M (the fp32 checkpoint of benchmarks/protocol.py), the 64 × 512
+Python-docs calibration windows of the results table, perplexity over the first `--windows`
+WikiText-2 test windows of 2048 tokens (the same token ids in llama.cpp and in PyTorch; llama.cpp with
+its default F16 KV cache).
+
+Rows:
+- `llamacpp-TYPE`: our F16 GGUF of the full-precision model, quantized by llama.cpp's
+  llama_model_quantize (no importance matrix);
+- `gptq-TYPE`: quantized with AstroQuantConfig(gguf_type=TYPE) (GPTQ, the defaults), exported;
+- `best-TYPE`: the same with GPTAQ and Astro (`BEST`);
+- `fp16`: the F16 file itself.
+Each row gives llama.cpp's perplexity, the file size, llama.cpp's greedy decode tokens/s (2 threads,
+64 tokens after a 128-token prompt) and, for ours, our own PyTorch perplexity of the same weights
+(embedding / output replaced by the file's), so `ppl_gap` is llama.cpp against PyTorch. `torch-int4`
+is our PyTorch int4 path's decode speed (bench_speed.py's measure, W4 bf16) for reference.
+Appends one JSON line per row to benchmarks/results/gguf.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import protocol  # noqa: E402
+
+TYPES = ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")
+BEST = dict(method="gptaq", astro=True)
+ROWS = ["fp16"] + [f"{kind}-{t}" for t in TYPES for kind in ("llamacpp", "gptq", "best")] + ["torch-int4"]
+WORK = protocol.CACHE / "bench-gguf"
+
+
+def f16_file() -> Path:
+    from hf_astroquant.export.gguf_export import export_gguf
+
+    path = WORK / "smollm2-f16.gguf"
+    if not path.exists():
+        export_gguf(protocol.smollm2_checkpoint(), path, "F16")
+    return path
+
+
+def ours(kind: str, file_type: str, windows: torch.Tensor) -> tuple[Path, object, float]:
+    """(GGUF path, the quantized model, seconds from_pretrained took) for one of our rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_astroquant import AstroQuantConfig
+    from hf_astroquant.export.gguf_export import export_gguf
+
+    ckpt = protocol.smollm2_checkpoint()
+    options = dict(gguf_type=file_type, dataset=windows, **(BEST if kind == "best" else {}))
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, quantization_config=AstroQuantConfig(**options))
+    seconds = time.perf_counter() - start
+    path = WORK / f"smollm2-{kind}-{file_type}.gguf"
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        AutoTokenizer.from_pretrained(ckpt).save_pretrained(d)
+        export_gguf(d, path, overwrite=True)
+    return path, model, seconds
+
+
+def with_file_embeddings(model, path: Path):
+    """The model with its embedding / output matrices replaced by what the file holds."""
+    import gguf
+    import numpy as np
+
+    stored = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    with torch.no_grad():
+        for key, param in (("token_embd.weight", model.get_input_embeddings().weight),
+                           ("output.weight", model.get_output_embeddings().weight)):
+            if key in stored:
+                t = stored[key]
+                param.copy_(torch.from_numpy(gguf.quants.dequantize(np.array(t.data), t.tensor_type)).reshape(param.shape))
+    return model
+
+
+def measure_file(path: Path, windows: torch.Tensor, prompt: list[int]) -> dict:
+    from hf_astroquant.serving import llamacpp_harness as llamacpp
+
+    ppl = llamacpp.perplexity(path, windows)
+    speed = llamacpp.decode_speed(path, prompt, new_tokens=64)
+    return {"llamacpp_ppl": round(ppl["perplexity"], 3), "file_mib": round(path.stat().st_size / 2**20, 2),
+            "decode_tok_s": round(speed["tokens_per_second"], 1)}
+
+
+def run_row(name: str, test_windows: torch.Tensor, calib: torch.Tensor, prompt: list[int]) -> dict:
+    from hf_astroquant.eval import perplexity
+    from hf_astroquant.serving import llamacpp_harness as llamacpp
+
+    row: dict = {"row": name}
+    if name == "torch-int4":
+        import bench_speed
+
+        r = bench_speed.measure("smollm2", "w4", "bf16", "auto")
+        return dict(row, decode_tok_s=r["decode_tok_s"], backends=r["active_backends"])
+    if name == "fp16":
+        return dict(row, **measure_file(f16_file(), test_windows, prompt))
+    kind, file_type = name.split("-", 1)
+    row["gguf_type"] = file_type
+    if kind == "llamacpp":
+        path = WORK / f"smollm2-llamacpp-{file_type}.gguf"
+        row["quant_seconds"] = round(llamacpp.quantize(f16_file(), path, file_type)["seconds"], 1)
+        return dict(row, **measure_file(path, test_windows, prompt))
+    path, model, seconds = ours(kind, file_type, calib)
+    row["quant_seconds"] = round(seconds, 1)
+    row["options"] = BEST if kind == "best" else {}
+    row.update(measure_file(path, test_windows, prompt))
+    row["torch_ppl"] = round(perplexity(with_file_embeddings(model, path), test_windows.reshape(-1), 2048,
+                                        progress=False), 3)
+    row["ppl_gap"] = round(row["llamacpp_ppl"] / row["torch_ppl"] - 1, 5)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", nargs="+", default=ROWS, help=f"any of {ROWS}")
+    ap.add_argument("--windows", type=int, default=8, help="perplexity windows of 2048 tokens")
+    ap.add_argument("--out", default=str(protocol.REPO / "benchmarks" / "results" / "gguf.jsonl"))
+    args = ap.parse_args()
+    unknown = sorted(set(args.rows) - set(ROWS))
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; choose from {ROWS}")
+    from transformers import AutoTokenizer
+
+    from hf_astroquant.serving import llamacpp_harness as llamacpp
+
+    if llamacpp.unavailable_reason():
+        raise SystemExit(llamacpp.unavailable_reason())
+    WORK.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(protocol.smollm2_checkpoint())
+    ids = protocol.wikitext_test_ids(tok)
+    test_windows = ids[: args.windows * 2048].reshape(args.windows, 2048)
+    calib = protocol.calibration_windows(tok, "out")
+    prompt = ids[-128:].tolist()
+    for name in args.rows:
+        row = run_row(name, test_windows, calib, prompt)
+        row.update(ppl_windows=args.windows, threads=2, machine=os.uname().machine)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
