@@ -17,7 +17,10 @@ Rows:
 Each row gives llama.cpp's perplexity, the file size, llama.cpp's greedy decode tokens/s (2 threads,
 64 tokens after a 128-token prompt) and, for ours, our own PyTorch perplexity of the same weights
 (embedding / output replaced by the file's), so `ppl_gap` is llama.cpp against PyTorch. `torch-int4`
-is our PyTorch int4 path's decode speed (bench_speed.py's measure, W4 bf16) for reference.
+is our PyTorch int4 path's decode speed (bench_speed.py's measure, W4 bf16) for reference; `decode`
+measures llama.cpp's decode speed (128 tokens, median of 3 interleaved rounds) of every file made
+so far again, in one sitting (run it last, on an otherwise idle machine: it replaces the per-row
+speeds in the tables).
 Appends one JSON line per row to benchmarks/results/gguf.jsonl.
 """
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -38,7 +42,7 @@ import protocol  # noqa: E402
 
 TYPES = ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")
 BEST = dict(method="gptaq", astro=True)
-ROWS = ["fp16"] + [f"{kind}-{t}" for t in TYPES for kind in ("llamacpp", "gptq", "best")] + ["torch-int4"]
+ROWS = ["fp16"] + [f"{kind}-{t}" for t in TYPES for kind in ("llamacpp", "gptq", "best")] + ["torch-int4", "decode"]
 WORK = protocol.CACHE / "bench-gguf"
 
 
@@ -105,6 +109,13 @@ def run_row(name: str, test_windows: torch.Tensor, calib: torch.Tensor, prompt: 
 
         r = bench_speed.measure("smollm2", "w4", "bf16", "auto")
         return dict(row, decode_tok_s=r["decode_tok_s"], backends=r["active_backends"])
+    if name == "decode":  # every file made so far, in one quiet sitting: median of 3 interleaved rounds
+        files = sorted(WORK.glob("*.gguf"))
+        rounds = [[llamacpp.decode_speed(f, prompt, new_tokens=128)["tokens_per_second"] for f in files]
+                  for _ in range(3)]
+        speeds = {f.stem.removeprefix("smollm2-"): round(statistics.median(r[i] for r in rounds), 1)
+                  for i, f in enumerate(files)}
+        return dict(row, decode_tok_s=speeds, new_tokens=128, rounds=3)
     if name == "fp16":
         return dict(row, **measure_file(f16_file(), test_windows, prompt))
     kind, file_type = name.split("-", 1)

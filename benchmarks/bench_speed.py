@@ -101,8 +101,6 @@ def measure(model_name: str, variant: str, dtype_name: str, backend: str, device
         row["gpu_weights_gib"] = round(torch.cuda.memory_allocated() / 2**30, 3)
     if variant != "fp":
         row["backend"] = backend
-        layers = [m for m in model.modules() if isinstance(m, hf_astroquant.QuantLinear)]
-        row["active_backends"] = sorted({m.active_backend for m in layers})
     row["checkpoint_gib"] = round(sum(f.stat().st_size for f in Path(path).glob("*.safetensors")) / 2**30, 3)
 
     vocab = model.config.vocab_size
@@ -137,6 +135,9 @@ def measure(model_name: str, variant: str, dtype_name: str, backend: str, device
         sync()
         row["prefill_tok_s"] = round(b * s / (time.perf_counter() - t), 1)
         row["prefill_shape"] = f"{b}x{s}"
+    if variant != "fp":  # read after the forwards: a layer picks its kernel when it first runs
+        layers = [m for m in model.modules() if isinstance(m, hf_astroquant.QuantLinear)]
+        row["active_backends"] = sorted({str(m.active_backend) for m in layers})
     row["peak_rss_gib"] = round(rss_gib(), 2)
     if cuda:
         row["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
