@@ -262,6 +262,7 @@ def _load_and_quantize(args, cfg, source: str, load_kwargs: dict, tok, eval_text
 
 
 def _quantize_summary(args, cfg, model, out: Path, seconds: float, ppl: dict) -> list[tuple[str, Any]]:
+    from . import coverage
     from .export.card import error_label, format_bytes, read_report
 
     report = read_report(out)
@@ -275,6 +276,8 @@ def _quantize_summary(args, cfg, model, out: Path, seconds: float, ppl: dict) ->
             ("checkpoint size", format_bytes(sum(p.stat().st_size for p in out.glob("*.safetensors"))))]
     if report.get("quantized_fp16_bytes"):
         rows.append(("quantized layers, packed / fp16", f"{report['quantized_packed_bytes'] / report['quantized_fp16_bytes']:.3f}"))
+    if report.get("full_precision_weights"):
+        rows.append(("weights left in full precision in the blocks", coverage.summary(report["full_precision_weights"])))
     if errs:
         rows.append((f"{error_label(report)} per layer, median / max", f"{errs[len(errs) // 2]:.2e} / {errs[-1]:.2e}"))
     rows.append(("base model (card)", report.get("base_model") or

@@ -15,12 +15,13 @@ from torch import nn
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
+from . import coverage
 from .calibration import prepare_calibration
 from .config import AstroQuantConfig
 from .export import guard
 from .export.hub import base_model_info, install_save_hooks
 from .modules import QUANTIZED_LAYERS, empty_layer, set_backend
-from .pipeline import quantize_model, set_submodule
+from .pipeline import find_blocks, quantize_model, set_submodule
 
 logger = logging.getLogger("hf_astroquant")
 
@@ -106,6 +107,11 @@ class AstroQuantizer(HfQuantizer):
             model.config.quantization_config = cfg
             logger.info("astroquant: quantized %d Linear layers in %.1f s", len(quantized), self.report.seconds)
             model.astroquant_report = _report_record(model, self.report)
+            block_name, blocks = find_blocks(model)
+            left = coverage.full_precision_weights({f"{block_name}.{i}": b for i, b in enumerate(blocks)},
+                                                   QUANTIZED_LAYERS)
+            coverage.warn_full_precision(left, len(blocks))
+            model.astroquant_report["full_precision_weights"] = left
         for module in model.modules():
             if isinstance(module, QUANTIZED_LAYERS):
                 for buf in module.buffers():

@@ -1,0 +1,55 @@
+"""Which weight matrices of the decoder blocks a run left in full precision, and how much of each
+block they are: MoE expert tensors, routers, excluded or untileable Linears. Nothing stays in full
+precision unannounced."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+logger = logging.getLogger("hf_astroquant")
+
+
+def full_precision_weights(blocks: dict[str, nn.Module], packed_types: tuple[type, ...]) -> dict[str, dict[str, float]]:
+    """{block name: {parameter name: its share of the block's weight elements}} for every floating-point
+    parameter of two or more dimensions (a weight matrix, or a stack of them such as an MoE's experts)
+    inside a block (`blocks`: name → block) and outside a packed layer (`packed_types`); blocks with
+    none are left out. A packed layer counts in its block's total as in_features × out_features
+    elements; vectors (norms, biases) count in neither."""
+    found: dict[str, dict[str, float]] = {}
+    for bname, block in blocks.items():
+        packed = [n for n, m in block.named_modules() if isinstance(m, packed_types)]
+        total = sum(block.get_submodule(n).in_features * block.get_submodule(n).out_features for n in packed)
+        left = {f"{bname}.{pname}": p.numel() for pname, p in block.named_parameters()
+                if p.dim() >= 2 and p.is_floating_point() and not _inside(pname, packed)}
+        total += sum(left.values())
+        if left:
+            found[bname] = {name: n / total for name, n in left.items()}
+    return found
+
+
+def _inside(param: str, modules: list[str]) -> bool:
+    return any(param.startswith(m + ".") for m in modules)
+
+
+def warn_full_precision(found: dict[str, dict[str, float]], n_blocks: int) -> None:
+    """One warning naming what stayed in full precision (the largest share first), if anything did."""
+    ranked = sorted(((name, share) for shares in found.values() for name, share in shares.items()),
+                    key=lambda kv: (-kv[1], kv[0]))
+    if not ranked:
+        return
+    shown = ", ".join(f"{name} ({share:.1%} of its block)" for name, share in ranked[:6])
+    more = f" and {len(ranked) - 6} more" if len(ranked) > 6 else ""
+    logger.warning("astroquant: %d weight tensor(s) in %d of the %d decoder blocks are left in full precision: "
+                   "%s%s (listed in the quantization report and the model card)", len(ranked), len(found), n_blocks,
+                   shown, more)
+
+
+def summary(found: dict[str, dict[str, float]]) -> str:
+    """One line for the model card: how many tensors, and the largest share of one block they take."""
+    if not found:
+        return "none"
+    count = sum(len(s) for s in found.values())
+    worst = max(sum(s.values()) for s in found.values())
+    return f"{count} tensor(s), up to {worst:.1%} of a block's weights (listed in astroquant_report.json)"
