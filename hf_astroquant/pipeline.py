@@ -35,6 +35,7 @@ from .algorithms import gguf_types, rtn_quantize, solve_linear
 from .algorithms.gptq import reconstruction_error
 from .calibration import batch_windows, prepare_calibration
 from .config import AstroQuantConfig
+from .linear_like import convert_conv1d
 from .modules import QuantLinear, empty_layer, make_layer
 
 logger = logging.getLogger("hf_astroquant")
@@ -107,17 +108,8 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def block_targets(block_name: str, block: nn.Module, should_convert: Callable[[str], bool]) -> dict[str, nn.Linear]:
-    """Linears of one block to quantize, by full module name. Linear-like layers of other types
-    (GPT-2's Conv1D) are refused by name rather than silently left in full precision."""
-    from transformers.pytorch_utils import Conv1D
-
-    for rel, mod in block.named_modules():
-        if isinstance(mod, Conv1D) and should_convert(f"{block_name}.{rel}"):
-            raise ValueError(
-                f"{block_name}.{rel} is a transformers Conv1D ({mod.weight.shape[0]}→{mod.weight.shape[1]}); "
-                "hf_astroquant packs nn.Linear layers only. Keep it in full precision with "
-                "modules_to_not_convert, or use a model whose projections are nn.Linear."
-            )
+    """Linears of one block to quantize, by full module name (its Conv1D layers were made Linears
+    first: linear_like.convert_conv1d)."""
     return {
         f"{block_name}.{rel}": mod
         for rel, mod in block.named_modules()
@@ -613,6 +605,8 @@ class _Run:
         self.report = QuantizationReport()
         block_name, self.blocks = find_blocks(model)
         self.names = [f"{block_name}.{i}" for i in range(len(self.blocks))]
+        for name, block in zip(self.names, self.blocks):  # GPT-2's Conv1D: one convention for every solver
+            convert_conv1d(block, name, should_convert)
         if cfg.gguf_type is not None:
             self.should_convert = self._choose_gguf_types(should_convert)
         self.windows, self.batches, self.batch_size = [], [], 0
@@ -893,7 +887,7 @@ def _load_block(model: nn.Module, name: str, block: nn.Module, should_convert, c
                 offload.restore(linear, homes[lname])
             continue
         bias = own.get("bias")
-        layer = empty_layer(linear, cfg, cfg.tensor_type_of(lname), bias is not None,
+        layer = empty_layer(linear.in_features, linear.out_features, cfg, cfg.tensor_type_of(lname), bias is not None,
                             dtype=None if bias is None else bias.dtype, device=device)
         layer.load_state_dict({k: v.to(device) for k, v in own.items()})
         _place(model, lname, layer, homes)

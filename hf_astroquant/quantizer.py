@@ -20,6 +20,7 @@ from .calibration import prepare_calibration
 from .config import AstroQuantConfig
 from .export import guard
 from .export.hub import base_model_info, install_save_hooks
+from .linear_like import LINEAR_LIKE, features
 from .modules import QUANTIZED_LAYERS, empty_layer, set_backend
 from .pipeline import find_blocks, quantize_model, set_submodule
 
@@ -69,7 +70,7 @@ class AstroQuantizer(HfQuantizer):
         if names is None:  # older or hand-written configs: every Linear not excluded
             names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and self._should_convert(n)]
         modules = dict(model.named_modules())
-        missing = [n for n in names if not isinstance(modules.get(n), nn.Linear)]
+        missing = [n for n in names if not isinstance(modules.get(n), LINEAR_LIKE)]
         if missing:
             raise ValueError(
                 f"this astroquant checkpoint quantized modules that the model does not have as Linear layers: "
@@ -78,9 +79,14 @@ class AstroQuantizer(HfQuantizer):
         expected = {}
         for name in names:
             linear = modules[name]
-            layer = empty_layer(linear, cfg, cfg.tensor_type_of(name), linear.bias is not None,
+            layer = empty_layer(*features(linear), cfg, cfg.tensor_type_of(name), linear.bias is not None,
                                 dtype=linear.weight.dtype, device=linear.weight.device)
             set_submodule(model, name, layer)
+            # a family's own init of the parent (GPT-2 rescales c_proj.weight) would reach for the dense
+            # weight the packed layer no longer has; the checkpoint gives every weight anyway
+            parent = name.rpartition(".")[0]
+            if parent:
+                model.get_submodule(parent)._is_hf_initialized = True
             expected.update(guard.expected_tensors(name, layer))
         guard.check_checkpoint(kwargs.get("checkpoint_files") or [], expected, getattr(model, "base_model_prefix", ""))
         key = guard.guard_key(names)
