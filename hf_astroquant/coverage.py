@@ -29,6 +29,25 @@ def full_precision_weights(blocks: dict[str, nn.Module], packed_types: tuple[typ
     return found
 
 
+def outside_blocks(model: nn.Module, block_list: str) -> dict[str, int]:
+    """{module name: weight elements} of the modules beside the decoder blocks that hold weight matrices
+    (the embedding, the output head, a multimodal model's vision tower and projector): each child of an
+    ancestor of `block_list` (e.g. "model.language_model.layers") that does not contain the blocks.
+    These are never quantized; the report records them."""
+    parts = block_list.split(".")
+    ancestors = [".".join(parts[:i]) for i in range(len(parts))]  # "", "model", "model.language_model"
+    found = {}
+    for ancestor in ancestors:
+        for child, module in model.get_submodule(ancestor).named_children():
+            name = f"{ancestor}.{child}" if ancestor else child
+            if name in ancestors or name == block_list:
+                continue
+            n = sum(p.numel() for p in module.parameters() if p.dim() >= 2 and p.is_floating_point())
+            if n:
+                found[name] = n
+    return found
+
+
 def _inside(param: str, modules: list[str]) -> bool:
     return any(param.startswith(m + ".") for m in modules)
 

@@ -117,8 +117,14 @@ def block_targets(block_name: str, block: nn.Module, should_convert: Callable[[s
     }
 
 
+def text_config(model: nn.Module):
+    """The language model's config: a multimodal model's text_config, else the model's own (or None)."""
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def _auto_batch_size(model: nn.Module, seqlen: int, device: torch.device) -> int:
-    cfg = getattr(model, "config", None)
+    cfg = text_config(model)
     hidden = getattr(cfg, "hidden_size", 4096)
     inter = getattr(cfg, "intermediate_size", 4 * hidden) or 4 * hidden
     heads = getattr(cfg, "num_attention_heads", 32)
@@ -618,7 +624,7 @@ class _Run:
         """Record each target's GGUF tensor type (llama.cpp's mixture, `gguf_types.tensor_type`) in
         `cfg.gguf_tensor_types`; returns `should_convert` less the Linears no GGUF block tiles (left in
         full precision, as llama.cpp writes them in F16)."""
-        cfg, config = self.cfg, getattr(self.model, "config", None)
+        cfg, config = self.cfg, text_config(self.model)
         heads = getattr(config, "num_attention_heads", None) or 1
         n_gqa = heads // (getattr(config, "num_key_value_heads", None) or heads)
         types, full = {}, []

@@ -99,7 +99,7 @@ def _fold_norm(norm: nn.Module, readers: list[nn.Linear]) -> None:
 
 
 def _heads(model: nn.Module) -> tuple[int, int, int]:
-    cfg = model.config
+    cfg = model.config.get_text_config()
     n_heads = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads

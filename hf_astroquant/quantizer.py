@@ -88,7 +88,8 @@ class AstroQuantizer(HfQuantizer):
             if parent:
                 model.get_submodule(parent)._is_hf_initialized = True
             expected.update(guard.expected_tensors(name, layer))
-        guard.check_checkpoint(kwargs.get("checkpoint_files") or [], expected, getattr(model, "base_model_prefix", ""))
+        guard.check_checkpoint(kwargs.get("checkpoint_files") or [], expected, getattr(model, "base_model_prefix", ""),
+                               guard.saved_names(model, expected))
         key = guard.guard_key(names)
         if key is not None:  # the load guard (see export/guard.py) is expected here, not a stray tensor
             patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
@@ -118,6 +119,7 @@ class AstroQuantizer(HfQuantizer):
                                                    QUANTIZED_LAYERS)
             coverage.warn_full_precision(left, len(blocks))
             model.astroquant_report["full_precision_weights"] = left
+            model.astroquant_report["full_precision_outside_blocks"] = coverage.outside_blocks(model, block_name)
         for module in model.modules():
             if isinstance(module, QUANTIZED_LAYERS):
                 for buf in module.buffers():

@@ -94,3 +94,39 @@ def test_the_cli_summary_names_what_stayed_in_full_precision(tmp_path, capsys):
     assert code == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "full precision in the blocks" in x)
     assert "6 tensor(s), up to 66.9% of a block's weights" in line
+
+
+def test_a_multimodal_wrapper_quantizes_its_language_model_and_records_the_vision_tower(tmp_path):
+    from transformers import AutoModelForImageTextToText, Gemma3Config, Gemma3ForConditionalGeneration
+
+    from hf_astroquant.pipeline import _auto_batch_size, text_config
+
+    torch.manual_seed(0)
+    cfg = Gemma3Config(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=300, sliding_window=16,
+                         layer_types=["sliding_attention", "full_attention"]),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    fp = Gemma3ForConditionalGeneration(cfg).eval()
+    fp.save_pretrained(tmp_path / "fp")
+    assert text_config(fp).hidden_size == 64  # the top-level config has none: the heuristics read this one
+    # the batch-size heuristic sizes a window by the text model's widths, not by defaults for a 7B model
+    assert _auto_batch_size(fp, 32, torch.device("cpu")) > _auto_batch_size(torch.nn.Module(), 32, torch.device("cpu"))
+    q = AutoModelForImageTextToText.from_pretrained(tmp_path / "fp", quantization_config=AstroQuantConfig(
+        bits=4, group_size=32, dataset=calib_ids()))
+    report = q.astroquant_report
+    assert report["full_precision_weights"] == {}  # every weight matrix of the language model's blocks is packed
+    assert set(report["full_precision_outside_blocks"]) == {"model.vision_tower", "model.multi_modal_projector",
+                                                            "model.language_model.embed_tokens", "lm_head"}
+    assert all(n.startswith("model.language_model.layers.") for n in q.config.quantization_config.quantized_modules)
+    assert len(q.config.quantization_config.quantized_modules) == 14
+    for (name, a), b in zip(fp.model.vision_tower.named_parameters(), q.model.vision_tower.parameters()):
+        assert torch.equal(a, b), name  # the vision tower is untouched
+    q.save_pretrained(tmp_path / "q")
+    assert "`model.vision_tower`" in (tmp_path / "q" / "README.md").read_text()
+    back = AutoModelForImageTextToText.from_pretrained(tmp_path / "q").eval()
+    ids = calib_ids(2, 16, seed=9)
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, q(input_ids=ids).logits)

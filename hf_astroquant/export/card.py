@@ -223,6 +223,8 @@ def _summary_rows(directory: Path, q: dict, report: dict, fmt: str) -> list[tupl
         rows.append(("quantization time", f"{report['seconds']:.0f} s ({report.get('device', 'cpu')})"))
     if "full_precision_weights" in report:  # weight matrices inside the blocks that were not quantized
         rows.append(("weights left in full precision inside the blocks", coverage.summary(report["full_precision_weights"])))
+    if report.get("full_precision_outside_blocks"):  # embedding, head, a vision tower: never quantized
+        rows.append(("kept in full precision beside the blocks", ", ".join(f"`{n}`" for n in report["full_precision_outside_blocks"])))
     errors = report.get("layer_errors") or {}
     if errors:
         vals = [v for v in errors.values() if math.isfinite(v)]

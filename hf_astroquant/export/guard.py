@@ -76,10 +76,24 @@ def read_headers(files: list[str | Path]) -> dict[str, tuple[tuple[int, ...], st
     return found
 
 
-def _lookup(found: dict, key: str, prefix: str):
+def saved_names(model, keys) -> dict[str, str]:
+    """{state-dict key: the name save_pretrained writes it under}: transformers 5 renames some families'
+    keys on save, back to their original checkpoints' layout (Gemma 3's multimodal model writes
+    "model.language_model.X" as "language_model.model.X"). Identity where it renames nothing."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # another transformers: its loader reports missing tensors itself
+        return {k: k for k in keys}
+    marks = {k: torch.empty(0) for k in keys}  # one distinct tensor per key, to find it again after renaming
+    by_mark = {id(t): k for k, t in marks.items()}
+    return {by_mark[id(t)]: name for name, t in revert_weight_conversion(model, marks).items() if id(t) in by_mark}
+
+
+def _lookup(found: dict, key: str, prefix: str, saved: str | None = None):
     """The header entry of `key`, also when the checkpoint was saved from the bare base model
-    (no "model." prefix) or from a task model (prefix) while loading the other."""
-    for name in (key, f"{prefix}.{key}" if prefix else None,
+    (no "model." prefix) or from a task model (prefix) while loading the other, or under the name
+    save_pretrained gave it (`saved`)."""
+    for name in (key, saved, f"{prefix}.{key}" if prefix else None,
                  key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else None):
         if name is not None and name in found:
             return found[name]
@@ -87,15 +101,16 @@ def _lookup(found: dict, key: str, prefix: str):
 
 
 def check_checkpoint(files: list[str | Path], expected: dict[str, tuple[tuple[int, ...], str]],
-                     prefix: str = "") -> None:
-    """Raise ValueError naming every missing or mismatched packed tensor (at most 5 listed)."""
+                     prefix: str = "", saved: dict[str, str] | None = None) -> None:
+    """Raise ValueError naming every missing or mismatched packed tensor (at most 5 listed); `saved`:
+    the name each expected key is written under, when transformers renames it on save."""
     files = [f for f in files if str(f).endswith(".safetensors")]
     if not files:
         return  # .bin checkpoints: transformers' own loader reports them
     found = read_headers(files)
     problems = []
     for key, (shape, kind) in expected.items():
-        entry = _lookup(found, key, prefix)
+        entry = _lookup(found, key, prefix, (saved or {}).get(key))
         if entry is None:
             problems.append(f"{key}: missing")
             continue
