@@ -11,6 +11,9 @@ its default F16 KV cache).
 Rows:
 - `llamacpp-TYPE`: our F16 GGUF of the full-precision model, quantized by llama.cpp's
   llama_model_quantize (no importance matrix);
+- `imatrix-TYPE`: the same with llama.cpp's importance matrix (`llama-imatrix` over the text of our
+  calibration windows, then `llama-quantize --imatrix`; both tools built from the llama.cpp sources
+  the llama-cpp-python package ships, by `bash benchmarks/build_llamacpp_tools.sh`);
 - `gptq-TYPE`: quantized with AstroQuantConfig(gguf_type=TYPE) (GPTQ, the defaults), exported;
 - `best-TYPE`: the same with GPTAQ and Astro (`BEST`);
 - `fp16`: the F16 file itself.
@@ -21,6 +24,9 @@ is our PyTorch int4 path's decode speed (bench_speed.py's measure, W4 bf16) for 
 measures llama.cpp's decode speed (128 tokens, median of 3 interleaved rounds) of every file made
 so far again, in one sitting (run it last, on an otherwise idle machine: it replaces the per-row
 speeds in the tables).
+`rounded`: for the files `--files` names (our GPTQ files by default), our PyTorch perplexity of
+the file's own weights, plain and with llama.cpp's 8-bit rounding of each quantized matmul's input,
+against llama.cpp's with an F32 KV cache: how much of the llama.cpp / PyTorch gap that rounding is.
 Appends one JSON line per row to benchmarks/results/gguf.jsonl.
 """
 
@@ -30,6 +36,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,8 +49,10 @@ import protocol  # noqa: E402
 
 TYPES = ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")
 BEST = dict(method="gptaq", astro=True)
-ROWS = ["fp16"] + [f"{kind}-{t}" for t in TYPES for kind in ("llamacpp", "gptq", "best")] + ["torch-int4", "decode"]
+ROWS = (["fp16"] + [f"{kind}-{t}" for t in TYPES for kind in ("llamacpp", "imatrix", "gptq", "best")]
+        + ["torch-int4", "decode", "rounded"])
 WORK = protocol.CACHE / "bench-gguf"
+TOOLS = protocol.CACHE / "llamacpp-tools" / "bin"  # llama-imatrix, llama-quantize: build_llamacpp_tools.sh
 
 
 def f16_file() -> Path:
@@ -90,6 +99,33 @@ def with_file_embeddings(model, path: Path):
     return model
 
 
+def llamacpp_tool(name: str, *args: str) -> float:
+    """Run one of llama.cpp's command-line tools; the seconds it took."""
+    exe = TOOLS / name
+    if not exe.exists():
+        raise SystemExit(f"{exe} is missing: build it with `bash benchmarks/build_llamacpp_tools.sh`")
+    start = time.perf_counter()
+    done = subprocess.run([str(exe), *args], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{name} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def imatrix_file(tok, calib: torch.Tensor) -> tuple[Path, float]:
+    """(llama.cpp's importance matrix of the F16 file, the seconds llama-imatrix took), over the text of
+    our calibration windows: llama-imatrix tokenizes it again and takes 512-token chunks, as many as we
+    have windows. Computed once, then read back (with its seconds) for every imatrix row."""
+    path, record = WORK / "smollm2-f16.imatrix.gguf", WORK / "smollm2-f16.imatrix.json"
+    text = "\n\n".join(tok.decode(w) for w in calib)
+    if path.exists() and record.exists() and json.loads(record.read_text())["text_chars"] == len(text):
+        return path, json.loads(record.read_text())["seconds"]
+    (WORK / "calibration.txt").write_text(text)
+    seconds = llamacpp_tool("llama-imatrix", "-m", str(f16_file()), "-f", str(WORK / "calibration.txt"), "-c",
+                            str(calib.shape[1]), "--chunks", str(calib.shape[0]), "-t", "2", "--no-ppl", "-o", str(path))
+    record.write_text(json.dumps({"seconds": round(seconds, 1), "text_chars": len(text)}))
+    return path, round(seconds, 1)
+
+
 def measure_file(path: Path, windows: torch.Tensor, prompt: list[int]) -> dict:
     from hf_astroquant.serving import llamacpp_harness as llamacpp
 
@@ -99,7 +135,34 @@ def measure_file(path: Path, windows: torch.Tensor, prompt: list[int]) -> dict:
             "decode_tok_s": round(speed["tokens_per_second"], 1)}
 
 
-def run_row(name: str, test_windows: torch.Tensor, calib: torch.Tensor, prompt: list[int]) -> dict:
+def rounding_explains_the_gap(windows: torch.Tensor, pattern: str) -> dict:
+    """For every quantized file made so far: our PyTorch perplexity of the file's own weights (decoded by
+    gguf-py, llama.cpp's quantizer's files included), plain and with each Linear's input rounded to 8 bits
+    as llama.cpp's quantized matmul rounds it, and llama.cpp's with an F32 KV cache (no other rounding)."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_astroquant.eval import perplexity
+    from hf_astroquant.export.gguf_read import weights_from_gguf
+    from hf_astroquant.serving import llamacpp_harness as llamacpp
+
+    out = {}
+    for path in sorted(WORK.glob(pattern)):
+        model = AutoModelForCausalLM.from_pretrained(protocol.smollm2_checkpoint(), dtype=torch.float32).eval()
+        weights, types = weights_from_gguf(path, model)
+        model.load_state_dict(weights, strict=False)
+        ppl = lambda: round(perplexity(model, windows.reshape(-1), 2048, progress=False), 3)  # noqa: E731
+        plain = ppl()
+        with llamacpp.llamacpp_activations(model, types):
+            rounded = ppl()
+        theirs = round(llamacpp.perplexity(path, windows, f32_kv_cache=True)["perplexity"], 3)
+        out[path.stem.removeprefix("smollm2-")] = {"torch_ppl": plain, "torch_rounded_ppl": rounded,
+                                                   "llamacpp_f32kv_ppl": theirs}
+        print(path.name, out[path.stem.removeprefix("smollm2-")], flush=True)
+    return out
+
+
+def run_row(name: str, test_windows: torch.Tensor, calib: torch.Tensor, prompt: list[int], tok,
+            files: str) -> dict:
     from hf_astroquant.eval import perplexity
     from hf_astroquant.serving import llamacpp_harness as llamacpp
 
@@ -110,12 +173,14 @@ def run_row(name: str, test_windows: torch.Tensor, calib: torch.Tensor, prompt: 
         r = bench_speed.measure("smollm2", "w4", "bf16", "auto")
         return dict(row, decode_tok_s=r["decode_tok_s"], backends=r["active_backends"])
     if name == "decode":  # every file made so far, in one quiet sitting: median of 3 interleaved rounds
-        files = sorted(WORK.glob("*.gguf"))
-        rounds = [[llamacpp.decode_speed(f, prompt, new_tokens=128)["tokens_per_second"] for f in files]
+        paths = sorted(WORK.glob("*.gguf"))
+        rounds = [[llamacpp.decode_speed(f, prompt, new_tokens=128)["tokens_per_second"] for f in paths]
                   for _ in range(3)]
         speeds = {f.stem.removeprefix("smollm2-"): round(statistics.median(r[i] for r in rounds), 1)
-                  for i, f in enumerate(files)}
+                  for i, f in enumerate(paths)}
         return dict(row, decode_tok_s=speeds, new_tokens=128, rounds=3)
+    if name == "rounded":
+        return dict(row, files=rounding_explains_the_gap(test_windows, files))
     if name == "fp16":
         return dict(row, **measure_file(f16_file(), test_windows, prompt))
     kind, file_type = name.split("-", 1)
@@ -123,6 +188,12 @@ def run_row(name: str, test_windows: torch.Tensor, calib: torch.Tensor, prompt: 
     if kind == "llamacpp":
         path = WORK / f"smollm2-llamacpp-{file_type}.gguf"
         row["quant_seconds"] = round(llamacpp.quantize(f16_file(), path, file_type)["seconds"], 1)
+        return dict(row, **measure_file(path, test_windows, prompt))
+    if kind == "imatrix":  # llama.cpp's quantizer weighted by its importance matrix of our calibration text
+        imatrix, imatrix_seconds = imatrix_file(tok, calib)
+        path = WORK / f"smollm2-imatrix-{file_type}.gguf"
+        seconds = llamacpp_tool("llama-quantize", "--imatrix", str(imatrix), str(f16_file()), str(path), file_type, "2")
+        row.update(quant_seconds=round(imatrix_seconds + seconds, 1), imatrix_seconds=round(imatrix_seconds, 1))
         return dict(row, **measure_file(path, test_windows, prompt))
     path, model, seconds = ours(kind, file_type, calib)
     row["quant_seconds"] = round(seconds, 1)
@@ -138,6 +209,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="+", default=ROWS, help=f"any of {ROWS}")
     ap.add_argument("--windows", type=int, default=8, help="perplexity windows of 2048 tokens")
+    ap.add_argument("--files", default="smollm2-gptq-*.gguf",
+                    help="the `rounded` row's files (a pattern in the bench's cache folder); every quantized one: "
+                         "'smollm2-*-*.gguf'")
     ap.add_argument("--out", default=str(protocol.REPO / "benchmarks" / "results" / "gguf.jsonl"))
     args = ap.parse_args()
     unknown = sorted(set(args.rows) - set(ROWS))
@@ -156,7 +230,7 @@ def main() -> None:
     calib = protocol.calibration_windows(tok, "out")
     prompt = ids[-128:].tolist()
     for name in args.rows:
-        row = run_row(name, test_windows, calib, prompt)
+        row = run_row(name, test_windows, calib, prompt, tok, args.files)
         row.update(ppl_windows=args.windows, threads=2, machine=os.uname().machine)
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")

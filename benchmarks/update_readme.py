@@ -180,7 +180,8 @@ def _latest(rows: list[dict]) -> dict[str, dict]:
     return {r["row"]: r for r in rows}  # a rerun of a row replaces it
 
 
-GGUF_KINDS = {"llamacpp": "llama.cpp's quantizer", "gptq": "ours, GPTQ", "best": "ours, GPTAQ + Astro"}
+GGUF_KINDS = {"llamacpp": "llama.cpp's quantizer", "imatrix": "llama.cpp's quantizer + imatrix", "gptq": "ours, GPTQ",
+              "best": "ours, GPTAQ + Astro"}
 
 
 def render_gguf(rows: list[dict]) -> str:
@@ -210,14 +211,16 @@ def render_gguf(rows: list[dict]) -> str:
 
 
 def render_gguf_summary(rows: list[dict]) -> str:
-    """The README's short version: llama.cpp's perplexity per type and quantizer, with file sizes."""
+    """The README's short version: llama.cpp's perplexity per type and quantizer; one file size per type
+    (every quantizer's file holds the same tensor types: the sizes agree to the MiB)."""
     by = _latest(rows)
-    lines = ["| GGUF type | " + " | ".join(GGUF_KINDS.values()) + " |", "|---|---|---|---|"]
+    lines = ["| GGUF type | file MiB | " + " | ".join(GGUF_KINDS.values()) + " |", "|---" * (len(GGUF_KINDS) + 2) + "|"]
     for t in ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K"):
-        cells = [f"{by[f'{k}-{t}']['llamacpp_ppl']:.2f} ({by[f'{k}-{t}']['file_mib']:.1f} MiB)"
-                 if f"{k}-{t}" in by else "" for k in GGUF_KINDS]
-        if any(cells):
-            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        made = [by[f"{k}-{t}"] for k in GGUF_KINDS if f"{k}-{t}" in by]
+        if made:
+            sizes = {f"{r['file_mib']:.1f}" for r in made}
+            cells = [f"{by[f'{k}-{t}']['llamacpp_ppl']:.2f}" if f"{k}-{t}" in by else "" for k in GGUF_KINDS]
+            lines.append(f"| {t} | {' / '.join(sorted(sizes))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
