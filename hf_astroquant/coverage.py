@@ -19,8 +19,8 @@ def full_precision_weights(blocks: dict[str, nn.Module], packed_types: tuple[typ
     elements; vectors (norms, biases) count in neither."""
     found: dict[str, dict[str, float]] = {}
     for bname, block in blocks.items():
-        packed = [n for n, m in block.named_modules() if isinstance(m, packed_types)]
-        total = sum(block.get_submodule(n).in_features * block.get_submodule(n).out_features for n in packed)
+        packed = {n: m for n, m in block.named_modules() if isinstance(m, packed_types)}
+        total = sum(m.in_features * m.out_features for m in packed.values())
         left = {f"{bname}.{pname}": p.numel() for pname, p in block.named_parameters()
                 if p.dim() >= 2 and p.is_floating_point() and not _inside(pname, packed)}
         total += sum(left.values())
@@ -48,7 +48,7 @@ def outside_blocks(model: nn.Module, block_list: str) -> dict[str, int]:
     return found
 
 
-def _inside(param: str, modules: list[str]) -> bool:
+def _inside(param: str, modules) -> bool:
     return any(param.startswith(m + ".") for m in modules)
 
 

@@ -38,7 +38,5 @@ def convert_conv1d(root: nn.Module, prefix: str, should_convert) -> list[str]:
     nn.Linear, in place; returns the full names replaced."""
     names = [n for n, m in root.named_modules() if isinstance(m, Conv1D) and should_convert(f"{prefix}.{n}")]
     for name in names:
-        parent, _, child = name.rpartition(".")
-        holder = root.get_submodule(parent) if parent else root
-        setattr(holder, child, as_linear(getattr(holder, child)))
+        root.set_submodule(name, as_linear(root.get_submodule(name)))
     return [f"{prefix}.{n}" for n in names]
