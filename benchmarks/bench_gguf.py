@@ -117,8 +117,9 @@ def imatrix_file(tok, calib: torch.Tensor) -> tuple[Path, float]:
     have windows. Computed once, then read back (with its seconds) for every imatrix row."""
     path, record = WORK / "smollm2-f16.imatrix.gguf", WORK / "smollm2-f16.imatrix.json"
     text = "\n\n".join(tok.decode(w) for w in calib)
-    if path.exists() and record.exists() and json.loads(record.read_text())["text_chars"] == len(text):
-        return path, json.loads(record.read_text())["seconds"]
+    done = json.loads(record.read_text()) if path.exists() and record.exists() else {}
+    if done.get("text_chars") == len(text):
+        return path, done["seconds"]
     (WORK / "calibration.txt").write_text(text)
     seconds = llamacpp_tool("llama-imatrix", "-m", str(f16_file()), "-f", str(WORK / "calibration.txt"), "-c",
                             str(calib.shape[1]), "--chunks", str(calib.shape[0]), "-t", "2", "--no-ppl", "-o", str(path))
@@ -136,7 +137,7 @@ def measure_file(path: Path, windows: torch.Tensor, prompt: list[int]) -> dict:
 
 
 def rounding_explains_the_gap(windows: torch.Tensor, pattern: str) -> dict:
-    """For every quantized file made so far: our PyTorch perplexity of the file's own weights (decoded by
+    """For every file of the bench's folder that `pattern` matches: our PyTorch perplexity of the file's own weights (decoded by
     gguf-py, llama.cpp's quantizer's files included), plain and with each Linear's input rounded to 8 bits
     as llama.cpp's quantized matmul rounds it, and llama.cpp's with an F32 KV cache (no other rounding)."""
     from transformers import AutoModelForCausalLM

@@ -211,8 +211,8 @@ def render_gguf(rows: list[dict]) -> str:
 
 
 def render_gguf_summary(rows: list[dict]) -> str:
-    """The README's short version: llama.cpp's perplexity per type and quantizer; one file size per type
-    (every quantizer's file holds the same tensor types: the sizes agree to the MiB)."""
+    """The README's short version: llama.cpp's perplexity per type and quantizer, and the file sizes of
+    the type (one where every quantizer's file has the same size to 0.1 MiB)."""
     by = _latest(rows)
     lines = ["| GGUF type | file MiB | " + " | ".join(GGUF_KINDS.values()) + " |", "|---" * (len(GGUF_KINDS) + 2) + "|"]
     for t in ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K"):
