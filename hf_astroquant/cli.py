@@ -276,6 +276,8 @@ def _quantize_summary(args, cfg, model, out: Path, seconds: float, ppl: dict) ->
             ("checkpoint size", format_bytes(sum(p.stat().st_size for p in out.glob("*.safetensors"))))]
     if report.get("quantized_fp16_bytes"):
         rows.append(("quantized layers, packed / fp16", f"{report['quantized_packed_bytes'] / report['quantized_fp16_bytes']:.3f}"))
+    if report.get("expert_tokens"):
+        rows.append(("mixture of experts", coverage.experts_summary(report)))
     if report.get("full_precision_weights"):
         rows.append(("weights left in full precision in the blocks", coverage.summary(report["full_precision_weights"])))
     if errs:

@@ -28,7 +28,7 @@ GGUF_FIXED = ("bits", "group_size", "sym")
 
 # Keys that `to_dict()` emits besides the options; accepted back by `__init__`.
 RECORD_KEYS = ("quant_method", "checkpoint_format", "calibration", "quantized_modules", "transforms_applied",
-                "gguf_tensor_types")
+                "gguf_tensor_types", "checkpoint_names")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -74,6 +74,9 @@ class AstroQuantConfig(QuantizationConfigMixin):
         self.calibration = kwargs.get("calibration")
         self.quantized_modules = kwargs.get("quantized_modules")
         self.gguf_tensor_types = kwargs.get("gguf_tensor_types")  # with gguf_type: each module's tensor type
+        # {quantized module: the name its tensors are saved under}, where transformers renames it on save
+        # (Mixtral's "mlp" is "block_sparse_moe" in its checkpoints); the exports read the files by these
+        self.checkpoint_names = kwargs.get("checkpoint_names")
         self.post_init()
 
     @classmethod

@@ -72,3 +72,15 @@ def summary(found: dict[str, dict[str, float]]) -> str:
     count = sum(len(s) for s in found.values())
     worst = max(sum(s.values()) for s in found.values())
     return f"{count} tensor(s), up to {worst:.1%} of a block's weights (listed in astroquant_report.json)"
+
+
+def experts_summary(report: dict) -> str:
+    """One line for the card and the CLI: experts per layer, the calibration tokens each saw, the
+    fallbacks and the routers kept in full precision."""
+    counts = [c for per_layer in report["expert_tokens"].values() for c in per_layer]
+    fallback = report.get("expert_fallback") or {}
+    layers = len(report["expert_tokens"])
+    return (f"{layers} MoE layer(s), {len(counts) // max(layers, 1)} experts each; {min(counts)} to {max(counts)} "
+            "calibration tokens routed to an expert; "
+            f"{len(fallback)} expert Linear(s) rounded to nearest for too few tokens; "
+            f"{len(report.get('routers') or [])} router(s) in full precision (all in astroquant_report.json)")

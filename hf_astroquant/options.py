@@ -140,6 +140,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("seed", "calibration", 0, Integer(0), "seed for drawing the calibration windows"),
     Option("calibration_batch_size", "calibration", None, Maybe(Integer(1), ("auto",)),
            "windows per forward pass; auto: all at once when they fit a 4 GiB activation budget", none_word="auto"),
+    Option("calibrate_all_experts", "calibration", False, Boolean(),
+           "mixture-of-experts models: every expert's statistics over every calibration token (the block's output "
+           "still mixes the routed experts only); off: each expert sees the tokens routed to it",
+           "On costs about num_experts/top_k times the expert compute during calibration."),
+    Option("min_expert_tokens", "calibration", 16, Integer(0),
+           "mixture-of-experts models: an expert that saw fewer calibration tokens is rounded to nearest instead "
+           "of solved (listed in the report and the model card); one that saw none always is"),
     # ------------------------------------------------------------------ preconditioning
     Option("astro", "preconditioning", False, Boolean(),
            "Astro: reshape each Linear's weights, inside the flat region of its objective, toward weights that "

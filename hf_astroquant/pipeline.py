@@ -35,6 +35,7 @@ from .algorithms import gguf_types, rtn_quantize, solve_linear
 from .algorithms.gptq import reconstruction_error
 from .calibration import batch_windows, prepare_calibration
 from .config import AstroQuantConfig
+from .experts import BlockExperts, router_names, split_all
 from .linear_like import convert_conv1d
 from .modules import QuantLinear, empty_layer, make_layer
 
@@ -64,6 +65,10 @@ class QuantizationReport:
     fp_stream_bytes: int = 0  # peak bytes held for the full-precision stream (block inputs + captured X̃)
     resumed_blocks: int = 0  # blocks taken from a resume_dir checkpoint instead of calibrated
     transforms: dict[str, Any] = field(default_factory=dict)  # what transform= folded, per site
+    routers: list[str] = field(default_factory=list)  # MoE routers: kept in full precision
+    expert_tokens: dict[str, list[int]] = field(default_factory=dict)  # per experts module: tokens routed to each
+    # expert Linears rounded to nearest instead of solved: tokens they saw (< min_expert_tokens; 0: never reached)
+    expert_fallback: dict[str, int] = field(default_factory=dict)
     # where the seconds went: the PHASES, and "other" (the blocks' forward passes, bookkeeping)
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -327,6 +332,22 @@ class _LayerSolver:
         self.cfg, self.report = cfg, report
         self.options = cfg.solver_options()
         self.packed: dict[str, QuantLinear] = {}
+        self.experts: BlockExperts | None = None  # the block's experts, when it has any
+
+    def round_to_nearest(self, name: str, linear: nn.Linear, stats: "_Stats | None") -> None:
+        """The stated fallback for an expert that saw fewer than min_expert_tokens tokens: round to
+        nearest (no error correction from a Hessian of a handful of tokens), recorded in the report."""
+        W = linear.weight.data
+        _check_finite_weights(name, W)
+        result = rtn_quantize(W, bits=self.cfg.bits, group_size=self.cfg.group_size, sym=self.cfg.sym,
+                              tensor_type=self.cfg.tensor_type_of(name))
+        self.report.expert_fallback[name] = stats.n if stats is not None else 0
+        if stats is not None:
+            self.report.layer_errors[name] = reconstruction_error(W, result.weight, stats.normalize().h)
+        linear.weight.data.copy_(result.weight.to(linear.weight.dtype))
+        packed = make_layer(result, self.cfg, linear.bias)
+        packed.set_backend("reference")
+        self.packed[name] = packed
 
     def __call__(self, name: str, linear: nn.Linear, stats: _Stats, device: torch.device | None = None) -> None:
         """Solve `linear` (on `device` when given: its weight and statistics are copied there and
@@ -335,6 +356,8 @@ class _LayerSolver:
             self._solve(name, linear, stats, device)
 
     def _solve(self, name: str, linear: nn.Linear, stats: _Stats, device: torch.device | None) -> None:
+        if self.experts is not None and name in self.experts and stats.n < self.cfg.min_expert_tokens:
+            return self.round_to_nearest(name, linear, stats)
         stats.normalize()
         H, D, G = stats.h, stats.d, stats.g
         W = linear.weight.data
@@ -469,12 +492,16 @@ def _calibrate_block(
         x_fp = fp_captured[bi].get(name) if has_fp else None
         if has_fp and x_fp is None:
             raise ValueError(f"{name} was not reached by the full-precision forward; cannot calibrate it asymmetrically")
+        if x_fp is not None and solver.experts is not None:
+            x, x_fp = solver.experts.routed_pairs(name, x, x_fp)
         try:
             with solver.report.timing("statistics"):
                 return _input_stats(x, x_fp, with_g)
         except _NonFiniteInput:
             raise ValueError(f"calibration inputs of {name} contain NaN or Inf") from None
 
+    if solver.experts is not None:  # the routed counts of the pass that gives the block's outputs
+        solver.experts.start_counting()
     if len(batches) == 1 and true_sequential and not (devices and len(devices) > 1):
         # One forward: solve each Linear in its pre-hook, before it runs. (Spreading a stage over
         # devices needs the whole stage known first: the staged path below finds it.)
@@ -488,6 +515,9 @@ def _calibrate_block(
                 swap_in(name)
                 _release(targets[name])
                 done.add(name)
+        if solver.experts is not None:
+            solver.experts.set_all_tokens(False)  # statistics are done: the model's own routed forward
+            solver.experts.start_counting()
         outputs = [_run_block(block, x, kw) for x, kw in zip(batches, kwargs_list)]
 
     return outputs, [n for n in targets if n not in done]
@@ -613,6 +643,13 @@ class _Run:
         self.names = [f"{block_name}.{i}" for i in range(len(self.blocks))]
         for name, block in zip(self.names, self.blocks):  # GPT-2's Conv1D: one convention for every solver
             convert_conv1d(block, name, should_convert)
+            split_all(block, name, should_convert)  # MoE experts as per-expert Linears (experts.py)
+        routers = {r for name, block in zip(self.names, self.blocks) for r in router_names(block, name)}
+        self.report.routers = sorted(routers)
+        if routers and cfg.gguf_type is not None:
+            raise ValueError(f"gguf_type={cfg.gguf_type!r}: the GGUF export does not write mixture-of-experts "
+                             "tensors yet; quantize this model without gguf_type (GPTQ or compressed-tensors export)")
+        self.should_convert = should_convert = lambda n, keep=should_convert: keep(n) and n not in routers
         if cfg.gguf_type is not None:
             self.should_convert = self._choose_gguf_types(should_convert)
         self.windows, self.batches, self.batch_size = [], [], 0
@@ -761,8 +798,8 @@ class _Run:
         return packed
 
     def calibrate(self, stream_fp: bool, on_block: Callable | None) -> None:
-        cfg, report = self.cfg, self.report
-        solver = _LayerSolver(cfg, report)
+        cfg = self.cfg
+        solver = _LayerSolver(cfg, self.report)
         devices = solve_devices(cfg, self.model)
         asymmetric = solver.options.needs_fp_stream
         # The full-precision stream X̃ lives on the CPU when the blocks run on an accelerator.
@@ -770,30 +807,48 @@ class _Run:
         inputs, kwargs_list, fp_inputs, fp_kwargs = self.start_streams(stream_fp or asymmetric, asymmetric, store)
         for i in tqdm(self.todo(), desc=f"astroquant {cfg.method}", unit="block", initial=self.first,
                       total=len(self.blocks)):
-            name, block = self.names[i], self.blocks[i]
-            targets = block_targets(name, block, self.should_convert)
-            homes = offload.onload(targets)
             if self.pre is not None:
-                with report.timing("preconditioning"):
+                with self.report.timing("preconditioning"):
                     self.pre.before_block(i, inputs, kwargs_list[i])
             if on_block is not None:
                 on_block(i, fp_inputs, inputs)
-            fp_captured = None
-            if fp_inputs is not None:
-                fp_inputs, fp_captured = self.advance_fp_stream(block, fp_inputs, fp_kwargs[i], targets, asymmetric,
-                                                                store)
-            inputs, missed = _calibrate_block(targets, inputs, kwargs_list[i], block, solver, cfg.true_sequential,
-                                              fp_captured, name, devices)
-            del fp_captured
-            for lname in missed:
-                logger.warning("%s was never called during calibration; it stays in full precision", lname)
-                report.skipped.append(lname)
-            self.finish_block(i, self.place_solved(solver, targets, homes), inputs, fp_inputs)
-            del targets, homes
+            inputs, fp_inputs = self.calibrate_block(i, solver, devices, (inputs, kwargs_list[i]),
+                                                     (fp_inputs, fp_kwargs[i]), asymmetric, store)
             # Hook closures and the tracebacks of early-stopped forwards form reference cycles that
             # hold a block's tensors; collect them now rather than at some later block.
             gc.collect()
             _trim_heap()
+
+    def calibrate_block(self, i: int, solver: "_LayerSolver", devices, stream, fp_stream, asymmetric: bool,
+                        store: torch.device):
+        """Quantize block i from its quantized-stream inputs (`stream`: inputs, kwargs) and the
+        full-precision stream's (`fp_stream`); return both streams' next inputs."""
+        name, block, report = self.names[i], self.blocks[i], self.report
+        targets = block_targets(name, block, self.should_convert)
+        homes = offload.onload(targets)
+        experts = BlockExperts(block, name, self.cfg.calibrate_all_experts)
+        solver.experts = experts if experts.owners else None
+        fp_inputs, fp_captured = fp_stream[0], None
+        if fp_inputs is not None:
+            experts.set_all_tokens(asymmetric)  # every expert's full-precision input on every token
+            fp_inputs, fp_captured = self.advance_fp_stream(block, fp_inputs, fp_stream[1], targets, asymmetric, store)
+        experts.set_all_tokens(experts.all_tokens)
+        try:
+            inputs, missed = _calibrate_block(targets, stream[0], stream[1], block, solver, self.cfg.true_sequential,
+                                              fp_captured, name, devices)
+        finally:
+            experts.set_all_tokens(False)
+        del fp_captured
+        report.expert_tokens.update(experts.counts())
+        for lname in missed:
+            if lname in experts:  # no token was routed to it: the stated fallback
+                solver.round_to_nearest(lname, targets[lname], None)
+                continue
+            logger.warning("%s was never called during calibration; it stays in full precision", lname)
+            report.skipped.append(lname)
+        self.finish_block(i, self.place_solved(solver, targets, homes), inputs, fp_inputs)
+        solver.experts = None
+        return inputs, fp_inputs
 
 
 class _Preconditioner:

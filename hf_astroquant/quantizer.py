@@ -15,7 +15,7 @@ from torch import nn
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from . import coverage
+from . import coverage, experts
 from .calibration import prepare_calibration
 from .config import AstroQuantConfig
 from .export import guard
@@ -67,6 +67,8 @@ class AstroQuantizer(HfQuantizer):
         if not self.pre_quantized:
             return
         names = cfg.quantized_modules
+        if names is not None:  # a checkpoint with quantized experts holds them per expert (experts.py)
+            experts.split_named(model, names)
         if names is None:  # older or hand-written configs: every Linear not excluded
             names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and self._should_convert(n)]
         modules = dict(model.named_modules())
@@ -108,7 +110,9 @@ class AstroQuantizer(HfQuantizer):
                     f"was excluded or never reached (modules_to_not_convert={cfg.modules_to_not_convert!r})"
                 )
             cfg.quantized_modules = quantized
-            cfg.modules_to_not_convert = sorted(set(self.modules_to_not_convert) | set(self.report.skipped))
+            cfg.checkpoint_names = guard.renamed_modules(model, quantized)
+            cfg.modules_to_not_convert = sorted(set(self.modules_to_not_convert) | set(self.report.skipped)
+                                                | set(self.report.routers))
             cfg.calibration = self.report.calibration or None
             cfg.transforms_applied = self.report.transforms or None
             model.config.quantization_config = cfg
@@ -168,6 +172,9 @@ def _report_record(model, report) -> dict:
         "layer_error_kind": report.layer_error_kind, "calibration": report.calibration or None, "skipped": list(report.skipped),
         "quantized_packed_bytes": packed, "quantized_fp16_bytes": fp16,
     })
+    if report.expert_tokens:
+        record.update(routers=list(report.routers), expert_tokens=dict(report.expert_tokens),
+                      expert_fallback=dict(report.expert_fallback))
     if report.phase_seconds:
         record["phase_seconds"] = {k: round(v, 2) for k, v in report.phase_seconds.items()}
     if report.asym_alpha:

@@ -49,9 +49,9 @@ def tiny_moe(path):
 
 def test_moe_experts_left_in_full_precision_are_warned_about_and_recorded(tmp_path, caplog):
     tiny_moe(tmp_path / "fp")
-    with caplog.at_level(logging.WARNING, logger="hf_astroquant"):
+    with caplog.at_level(logging.WARNING, logger="hf_astroquant"):  # experts excluded: they stay fused, in fp32
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=AstroQuantConfig(
-            bits=4, group_size=32, method="rtn"))
+            bits=4, group_size=32, method="rtn", modules_to_not_convert=["lm_head", "experts"]))
     found = model.astroquant_report["full_precision_weights"]
     assert set(found) == {"model.layers.0", "model.layers.1"}
     names = set(found["model.layers.0"])
@@ -90,7 +90,7 @@ def test_the_cli_summary_names_what_stayed_in_full_precision(tmp_path, capsys):
     tiny_moe(tmp_path / "fp")
     tiny_tokenizer().save_pretrained(tmp_path / "fp")
     code = cli.main(["quantize", str(tmp_path / "fp"), "--out", str(tmp_path / "q"), "--bits", "4", "--group-size",
-                     "32", "--method", "rtn"])
+                     "32", "--method", "rtn", "--modules-to-not-convert", "lm_head", "experts"])
     assert code == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "full precision in the blocks" in x)
     assert "6 tensor(s), up to 66.9% of a block's weights" in line

@@ -221,6 +221,8 @@ def _summary_rows(directory: Path, q: dict, report: dict, fmt: str) -> list[tupl
         rows.append(("quantized layers: packed / fp16 bytes", f"{ratio:.3f}"))
     if report.get("seconds") is not None:
         rows.append(("quantization time", f"{report['seconds']:.0f} s ({report.get('device', 'cpu')})"))
+    if report.get("expert_tokens"):
+        rows.append(("mixture of experts", coverage.experts_summary(report)))
     if "full_precision_weights" in report:  # weight matrices inside the blocks that were not quantized
         rows.append(("weights left in full precision inside the blocks", coverage.summary(report["full_precision_weights"])))
     if report.get("full_precision_outside_blocks"):  # embedding, head, a vision tower: never quantized

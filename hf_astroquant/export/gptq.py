@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..experts import ROUTER_NAMES
 from ..modules.packing import pack_cols, unpack_cols
 from .guard import read_headers
 from .source import (ExportError, block_prefix, cast, check_out_dir, copy_side_files, layer_inputs, read_config,
@@ -98,14 +99,22 @@ def _check_layers(src: Path, q: dict, group_size: int):
     shapes = {key: shape for key, (shape, _) in read_headers(_shards(src)).items()}
     in_features = layer_inputs(src, quantized, shapes, group_size, "GPTQ engines need whole groups")
     blocks = {block_prefix(m) for m in quantized} - {None}
+    experts_parents = {k.split(".experts.")[0] for k in shapes if ".experts." in k}
     unquantized = sorted(k[: -len(".weight")] for k, s in shapes.items()
                          if k.endswith(".weight") and len(s) == 2 and block_prefix(k) in blocks
-                         and k[: -len(".weight")] not in qset)
+                         and k[: -len(".weight")] not in qset and not _is_router(k, experts_parents))
     if unquantized:
         raise ExportError(
             f"Linear layers inside decoder blocks were left unquantized ({unquantized[:4]}"
             f"{' ...' if len(unquantized) > 4 else ''}); GPTQ engines quantize every Linear of a block")
     return quantized, shapes, in_features
+
+
+def _is_router(key: str, experts_parents: set[str]) -> bool:
+    """An MoE router's weight (experts.ROUTER_NAMES beside an experts module): engines keep it in
+    full precision, as we do."""
+    parent, _, name = key[: -len(".weight")].rpartition(".")
+    return name in ROUTER_NAMES and parent in experts_parents
 
 
 def _write_tensors(src: Path, out: Path, qset: set, shapes: dict, bits: int, checkpoint_format: str,

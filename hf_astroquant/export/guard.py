@@ -25,8 +25,17 @@ GUARD_METADATA = {"hf_astroquant": "packed weights in the 'astroquant' format: `
                                    "(pip install hf-astroquant) before from_pretrained"}
 
 
+_EXPERT = re.compile(r"\.experts\.\d+\.")
+
+
 def guard_key(quantized_modules: list[str] | None) -> str | None:
-    return f"{quantized_modules[0]}.weight" if quantized_modules else None
+    """The first quantized module's ``.weight``, preferring one that is not an MoE expert: transformers
+    merges a checkpoint's per-expert ``.weight`` tensors into the fused experts parameter, so a guard
+    there would be renamed rather than refused."""
+    if not quantized_modules:
+        return None
+    dense = [m for m in quantized_modules if not _EXPERT.search(m)]
+    return f"{(dense or quantized_modules)[0]}.weight"
 
 
 def guard_tensor() -> torch.Tensor:
@@ -87,6 +96,14 @@ def saved_names(model, keys) -> dict[str, str]:
     marks = {k: torch.empty(0) for k in keys}  # one distinct tensor per key, to find it again after renaming
     by_mark = {id(t): k for k, t in marks.items()}
     return {by_mark[id(t)]: name for name, t in revert_weight_conversion(model, marks).items() if id(t) in by_mark}
+
+
+def renamed_modules(model, modules: list[str]) -> dict[str, str] | None:
+    """{module: the name save_pretrained writes its tensors under} for the `modules` it renames; None
+    when it renames none."""
+    saved = saved_names(model, [f"{m}.qweight" for m in modules])
+    renamed = {k[:-len(".qweight")]: v[:-len(".qweight")] for k, v in saved.items() if k != v}
+    return renamed or None
 
 
 def _lookup(found: dict, key: str, prefix: str, saved: str | None = None):

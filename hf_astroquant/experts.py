@@ -1,0 +1,246 @@
+"""Mixture-of-experts layers as per-expert Linears.
+
+transformers 5 stores a block's experts as 3-D parameters of one `*Experts` module (Qwen2/3-MoE,
+Mixtral, DeepSeek-V3: gate_up_proj (E, 2I, H) and down_proj (E, H, I); gpt-oss transposed, gate and
+up interleaved, with biases). Before calibration each such module becomes an `ExpertList`: one small
+module per expert holding nn.Linear gate/up/down layers, with a forward that routes exactly as the
+original (tested to equal it). Every solver, hook and packed layer then sees ordinary Linears; a hook
+on an expert's Linear sees only the tokens routed to it, so its Hessian is built from them. The
+state dict names the experts as checkpoints and serving engines do (``mlp.experts.{e}.gate_proj``).
+
+What differs between families is stated once, in `LAYOUTS`; a module that is not listed but has the
+standard 3-D ``gate_up_proj``/``down_proj`` parameters and an ``act_fn`` uses the standard layout.
+Routers stay in full precision: `router_names`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ExpertsLayout:
+    """How one family stores its experts' weights."""
+
+    transposed: bool = False  # stored (E, in, out), used as x @ W, instead of nn.Linear's (E, out, in)
+    interleaved: bool = False  # gate and up alternate along the fused dimension instead of two halves
+    bias: bool = False  # gate_up_proj_bias (E, 2I) and down_proj_bias (E, H)
+    activation: str = "act_fn"  # "act_fn": act_fn(gate) * up; "clamped_swiglu": gpt-oss's
+    names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # as checkpoints spell an expert's Linears
+
+
+STANDARD = ExpertsLayout()
+LAYOUTS: dict[str, ExpertsLayout] = {
+    "Qwen2MoeExperts": STANDARD,
+    "Qwen3MoeExperts": STANDARD,
+    "DeepseekV3Experts": STANDARD,
+    "MixtralExperts": ExpertsLayout(names=("w1", "w3", "w2")),  # Mixtral checkpoints' (and vLLM's) names
+    "GptOssExperts": ExpertsLayout(transposed=True, interleaved=True, bias=True, activation="clamped_swiglu"),
+}
+# A module with one of these names beside an experts module routes tokens; it is never quantized.
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")
+
+
+def layout_of(module: nn.Module) -> ExpertsLayout | None:
+    """The layout of a fused experts module, or None when `module` is not one."""
+    layout = LAYOUTS.get(type(module).__name__)
+    if layout is not None:
+        return layout
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter) and gate_up.dim() == 3
+            and down.dim() == 3 and hasattr(module, "act_fn")):
+        return STANDARD
+    return None
+
+
+class Expert(nn.Module):
+    """One expert: y = down(act(gate(x)) * up(x)) with its family's activation."""
+
+    def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module, layout: ExpertsLayout, activation):
+        super().__init__()
+        self.names = layout.names
+        for name, layer in zip(layout.names, (gate, up, down)):
+            self.add_module(name, layer)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (getattr(self, n) for n in self.names)
+        return down(self.activation(gate(x), up(x)))
+
+
+class ExpertList(nn.ModuleList):
+    """The experts of one MoE layer as `Expert` modules, called like the fused module it replaces:
+    ``experts(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k))``.
+
+    During calibration the pipeline sets `all_tokens` (every expert also runs on every token, so its
+    statistics cover them all, while the output still mixes the routed experts only) and reads
+    `routed_rows[e]` (the token rows routed to expert e in the last call) and `token_counts`."""
+
+    def __init__(self, experts: list[Expert]):
+        super().__init__(experts)
+        self.all_tokens = False
+        self.count_tokens = False
+        self.routed_rows: dict[int, torch.Tensor] = {}
+        self.token_counts = torch.zeros(len(experts), dtype=torch.long)
+
+    def forward(self, hidden_states, top_k_index=None, top_k_weights=None, router_indices=None,
+                routing_weights=None) -> torch.Tensor:
+        index = top_k_index if top_k_index is not None else router_indices
+        weights = top_k_weights if top_k_weights is not None else routing_weights
+        out = torch.zeros_like(hidden_states)
+        hits = torch.nn.functional.one_hot(index, num_classes=len(self) + 1).permute(2, 1, 0)  # (E+1, k, T)
+        if self.count_tokens:
+            self.token_counts += hits[:len(self)].sum(dim=(1, 2)).cpu()
+        for e, expert in enumerate(self):
+            slot, rows = torch.where(hits[e])
+            if rows.numel() == 0 and not self.all_tokens:
+                continue
+            self.routed_rows[e] = rows
+            y = expert(hidden_states)[rows] if self.all_tokens else expert(hidden_states[rows])
+            out.index_add_(0, rows, (y * weights[rows, slot, None]).to(out.dtype))
+        return out
+
+
+def _act_fn(act):
+    return lambda gate, up: act(gate) * up
+
+
+def _clamped_swiglu(alpha: float, limit: float):
+    """gpt-oss: (clamp(up, ±limit) + 1) · g·σ(α·g) with g = min(gate, limit)."""
+    def activation(gate, up):
+        gate = gate.clamp(max=limit)
+        return (up.clamp(-limit, limit) + 1) * (gate * torch.sigmoid(gate * alpha))
+    return activation
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding `weight` (out, in) and `bias` (copied; on their device, meta included)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype,
+                       device=weight.device)
+    if weight.device.type != "meta":
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+    return linear
+
+
+def split_experts(module: nn.Module, layout: ExpertsLayout) -> ExpertList:
+    """The `ExpertList` computing what the fused `module` computes (its weights copied per expert)."""
+    gate_up, down = module.gate_up_proj, module.down_proj
+    if layout.transposed:
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    gate_up_bias = module.gate_up_proj_bias if layout.bias else None
+    down_bias = module.down_proj_bias if layout.bias else None
+    inter = gate_up.shape[1] // 2
+    if layout.interleaved:
+        gate_rows, up_rows = slice(0, None, 2), slice(1, None, 2)
+    else:
+        gate_rows, up_rows = slice(0, inter), slice(inter, None)
+    if layout.activation == "clamped_swiglu":
+        activation = _clamped_swiglu(float(module.alpha), float(module.limit))
+    else:
+        activation = _act_fn(module.act_fn)
+    experts = []
+    for e in range(gate_up.shape[0]):
+        b = (lambda rows: gate_up_bias[e, rows]) if gate_up_bias is not None else (lambda rows: None)
+        experts.append(Expert(_linear(gate_up[e, gate_rows], b(gate_rows)), _linear(gate_up[e, up_rows], b(up_rows)),
+                              _linear(down[e], down_bias[e] if down_bias is not None else None), layout, activation))
+    return ExpertList(experts)
+
+
+def split_all(root: nn.Module, prefix: str, should_convert) -> list[str]:
+    """Replace every fused experts module under `root` (named `prefix`) that `should_convert(full
+    name)` accepts by its `ExpertList`, in place; returns the full names replaced."""
+    names = [n for n, m in root.named_modules() if layout_of(m) is not None and should_convert(f"{prefix}.{n}")]
+    for name in names:
+        module = root.get_submodule(name)
+        root.set_submodule(name, split_experts(module, layout_of(module)))
+    return [f"{prefix}.{n}" for n in names]
+
+
+def expert_lists(root: nn.Module, prefix: str = "") -> dict[str, ExpertList]:
+    """{full name: ExpertList} under `root`."""
+    return {f"{prefix}.{n}" if prefix else n: m for n, m in root.named_modules() if isinstance(m, ExpertList)}
+
+
+def router_names(root: nn.Module, prefix: str = "") -> list[str]:
+    """Full names of the routers under `root`: modules named in ROUTER_NAMES whose parent also holds
+    an experts module (fused or split)."""
+    found = []
+    for name, module in root.named_modules():
+        children = dict(module.named_children())
+        if not any(isinstance(c, ExpertList) or layout_of(c) is not None for c in children.values()):
+            continue
+        for child in ROUTER_NAMES:
+            if child in children:
+                rel = f"{name}.{child}" if name else child
+                found.append(f"{prefix}.{rel}" if prefix else rel)
+    return found
+
+
+def expert_linears(lists: dict[str, ExpertList]) -> dict[str, tuple[ExpertList, int]]:
+    """{full Linear name: (its ExpertList, expert index)} for every Linear of every expert in `lists`."""
+    found = {}
+    for lname, experts in lists.items():
+        for e, expert in enumerate(experts):
+            for name in expert.names:
+                found[f"{lname}.{e}.{name}"] = (experts, e)
+    return found
+
+
+class BlockExperts:
+    """The experts of one block during its calibration: which Linears are experts, the routing that
+    gives each its tokens, and the counts the report lists."""
+
+    def __init__(self, block: nn.Module, block_name: str, all_tokens: bool):
+        self.lists = expert_lists(block, block_name)
+        self.owners = expert_linears(self.lists)
+        self.all_tokens = all_tokens
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.owners
+
+    def set_all_tokens(self, value: bool) -> None:
+        for experts in self.lists.values():
+            experts.all_tokens = value
+
+    def start_counting(self) -> None:
+        for experts in self.lists.values():
+            experts.token_counts.zero_()
+            experts.count_tokens = True
+
+    def counts(self) -> dict[str, list[int]]:
+        """{experts name: tokens routed to each expert} over the passes since `start_counting`."""
+        for experts in self.lists.values():
+            experts.count_tokens = False
+        return {name: experts.token_counts.tolist() for name, experts in self.lists.items()}
+
+    def routed_pairs(self, name: str, x: torch.Tensor, x_fp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, x_fp) row for row, for an expert's Linear whose quantized-stream input `x` holds only the
+        tokens routed to it while the full-precision forward (run with every expert on every token)
+        gave `x_fp` for all tokens (of its first windows only, with fp_samples). Rows of `x` that have
+        a full-precision counterpart come first, as the statistics expect."""
+        if self.all_tokens or name not in self.owners:
+            return x, x_fp
+        experts, e = self.owners[name]
+        rows = experts.routed_rows[e]
+        x_fp = x_fp.reshape(-1, x_fp.shape[-1])
+        keep = rows < x_fp.shape[0]
+        x = x.reshape(-1, x.shape[-1])
+        return torch.cat([x[keep], x[~keep]]), x_fp[rows[keep].to(x_fp.device)]
+
+
+def split_named(model: nn.Module, quantized: list[str]) -> list[str]:
+    """Split every fused experts module of `model` that holds one of the `quantized` module names
+    (a saved checkpoint's, e.g. "model.layers.0.mlp.experts.3.gate_proj"), so those names exist;
+    works on the meta model transformers builds before loading. Returns the names split."""
+    fused = {n for n, m in model.named_modules() if layout_of(m) is not None}
+    wanted = sorted({f for f in fused if any(q.startswith(f + ".") for q in quantized)})
+    for name in wanted:
+        module = model.get_submodule(name)
+        model.set_submodule(name, split_experts(module, layout_of(module)))
+    return wanted
