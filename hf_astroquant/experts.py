@@ -75,14 +75,15 @@ class ExpertList(nn.ModuleList):
     """The experts of one MoE layer as `Expert` modules, called like the fused module it replaces:
     ``experts(hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k))``.
 
-    During calibration the pipeline sets `all_tokens` (every expert also runs on every token, so its
-    statistics cover them all, while the output still mixes the routed experts only) and reads
-    `routed_rows[e]` (the token rows routed to expert e in the last call) and `token_counts`."""
+    While `calibrating` (set by `BlockExperts`) it records `routed_rows[e]` (the token rows routed to
+    expert e in the last call) and adds to `token_counts`; with `all_tokens` every expert also runs on
+    every token, so its statistics cover them all, while the output still mixes the routed experts only.
+    Outside calibration the forward records nothing."""
 
     def __init__(self, experts: list[Expert]):
         super().__init__(experts)
         self.all_tokens = False
-        self.count_tokens = False
+        self.calibrating = False
         self.routed_rows: dict[int, torch.Tensor] = {}
         self.token_counts = torch.zeros(len(experts), dtype=torch.long)
 
@@ -92,13 +93,14 @@ class ExpertList(nn.ModuleList):
         weights = top_k_weights if top_k_weights is not None else routing_weights
         out = torch.zeros_like(hidden_states)
         hits = torch.nn.functional.one_hot(index, num_classes=len(self) + 1).permute(2, 1, 0)  # (E+1, k, T)
-        if self.count_tokens:
+        if self.calibrating:
             self.token_counts += hits[:len(self)].sum(dim=(1, 2)).cpu()
         for e, expert in enumerate(self):
             slot, rows = torch.where(hits[e])
             if rows.numel() == 0 and not self.all_tokens:
                 continue
-            self.routed_rows[e] = rows
+            if self.calibrating:
+                self.routed_rows[e] = rows
             y = expert(hidden_states)[rows] if self.all_tokens else expert(hidden_states[rows])
             out.index_add_(0, rows, (y * weights[rows, slot, None]).to(out.dtype))
         return out
@@ -152,14 +154,22 @@ def split_experts(module: nn.Module, layout: ExpertsLayout) -> ExpertList:
     return ExpertList(experts)
 
 
+def _fused(root: nn.Module) -> dict[str, tuple[nn.Module, ExpertsLayout]]:
+    """{name under root: (fused experts module, its layout)}."""
+    return {n: (m, layout) for n, m in root.named_modules() if (layout := layout_of(m)) is not None}
+
+
+def _split(root: nn.Module, fused: dict[str, tuple[nn.Module, ExpertsLayout]]) -> None:
+    for name, (module, layout) in fused.items():
+        root.set_submodule(name, split_experts(module, layout))
+
+
 def split_all(root: nn.Module, prefix: str, should_convert) -> list[str]:
     """Replace every fused experts module under `root` (named `prefix`) that `should_convert(full
     name)` accepts by its `ExpertList`, in place; returns the full names replaced."""
-    names = [n for n, m in root.named_modules() if layout_of(m) is not None and should_convert(f"{prefix}.{n}")]
-    for name in names:
-        module = root.get_submodule(name)
-        root.set_submodule(name, split_experts(module, layout_of(module)))
-    return [f"{prefix}.{n}" for n in names]
+    fused = {n: f for n, f in _fused(root).items() if should_convert(f"{prefix}.{n}")}
+    _split(root, fused)
+    return [f"{prefix}.{n}" for n in fused]
 
 
 def expert_lists(root: nn.Module, prefix: str = "") -> dict[str, ExpertList]:
@@ -196,10 +206,11 @@ class BlockExperts:
     """The experts of one block during its calibration: which Linears are experts, the routing that
     gives each its tokens, and the counts the report lists."""
 
-    def __init__(self, block: nn.Module, block_name: str, all_tokens: bool):
+    def __init__(self, block: nn.Module, block_name: str):
         self.lists = expert_lists(block, block_name)
         self.owners = expert_linears(self.lists)
-        self.all_tokens = all_tokens
+        for experts in self.lists.values():
+            experts.calibrating = True
 
     def __contains__(self, name: str) -> bool:
         return name in self.owners
@@ -211,12 +222,13 @@ class BlockExperts:
     def start_counting(self) -> None:
         for experts in self.lists.values():
             experts.token_counts.zero_()
-            experts.count_tokens = True
 
-    def counts(self) -> dict[str, list[int]]:
-        """{experts name: tokens routed to each expert} over the passes since `start_counting`."""
+    def finish(self) -> dict[str, list[int]]:
+        """End the block's calibration (the experts record nothing more); return {experts name: tokens
+        routed to each expert} over the passes since `start_counting`."""
         for experts in self.lists.values():
-            experts.count_tokens = False
+            experts.calibrating = experts.all_tokens = False
+            experts.routed_rows.clear()
         return {name: experts.token_counts.tolist() for name, experts in self.lists.items()}
 
     def routed_pairs(self, name: str, x: torch.Tensor, x_fp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,7 +236,7 @@ class BlockExperts:
         tokens routed to it while the full-precision forward (run with every expert on every token)
         gave `x_fp` for all tokens (of its first windows only, with fp_samples). Rows of `x` that have
         a full-precision counterpart come first, as the statistics expect."""
-        if self.all_tokens or name not in self.owners:
+        if name not in self.owners or self.owners[name][0].all_tokens:
             return x, x_fp
         experts, e = self.owners[name]
         rows = experts.routed_rows[e]
@@ -238,9 +250,6 @@ def split_named(model: nn.Module, quantized: list[str]) -> list[str]:
     """Split every fused experts module of `model` that holds one of the `quantized` module names
     (a saved checkpoint's, e.g. "model.layers.0.mlp.experts.3.gate_proj"), so those names exist;
     works on the meta model transformers builds before loading. Returns the names split."""
-    fused = {n for n, m in model.named_modules() if layout_of(m) is not None}
-    wanted = sorted({f for f in fused if any(q.startswith(f + ".") for q in quantized)})
-    for name in wanted:
-        module = model.get_submodule(name)
-        model.set_submodule(name, split_experts(module, layout_of(module)))
-    return wanted
+    fused = {n: f for n, f in _fused(model).items() if any(q.startswith(n + ".") for q in quantized)}
+    _split(model, fused)
+    return sorted(fused)

@@ -338,14 +338,11 @@ class _LayerSolver:
         """The stated fallback for an expert that saw fewer than min_expert_tokens tokens: round to
         nearest (no error correction from a Hessian of a handful of tokens), recorded in the report."""
         W = linear.weight.data
-        _check_finite_weights(name, W)
-        result = rtn_quantize(W, bits=self.cfg.bits, group_size=self.cfg.group_size, sym=self.cfg.sym,
-                              tensor_type=self.cfg.tensor_type_of(name))
+        result, packed = _rounded_layer(self.cfg, name, linear, mse=False)
         self.report.expert_fallback[name] = stats.n if stats is not None else 0
         if stats is not None:
             self.report.layer_errors[name] = reconstruction_error(W, result.weight, stats.normalize().h)
         linear.weight.data.copy_(result.weight.to(linear.weight.dtype))
-        packed = make_layer(result, self.cfg, linear.bias)
         packed.set_backend("reference")
         self.packed[name] = packed
 
@@ -392,6 +389,14 @@ class _LayerSolver:
         self.packed[name] = packed
         del result
         _trim_heap()
+
+
+def _rounded_layer(cfg: AstroQuantConfig, name: str, linear: nn.Linear, mse: bool):
+    """(round-to-nearest result, its packed layer) for the Linear `name` on the configured grid."""
+    _check_finite_weights(name, linear.weight.data)
+    result = rtn_quantize(linear.weight.data, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, mse=mse,
+                          tensor_type=cfg.tensor_type_of(name))
+    return result, make_layer(result, cfg, linear.bias)
 
 
 def _check_finite_weights(name: str, weight: torch.Tensor) -> None:
@@ -740,10 +745,7 @@ class _Run:
             homes = offload.onload(targets)
             for lname, linear in targets.items():
                 W = linear.weight.data
-                _check_finite_weights(lname, W)
-                res = rtn_quantize(W, bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, mse=cfg.mse,
-                                   tensor_type=cfg.tensor_type_of(lname))
-                layer = make_layer(res, cfg, linear.bias)
+                res, layer = _rounded_layer(cfg, lname, linear, mse=cfg.mse)
                 _place(self.model, lname, layer, homes, packed)
                 report.layer_errors[lname] = float(((res.weight - W.float()) ** 2).sum() / (W.float() ** 2).sum())
             self.finish_block(i, packed, None, None)
@@ -826,20 +828,20 @@ class _Run:
         name, block, report = self.names[i], self.blocks[i], self.report
         targets = block_targets(name, block, self.should_convert)
         homes = offload.onload(targets)
-        experts = BlockExperts(block, name, self.cfg.calibrate_all_experts)
+        experts = BlockExperts(block, name)
         solver.experts = experts if experts.owners else None
         fp_inputs, fp_captured = fp_stream[0], None
-        if fp_inputs is not None:
-            experts.set_all_tokens(asymmetric)  # every expert's full-precision input on every token
-            fp_inputs, fp_captured = self.advance_fp_stream(block, fp_inputs, fp_stream[1], targets, asymmetric, store)
-        experts.set_all_tokens(experts.all_tokens)
         try:
+            if fp_inputs is not None:
+                experts.set_all_tokens(asymmetric)  # every expert's full-precision input on every token
+                fp_inputs, fp_captured = self.advance_fp_stream(block, fp_inputs, fp_stream[1], targets, asymmetric,
+                                                                store)
+            experts.set_all_tokens(self.cfg.calibrate_all_experts)
             inputs, missed = _calibrate_block(targets, stream[0], stream[1], block, solver, self.cfg.true_sequential,
                                               fp_captured, name, devices)
         finally:
-            experts.set_all_tokens(False)
+            report.expert_tokens.update(experts.finish())
         del fp_captured
-        report.expert_tokens.update(experts.counts())
         for lname in missed:
             if lname in experts:  # no token was routed to it: the stated fallback
                 solver.round_to_nearest(lname, targets[lname], None)

@@ -67,10 +67,10 @@ class AstroQuantizer(HfQuantizer):
         if not self.pre_quantized:
             return
         names = cfg.quantized_modules
-        if names is not None:  # a checkpoint with quantized experts holds them per expert (experts.py)
-            experts.split_named(model, names)
         if names is None:  # older or hand-written configs: every Linear not excluded
             names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and self._should_convert(n)]
+        else:  # a checkpoint with quantized experts holds them per expert (experts.py)
+            experts.split_named(model, names)
         modules = dict(model.named_modules())
         missing = [n for n in names if not isinstance(modules.get(n), LINEAR_LIKE)]
         if missing:
