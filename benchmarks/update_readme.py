@@ -42,12 +42,15 @@ PRECONDITIONING = RESULTS / "preconditioning.jsonl"
 PRECONDITIONING_LATER = RESULTS / "preconditioning-s6.jsonl"
 ASTRO = RESULTS / "astro.json"
 ASTRO_BETA = RESULTS / "astro-beta.json"  # bench_astro.py --betas: the reshaped fp model's perplexity per β
+FAMILIES = (RESULTS / "families.jsonl",)  # family_matrix.py: the tiny-model family matrix of tests/test_families.py
+FAMILIES_START, FAMILIES_END = "<!-- families:start -->", "<!-- families:end -->"
+FAMILIES_SUMMARY_START, FAMILIES_SUMMARY_END = "<!-- families-summary:start -->", "<!-- families-summary:end -->"
 
 
 def load_rows() -> list[dict]:
     rows = []
     for f in sorted(RESULTS.glob("*.jsonl")):
-        if f.name.startswith(("ablation", "speed", "export", "preconditioning", "vllm", "gguf")):  # their own tables
+        if f.name.startswith(("ablation", "speed", "export", "preconditioning", "vllm", "gguf", "families")):  # their own tables
             continue
         rows += read_jsonl(f)
     for f in sorted(RESULTS.glob("*.json")):
@@ -224,6 +227,69 @@ def render_gguf_summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _family_checks(r: dict) -> str:
+    """'yes' when gptq and gptaq both packed every block matrix but the routers, reloaded to identical
+    logits and (gptaq) streamed the model's own hidden states; else what failed."""
+    failed = []
+    for method, m in r["methods"].items():
+        if set(m["full_precision"]) != {f"{x}.weight" for x in m["routers"]}:
+            failed.append(f"{method}: left {', '.join(m['full_precision'])}")
+        if not m["reload_identical"]:
+            failed.append(f"{method}: reload differs")
+        if m["fp_stream_deviation"] is not None and m["fp_stream_deviation"] >= 1e-5:
+            failed.append(f"{method}: stream off by {m['fp_stream_deviation']:.1e}")
+    if r["replay_deviation"] >= 1e-6:
+        failed.append(f"block inputs off by {r['replay_deviation']:.1e}")
+    return "; ".join(failed) or "yes"
+
+
+def _refusal(outcome: str) -> str:
+    """A transform's outcome in a few words: exact, or why it is refused."""
+    if outcome == "exact":
+        return "exact"
+    norm = re.search(r"\((\w+)\) is not a plain RMSNorm", outcome)
+    if norm:
+        return f"refused: {norm.group(1)} is not γ·x/rms(x)"
+    missing = re.search(r"has no (.*?) as nn\.Linear", outcome)
+    return f"refused: no {missing.group(1)}" if missing else outcome
+
+
+def _kept(r: dict) -> str:
+    routers = {x.rsplit(".", 1)[-1] for m in r["methods"].values() for x in m["routers"]}
+    return f"routers ({', '.join(f'`{x}`' for x in sorted(routers))})" if routers else "nothing"
+
+
+def render_families(rows: list[dict]) -> str:
+    """docs/families.md: one row per family of the matrix."""
+    lines = ["| family | class | packed Linears | quantized whole (gptq, gptaq) | kept in full precision | "
+             "transforms (rotate · scale · adaptive) |", "|---" * 6 + "|"]
+    for r in rows:
+        said = [_refusal(o) for o in r["transforms"].values()]
+        transforms = f"{said[0]} (all three)" if len(set(said)) == 1 and said[0] != "exact" else " · ".join(said)
+        lines.append(f"| {r['label']} | `{r['model_class']}` | {r['methods']['gptq']['packed']} | {_family_checks(r)} | "
+                     f"{_kept(r)} | {transforms} |")
+    first = rows[0]
+    lines += ["", f"transformers {first['transformers']}, torch {first['torch']}; "
+              f"{len(rows)} families, {sum(r['seconds'] for r in rows):.0f} s in all."]
+    return "\n".join(lines)
+
+
+def render_families_summary(rows: list[dict]) -> str:
+    """The README's short version: families grouped by what stays in full precision and what the
+    transforms do."""
+    groups: dict[tuple, list[str]] = {}
+    for r in rows:
+        t = r["transforms"]
+        key = (_family_checks(r), "routers" if r["methods"]["gptq"]["routers"] else "nothing", " · ".join(sorted({_refusal(t[x]).split(":")[0] for x in t})) + (
+            "" if all(t[x] == "exact" for x in t) else f" ({', '.join(x for x in t if t[x] == 'exact') or 'none exact'})"))
+        groups.setdefault(key, []).append(r["label"])
+    lines = ["| families | quantized whole, reload identical | kept in full precision | transforms |", "|---|---|---|---|"]
+    for (checks, kept, transforms), labels in groups.items():
+        transforms = "all exact" if transforms == "exact" else transforms.replace("refused (none exact)", "refused")
+        lines.append(f"| {', '.join(labels)} | {checks} | {kept} | {transforms} |")
+    return "\n".join(lines)
+
+
 def render_offload(r: dict) -> str:
     """The disk-offload calibration run against the unconstrained one (bench_offload.py)."""
     mb = lambda b: f"{b / 1e6:,.0f} MB"  # noqa: E731
@@ -368,7 +434,9 @@ def main() -> None:
                 (SPEED, SPEED_START, SPEED_END, render_speed), (EXPORT, EXPORT_START, EXPORT_END, render_export),
                 (VLLM, VLLM_START, VLLM_END, render_vllm),
                 (VLLM, VLLM_SUMMARY_START, VLLM_SUMMARY_END, render_vllm_summary),
-                (GGUF, GGUF_START, GGUF_END, render_gguf), (GGUF, GGUF_SUMMARY_START, GGUF_SUMMARY_END, render_gguf_summary)]
+                (GGUF, GGUF_START, GGUF_END, render_gguf), (GGUF, GGUF_SUMMARY_START, GGUF_SUMMARY_END, render_gguf_summary),
+                (FAMILIES, FAMILIES_START, FAMILIES_END, render_families),
+                (FAMILIES, FAMILIES_SUMMARY_START, FAMILIES_SUMMARY_END, render_families_summary)]
     for paths, start, end, render_rows in sections:
         paths = [p for p in paths if p.exists()]
         if paths:

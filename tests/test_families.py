@@ -1,0 +1,97 @@
+"""The family matrix: tiny random models of 26 decoder classes transformers 5 ships (tests/families.py).
+
+For each: gptq and gptaq quantize; every weight matrix of the blocks is packed except the routers
+(found by walking the parameters, not a list of Linears); the reload gives identical logits; the
+pipeline's block inputs and per-block keyword arguments replay to the model's own block outputs,
+and GPTAQ's full-precision stream equals them at every block (sliding-window families with a full
+attention layer, calibrated on windows four times their sliding window); every transform folds
+exactly in fp32 or is refused with the reason, as benchmarks/results/families.jsonl (which renders
+the README's supported-models table and docs/families.md) records.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from families import FAMILIES, TRANSFORMS, auto_class, fold_outcome, quantize_checked, replay_deviation, tiny_model
+from tiny import calib_ids
+
+DATA = calib_ids(16, 32)  # windows of 32 tokens; every sliding window in the matrix is 8
+RECORD = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "families.jsonl"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    for family in FAMILIES:
+        tiny_model(family).save_pretrained(root / family)
+    return root
+
+
+def test_the_matrix_covers_the_families_the_issue_names():
+    assert len(FAMILIES) == 26 and len(set(FAMILIES)) == 26
+    for family in FAMILIES:
+        model = tiny_model(family)
+        window = getattr(model.config.get_text_config(), "sliding_window", None)
+        layer_types = getattr(model.config.get_text_config(), "layer_types", None) or []
+        if not window or ("sliding_attention" not in layer_types and family != "mistral"):
+            continue  # no sliding window in use (Mistral slides in every layer, without layer_types)
+        assert window * 4 == DATA.shape[1], family
+        if family != "mistral":  # every hybrid family has a full-attention layer too
+            assert "full_attention" in layer_types, family
+    hybrid = [f for f in FAMILIES if "sliding_attention" in (getattr(tiny_model(f).config.get_text_config(),
+                                                                     "layer_types", None) or [])]
+    assert set(hybrid) == {"qwen2", "gemma2", "gemma3_text", "gpt_oss", "gemma3"}, hybrid
+
+
+@pytest.mark.parametrize("method", ["gptq", "gptaq"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_block_weight_is_packed_except_the_routers_and_the_reload_is_identical(saved, family, method, tmp_path):
+    got = quantize_checked(family, method, saved / family, tmp_path / "q", DATA)
+    assert got["packed"] >= 8, got
+    assert got["full_precision"] == {f"{r}.weight" for r in got["routers"]}, got
+    assert got["reload_identical"], family
+    if method == "gptaq":
+        assert got["fp_stream_deviation"] < 1e-5, got
+    else:
+        assert got["fp_stream_deviation"] is None  # gptq carries no full-precision stream
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_pipelines_block_inputs_replay_to_the_models_own_hidden_states(family):
+    assert replay_deviation(tiny_model(family), DATA[:4]) < 1e-6
+
+
+def _recorded():
+    return {row["family"]: row for row in map(json.loads, RECORD.read_text().splitlines())}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_transform_folds_exactly_or_is_refused_as_the_table_says(family, saved):
+    from hf_astroquant import AstroQuantConfig
+    from hf_astroquant.preconditioning import TransformError
+
+    recorded = _recorded()[family]["transforms"]
+    for transform in TRANSFORMS:
+        outcome = fold_outcome(family, transform, DATA[:2])
+        if outcome.startswith("exact"):
+            assert float(outcome.split()[1]) < 1e-5, (family, transform, outcome)
+            assert recorded[transform] == "exact", (family, transform)
+        else:
+            assert recorded[transform] == outcome, (family, transform)
+    if recorded["rotate"] != "exact":  # and the pipeline refuses it before any calibration, with that reason
+        with pytest.raises(TransformError, match="Use transform='none'"):
+            auto_class(family).from_pretrained(saved / family, quantization_config=AstroQuantConfig(
+                bits=4, group_size=16, transform="rotate", dataset=DATA))
+
+
+def test_the_record_and_the_readme_table_cover_every_family():
+    recorded = _recorded()
+    assert set(recorded) == set(FAMILIES)
+    root = RECORD.parent.parent.parent
+    table = (root / "README.md").read_text().split("<!-- families-summary:start -->")[1].split("<!-- families-summary")[0]
+    listed = [label for line in table.strip().splitlines()[2:] for label in line.split("|")[1].strip().split(", ")]
+    assert sorted(listed) == sorted(row["label"] for row in recorded.values())
+    docs = (root / "docs" / "families.md").read_text()
+    assert all(f"| {row['label']} | `{row['model_class']}` |" in docs for row in recorded.values())
