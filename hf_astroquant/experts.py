@@ -80,8 +80,11 @@ class ExpertList(nn.ModuleList):
     every token, so its statistics cover them all, while the output still mixes the routed experts only.
     Outside calibration the forward records nothing."""
 
-    def __init__(self, experts: list[Expert]):
+    def __init__(self, experts: list[Expert], source: tuple | None = None):
         super().__init__(experts)
+        # (fused module, layout) when the fused weights are offloaded: their experts are on meta until
+        # `onload_experts` reads them (a tuple, so the fused module is not registered as a child)
+        self.source = source
         self.all_tokens = False
         self.calibrating = False
         self.routed_rows: dict[int, torch.Tensor] = {}
@@ -130,8 +133,9 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return linear
 
 
-def split_experts(module: nn.Module, layout: ExpertsLayout) -> ExpertList:
-    """The `ExpertList` computing what the fused `module` computes (its weights copied per expert)."""
+def expert_weights(module: nn.Module, layout: ExpertsLayout) -> list[list[tuple[torch.Tensor, torch.Tensor | None]]]:
+    """Per expert, the (weight (out, in), bias or None) of its gate, up and down Linears: views into
+    the fused `module`'s tensors, nothing copied."""
     gate_up, down = module.gate_up_proj, module.down_proj
     if layout.transposed:
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
@@ -142,16 +146,22 @@ def split_experts(module: nn.Module, layout: ExpertsLayout) -> ExpertList:
         gate_rows, up_rows = slice(0, None, 2), slice(1, None, 2)
     else:
         gate_rows, up_rows = slice(0, inter), slice(inter, None)
+    out = []
+    for e in range(gate_up.shape[0]):
+        b = (lambda rows: gate_up_bias[e, rows]) if gate_up_bias is not None else (lambda rows: None)
+        out.append([(gate_up[e, gate_rows], b(gate_rows)), (gate_up[e, up_rows], b(up_rows)),
+                    (down[e], down_bias[e] if down_bias is not None else None)])
+    return out
+
+
+def split_experts(module: nn.Module, layout: ExpertsLayout) -> ExpertList:
+    """The `ExpertList` computing what the fused `module` computes (its weights copied per expert)."""
     if layout.activation == "clamped_swiglu":
         activation = _clamped_swiglu(float(module.alpha), float(module.limit))
     else:
         activation = _act_fn(module.act_fn)
-    experts = []
-    for e in range(gate_up.shape[0]):
-        b = (lambda rows: gate_up_bias[e, rows]) if gate_up_bias is not None else (lambda rows: None)
-        experts.append(Expert(_linear(gate_up[e, gate_rows], b(gate_rows)), _linear(gate_up[e, up_rows], b(up_rows)),
-                              _linear(down[e], down_bias[e] if down_bias is not None else None), layout, activation))
-    return ExpertList(experts)
+    return ExpertList([Expert(*(_linear(w, b) for w, b in linears), layout, activation)
+                       for linears in expert_weights(module, layout)])
 
 
 def _fused(root: nn.Module) -> dict[str, tuple[nn.Module, ExpertsLayout]]:
@@ -160,8 +170,51 @@ def _fused(root: nn.Module) -> dict[str, tuple[nn.Module, ExpertsLayout]]:
 
 
 def _split(root: nn.Module, fused: dict[str, tuple[nn.Module, ExpertsLayout]]) -> None:
+    from .offload import is_offloaded
+
     for name, (module, layout) in fused.items():
-        root.set_submodule(name, split_experts(module, layout))
+        experts = split_experts(module, layout)
+        if is_offloaded(module):
+            experts.source = (module, layout)
+        root.set_submodule(name, experts)
+
+
+@torch.no_grad()
+def onload_experts(block: nn.Module, block_name: str, load: bool = True) -> dict:
+    """For every `ExpertList` of the block whose fused weights accelerate offloaded: read them once
+    onto the execution device (unless `load` is False: a resumed block replaces them unread) and
+    fill each expert's Linears, forget the fused tensors in the offload store, and return where
+    each expert Linear's packed tensors go ({full name: offload.OffloadedLinear}, beside the fused
+    ones under the expert's own keys, ``…experts.3.gate_proj.qweight``)."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    from . import offload
+
+    homes = {}
+    for name, experts in expert_lists(block, block_name).items():
+        if experts.source is None:
+            continue
+        module, layout = experts.source
+        hook = offload.offload_hook(module)
+        params = [n for n, _ in module.named_parameters(recurse=False)]
+        fused_home = offload.OffloadedLinear(hook, name, key=params[0])
+        if load:  # every expert's Linears become views of the fused tensors, read once: no second copy
+            for n in params:
+                set_module_tensor_to_device(module, n, hook.execution_device, value=hook.weights_map[n])
+            for expert, linears in zip(experts, expert_weights(module, layout)):
+                for lname, (weight, bias) in zip(expert.names, linears):
+                    linear = getattr(expert, lname)
+                    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+                    if bias is not None:
+                        linear.bias = nn.Parameter(bias.detach(), requires_grad=False)
+            for n in params:
+                set_module_tensor_to_device(module, n, "meta")
+        fused_home.drop(params)
+        for e, expert in enumerate(experts):
+            for lname in expert.names:
+                homes[f"{name}.{e}.{lname}"] = fused_home.beside(f"{name}.{e}.{lname}", f"{e}.{lname}.")
+        experts.source = None
+    return homes
 
 
 def split_all(root: nn.Module, prefix: str, should_convert) -> list[str]:

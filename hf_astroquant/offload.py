@@ -69,16 +69,27 @@ def execution_device(module: nn.Module) -> torch.device:
 class OffloadedLinear:
     """Where an offloaded Linear's tensors live: the hook's weights map and the key prefix."""
 
-    def __init__(self, hook, full_name: str):
+    def __init__(self, hook, full_name: str, key: str = "weight"):
         from accelerate.utils import OffloadedWeightsLoader
 
         self.weights_map = hook.weights_map
         self.device = hook.execution_device
         self.full_name = full_name
         store, prefix = self._store()
-        # Disk when the loader holds the weight in its index rather than in its CPU state dict.
-        self.on_disk = (isinstance(store, OffloadedWeightsLoader) and prefix + "weight" not in store.state_dict
+        # Disk when the loader holds the tensor `key` in its index rather than in its CPU state dict.
+        self.on_disk = (isinstance(store, OffloadedWeightsLoader) and prefix + key not in store.state_dict
                         and store.save_folder is not None)
+
+    def beside(self, full_name: str, local_prefix: str) -> "OffloadedLinear":
+        """The home of a new module whose tensors go next to this one's, under `local_prefix` (an
+        expert's Linear split from a fused experts module: ``"3.gate_proj."``)."""
+        from accelerate.utils import PrefixedDataset
+
+        store, prefix = self._store()
+        home = object.__new__(OffloadedLinear)
+        home.weights_map, home.device, home.full_name = PrefixedDataset(store, prefix + local_prefix), self.device, full_name
+        home.on_disk = self.on_disk
+        return home
 
     def _store(self):
         store = getattr(self.weights_map, "dataset", self.weights_map)

@@ -35,7 +35,7 @@ from .algorithms import gguf_types, rtn_quantize, solve_linear
 from .algorithms.gptq import reconstruction_error
 from .calibration import batch_windows, prepare_calibration
 from .config import AstroQuantConfig
-from .experts import BlockExperts, router_names, split_all
+from .experts import BlockExperts, onload_experts, router_names, split_all
 from .linear_like import convert_conv1d
 from .modules import QuantLinear, empty_layer, make_layer
 
@@ -827,7 +827,7 @@ class _Run:
         full-precision stream's (`fp_stream`); return both streams' next inputs."""
         name, block, report = self.names[i], self.blocks[i], self.report
         targets = block_targets(name, block, self.should_convert)
-        homes = offload.onload(targets)
+        homes = {**onload_experts(block, name), **offload.onload(targets)}
         experts = BlockExperts(block, name)
         solver.experts = experts if experts.owners else None
         fp_inputs, fp_captured = fp_stream[0], None
@@ -941,7 +941,7 @@ def _load_block(model: nn.Module, name: str, block: nn.Module, should_convert, c
                 tensors: dict[str, torch.Tensor]) -> None:
     """Swap in the packed layers a checkpoint holds for one block."""
     targets = block_targets(name, block, should_convert)
-    homes = offload.onload(targets, load=False)
+    homes = {**onload_experts(block, name, load=False), **offload.onload(targets, load=False)}
     device = offload.execution_device(block)
     for lname, linear in targets.items():
         own = {k[len(lname) + 1:]: v for k, v in tensors.items() if k.startswith(lname + ".")}

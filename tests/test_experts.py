@@ -174,3 +174,41 @@ def test_the_gptq_export_names_experts_as_their_checkpoints_do(saved, family, ex
         keys = set(f.keys())
     assert {f"model.layers.0.{expert}.{t}" for t in ("qweight", "qzeros", "scales", "g_idx")} <= keys
     assert not [k for k in keys if k.endswith("gate_up_proj") or k.endswith("experts.down_proj")]
+
+
+def _safetensors(model, path) -> dict:
+    from safetensors.torch import load_file
+
+    model.save_pretrained(path)
+    return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("family,method", [("qwen3_moe", "gptq"), ("gpt_oss", "gptaq"), ("mixtral", "gptq")])
+def test_experts_offloaded_to_disk_give_the_unconstrained_checkpoint(saved, family, method, tmp_path):
+    """Block 1 on disk (accelerate offload): its fused experts are read once when the block is
+    calibrated, their packed layers written back to the offload folder per expert, and the
+    checkpoint equals the in-memory run's tensor for tensor; a resumed run (every block done)
+    places the packed experts without reading the fused weights."""
+    from hf_astroquant.offload import is_offloaded
+
+    def cfg(**kw):
+        return AstroQuantConfig(bits=4, group_size=32, method=method, dataset=calib_ids(), backend="reference", **kw)
+
+    mixed = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+             "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    full = AutoModelForCausalLM.from_pretrained(saved / family, quantization_config=cfg())
+    off = AutoModelForCausalLM.from_pretrained(saved / family, quantization_config=cfg(resume_dir=str(tmp_path / "r")),
+                                               device_map=mixed, offload_folder=str(tmp_path / "offload"))
+    expert = off.model.layers[1].mlp.experts[3]
+    packed = getattr(expert, expert.names[0])
+    assert isinstance(packed, QUANTIZED_LAYERS) and is_offloaded(packed) and packed.qweight.device.type == "meta"
+    assert (tmp_path / "offload" / f"model.layers.1.mlp.experts.3.{expert.names[0]}.qweight.dat").exists()
+    assert torch.equal(_logits(off), _logits(full))
+    want = _safetensors(full, tmp_path / "full")
+    got = _safetensors(off, tmp_path / "off")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    again = AutoModelForCausalLM.from_pretrained(saved / family, quantization_config=cfg(resume_dir=str(tmp_path / "r")),
+                                                 device_map=mixed, offload_folder=str(tmp_path / "offload2"))
+    assert again.hf_quantizer.report.resumed_blocks == 2
+    resumed = _safetensors(again, tmp_path / "again")
+    assert resumed.keys() == want.keys() and all(torch.equal(resumed[k], want[k]) for k in want)
