@@ -80,11 +80,11 @@ class ExpertList(nn.ModuleList):
     every token, so its statistics cover them all, while the output still mixes the routed experts only.
     Outside calibration the forward records nothing."""
 
-    def __init__(self, experts: list[Expert], source: tuple | None = None):
+    def __init__(self, experts: list[Expert]):
         super().__init__(experts)
         # (fused module, layout) when the fused weights are offloaded: their experts are on meta until
         # `onload_experts` reads them (a tuple, so the fused module is not registered as a child)
-        self.source = source
+        self.source: tuple | None = None
         self.all_tokens = False
         self.calibrating = False
         self.routed_rows: dict[int, torch.Tensor] = {}
