@@ -35,6 +35,7 @@ GGUF_START, GGUF_END = "<!-- gguf:start -->", "<!-- gguf:end -->"
 GGUF_SUMMARY_START, GGUF_SUMMARY_END = "<!-- gguf-summary:start -->", "<!-- gguf-summary:end -->"
 OFFLOAD = RESULTS / "offload.json"
 OFFLOAD_START, OFFLOAD_END = "<!-- offload:start -->", "<!-- offload:end -->"
+MOE_MEMORY = RESULTS / "moe_memory.json"  # bench_moe_memory.py renders its own table (its --render-only too)
 PRE_START, PRE_END = "<!-- preconditioning:start -->", "<!-- preconditioning:end -->"
 PRECONDITIONING = RESULTS / "preconditioning.jsonl"
 # rows run on another day (the ablation's sitting s6): perplexity against the same GPTQ, but their
@@ -54,7 +55,7 @@ def load_rows() -> list[dict]:
             continue
         rows += read_jsonl(f)
     for f in sorted(RESULTS.glob("*.json")):
-        if f not in (OFFLOAD, ASTRO, ASTRO_BETA):  # their own tables
+        if f not in (OFFLOAD, MOE_MEMORY, ASTRO, ASTRO_BETA):  # their own tables
             rows.append(json.loads(f.read_text()))
     return rows
 
@@ -244,13 +245,18 @@ def _family_checks(r: dict) -> str:
 
 
 def _refusal(outcome: str) -> str:
-    """A transform's outcome in a few words: exact, or why it is refused."""
+    """A transform's outcome in a few words: exact, or why it is refused (preconditioning's reasons)."""
     if outcome == "exact":
         return "exact"
-    norm = re.search(r"\((\w+)\) is not a plain RMSNorm", outcome)
+    post = re.search(r"\.(\w+) normalizes a sublayer's output", outcome)
+    if post:
+        return f"refused: post-norm `{post.group(1)}`"
+    norm = re.search(r"\((\w+)\) is neither", outcome)
     if norm:
-        return f"refused: {norm.group(1)} is not γ·x/rms(x)"
-    missing = re.search(r"has no (.*?) as nn\.Linear", outcome)
+        return f"refused: {norm.group(1)} is no norm the folds know"
+    if "multimodal" in outcome:
+        return "refused: the projector writes the stream"
+    missing = re.search(r"has no (.*?)(?: reading| writing|\. Use|$)", outcome)
     return f"refused: no {missing.group(1)}" if missing else outcome
 
 
@@ -274,18 +280,27 @@ def render_families(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _transforms_in_short(t: dict) -> str:
+    """'all exact', or which transforms fold and why the others are refused."""
+    if all(o == "exact" for o in t.values()):
+        return "all exact"
+    why = sorted({"post-norms" if "post-norm" in _refusal(o) else _refusal(o).removeprefix("refused: ")
+                  for o in t.values() if o != "exact"})
+    exact = [x for x in t if t[x] == "exact"]
+    refused = [x for x in t if t[x] != "exact"]
+    return (f"{', '.join(exact)} exact; " if exact else "") + f"{', '.join(refused)} refused ({'; '.join(why)})"
+
+
 def render_families_summary(rows: list[dict]) -> str:
     """The README's short version: families grouped by what stays in full precision and what the
     transforms do."""
     groups: dict[tuple, list[str]] = {}
     for r in rows:
-        t = r["transforms"]
-        key = (_family_checks(r), "routers" if r["methods"]["gptq"]["routers"] else "nothing", " · ".join(sorted({_refusal(t[x]).split(":")[0] for x in t})) + (
-            "" if all(t[x] == "exact" for x in t) else f" ({', '.join(x for x in t if t[x] == 'exact') or 'none exact'})"))
+        key = (_family_checks(r), "routers" if r["methods"]["gptq"]["routers"] else "nothing",
+               _transforms_in_short(r["transforms"]))
         groups.setdefault(key, []).append(r["label"])
     lines = ["| families | quantized whole, reload identical | kept in full precision | transforms |", "|---|---|---|---|"]
     for (checks, kept, transforms), labels in groups.items():
-        transforms = "all exact" if transforms == "exact" else transforms.replace("refused (none exact)", "refused")
         lines.append(f"| {', '.join(labels)} | {checks} | {kept} | {transforms} |")
     return "\n".join(lines)
 
@@ -453,6 +468,12 @@ def main() -> None:
     if OFFLOAD.exists():
         table = render_offload(json.loads(OFFLOAD.read_text()))
         put(OFFLOAD_START, OFFLOAD_END, table)
+        print(table)
+    if MOE_MEMORY.exists():
+        import bench_moe_memory
+
+        table = bench_moe_memory.render(json.loads(MOE_MEMORY.read_text()))
+        put(bench_moe_memory.START, bench_moe_memory.END, table)
         print(table)
     for f, t in texts.items():
         if f.read_text() != t:

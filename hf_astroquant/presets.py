@@ -9,8 +9,9 @@ perplexity and time, rendered from benchmarks/results/ by `benchmarks/update_rea
     balanced  adds the residual-stream rotation (GPTAQ at 2 bits), about as fast as fast
     best      the lowest perplexity we measured at that width: GPTAQ behind transforms (and Astro)
 
-The transforms of balanced and best fold exactly only into some families; elsewhere they are
-refused with the reason (docs/models.md), and fast is the preset to use.
+The rotation of balanced and best folds exactly into every family but those with post-norms
+(Gemma 2/3, OLMo 2, GLM-4); there it is refused with the reason (docs/families.md), and fast, or
+fast with transform="scale", is the preset to use.
 """
 
 from __future__ import annotations

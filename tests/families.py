@@ -133,26 +133,35 @@ def replay_deviation(model, ids) -> float:
 @torch.no_grad()
 def fold_outcome(family: str, transform: str, ids) -> str:
     """'exact <deviation>' when every fold of `transform` keeps the model's logits (fp32), else
-    'refused: <the pipeline's reason>'."""
+    'refused: <the pipeline's reason>'. The blocks are prepared as the pipeline prepares them
+    (Conv1D as Linear, experts split); every 1-D parameter (norms' γ and β, biases) is perturbed so
+    that folding them matters; scales are random at every site where they fold."""
     from hf_astroquant import preconditioning as pc
+    from hf_astroquant.experts import split_all
+    from hf_astroquant.linear_like import convert_conv1d
 
     model = tiny_model(family)
+    g = torch.Generator().manual_seed(2)
+    for p in model.parameters():  # norms' γ and β, biases: not at their initial ones and zeros
+        if p.dim() == 1 and p.is_floating_point():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
     name, blocks = block_list(model)
     names = [f"{name}.{i}" for i in range(len(blocks))]
+    for n, block in zip(names, blocks):
+        convert_conv1d(block, n, lambda _: True)
+        split_all(block, n, lambda _: True)
     try:
-        pc.check_foldable(model, blocks, names, transform)
+        sites = pc.check_foldable(model, blocks, names, transform)
     except pc.TransformError as exc:
         return f"refused: {exc}"
     ref = model(input_ids=ids).logits
     if transform in ("rotate", "adaptive"):
-        pc.rotate_residual(model, blocks, names, seed=0)
+        pc.rotate_residual(model, sites, seed=0)
     if transform in ("scale", "adaptive"):
         g = torch.Generator().manual_seed(1)
-        for block, n in zip(blocks, names):
-            parts = pc.block_parts(block, n)
-            for site, size in (("qkv", parts["q_proj"].in_features), ("gate_up", parts["gate_proj"].in_features),
-                               ("vo", parts["v_proj"].out_features), ("down", parts["down_proj"].in_features)):
-                pc.apply_scales(model, parts, site, torch.rand(size, generator=g) + 0.5)
+        for bs in sites:
+            for site in pc.scale_sites(bs):
+                pc.apply_scales(model, bs, site, torch.rand(pc.site_width(bs, site), generator=g) + 0.5)
     out = model(input_ids=ids).logits
     assert not torch.equal(out, ref), "nothing was folded"
     return f"exact {float((out - ref).abs().max() / ref.abs().max()):.1e}"

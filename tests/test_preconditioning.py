@@ -209,8 +209,8 @@ def test_residual_and_value_output_rotations_keep_the_logits(bias, tied):
     ref = _logits(m, ids)
     name, blocks = find_blocks(m)
     names = [f"{name}.{i}" for i in range(len(blocks))]
-    pc.check_foldable(m, blocks, names, "rotate")
-    rec = pc.rotate_residual(m, blocks, names, seed=0)
+    sites = pc.check_foldable(m, blocks, names, "rotate")
+    rec = pc.rotate_residual(m, sites, seed=0)
     assert rec["untied_lm_head"] is tied
     assert m.lm_head.weight.data_ptr() != m.model.embed_tokens.weight.data_ptr()
     assert m.config.tie_word_embeddings is False
@@ -225,29 +225,53 @@ def test_every_scale_site_keeps_the_logits(site, size):
     m = _varied_llama(bias=True)
     ids = calib_ids(2, 16)
     ref = _logits(m, ids)
-    parts = pc.block_parts(m.model.layers[1], "model.layers.1")
-    pc.apply_scales(m, parts, site, torch.rand(size, generator=torch.Generator().manual_seed(1)) + 0.5)
+    bs = pc.block_sites(m, m.model.layers[1], "model.layers.1")
+    assert pc.site_width(bs, site) == size
+    pc.apply_scales(m, bs, site, torch.rand(size, generator=torch.Generator().manual_seed(1)) + 0.5)
     assert _close(_logits(m, ids), ref)
 
 
-def test_norms_with_an_offset_and_foreign_layouts_are_refused():
-    class OffsetNorm(nn.Module):  # Gemma-style: (1 + γ)·x/rms(x)
-        def __init__(self, n):
-            super().__init__()
-            self.weight = nn.Parameter(torch.zeros(n))
-            self.eps = 1e-6
+class _OffsetNorm(nn.Module):  # Gemma-style: (1 + γ)·x/rms(x)
+    def __init__(self, n, clamp=None):
+        super().__init__()
+        self.weight = nn.Parameter(0.3 * torch.randn(n, generator=torch.Generator().manual_seed(3)))
+        self.eps, self.clamp = 1e-6, clamp
 
-        def forward(self, x):
-            return (1 + self.weight) * x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
+    def forward(self, x):
+        y = (1 + self.weight) * x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps)
+        return y if self.clamp is None else y.clamp(-self.clamp, self.clamp)
 
+
+def test_an_offset_norm_folds_exactly_and_an_unknown_norm_or_layout_is_refused():
     m = _varied_llama()
-    m.model.layers[1].post_attention_layernorm = OffsetNorm(64)
+    m.model.layers[1].post_attention_layernorm = _OffsetNorm(64)
+    ids = calib_ids(2, 16)
+    ref = _logits(m, ids)
     name, blocks = find_blocks(m)
-    with pytest.raises(pc.TransformError, match=r"model.layers.1.post_attention_layernorm \(OffsetNorm\) is not a "
-                                                r"plain RMSNorm.*transform='rotate'"):
-        pc.check_foldable(m, blocks, [f"{name}.{i}" for i in range(2)], "rotate")
-    with pytest.raises(pc.TransformError, match="blk has no input_layernorm.*self_attn.q_proj"):
-        pc.block_parts(nn.Module(), "blk")
+    names = [f"{name}.{i}" for i in range(2)]
+    pc.rotate_residual(m, pc.check_foldable(m, blocks, names, "rotate"), seed=0)
+    assert _close(_logits(m, ids), ref)
+    assert torch.all(m.model.layers[1].post_attention_layernorm.weight == 0)  # 1 + γ folded, γ′ = 0
+
+    m.model.layers[1].post_attention_layernorm = _OffsetNorm(64, clamp=0.5)  # not a norm the folds know
+    with pytest.raises(pc.TransformError, match=r"cannot fold exactly into LlamaForCausalLM \(llama\): "
+                                                r"model.layers.1.post_attention_layernorm \(_OffsetNorm\) is neither"
+                                                r".*Use transform='none'"):
+        pc.check_foldable(m, blocks, names, "scale")
+    with pytest.raises(pc.TransformError, match=r"blk has no input_layernorm.*Use transform='none'"):
+        pc.block_sites(m, nn.Module(), "blk")
+
+
+def test_a_wrong_fold_is_caught_on_the_logits():
+    """The run-time guard: a fold that changes the function (here: a writer left out) is an error."""
+    m = _varied_llama()
+    name, blocks = find_blocks(m)
+    sites = pc.check_foldable(m, blocks, [f"{name}.{i}" for i in range(2)], "rotate")
+    sites[1].writers.pop()  # down_proj of block 1 would not be rotated
+    before = pc.probe_logits(m)
+    pc.rotate_residual(m, sites, seed=0)
+    with pytest.raises(pc.TransformError, match=r"did not keep the model.s function .*adapters.py"):
+        pc.check_kept(before, pc.probe_logits(m), torch.float32, "the residual rotation")
 
 
 def test_adaptive_choices_follow_the_kurtosis_z_score():

@@ -53,6 +53,23 @@ def rotation(n: int, seed: int) -> tuple[torch.Tensor, str]:
     return random_orthogonal(n, seed), "random_orthogonal"
 
 
+def fixing_the_mean(q: torch.Tensor) -> torch.Tensor:
+    """An orthogonal Q′ = Q·(I − 2·w·wᵀ) with Q′·1 = 1, so h·Q′ keeps the mean of every row h.
+
+    A LayerNorm centres its input; it commutes with a rotation only if the rotation maps the
+    all-ones direction u = 1/√n to itself: then (h·Q′ − μ·1ᵀ) = (h − μ·1ᵀ)·Q′. The Householder
+    reflection with w = (u − v)/‖u − v‖, v = Qᵀ·u, maps u to v, so Q′·u = Q·v = u; Q′ keeps every
+    other direction as spread as Q does (one reflection). fp64 in, fp64 out."""
+    n = q.shape[0]
+    u = torch.full((n,), 1 / math.sqrt(n), dtype=torch.float64)
+    v = q.t() @ u
+    d = u - v
+    if float(d.norm()) < 1e-12:
+        return q.clone()
+    w = d / d.norm()
+    return q - 2 * torch.outer(q @ w, w)
+
+
 def excess_kurtosis(weight: torch.Tensor) -> float:
     """E[(w − μ)⁴]/σ⁴ − 3 over all entries (0 for a Gaussian, large for heavy tails)."""
     w = weight.detach().double().flatten()
