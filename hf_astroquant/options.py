@@ -162,7 +162,8 @@ OPTIONS: tuple[Option, ...] = (
            "rotate: an orthogonal rotation of the residual stream (norm weights folded into the next Linears) "
            "plus a per-head rotation of value/output; scale: per-channel scales searched on activation "
            "statistics; adaptive: per site, rotation or scales by the robust z-score of the weights' kurtosis. "
-           "Each site's choice is recorded in the saved config (transforms_applied)."),
+           "Each site's choice is recorded in the saved config (transforms_applied). Which families each folds "
+           "into, and why the others are refused: docs/families.md."),
     Option("kurtosis_threshold_attn", "preconditioning", 1.0, Number(text="a finite number (a robust z-score)"),
            "transform adaptive: kurtosis z-score above which an attention site gets rotation instead of scales"),
     Option("kurtosis_threshold_mlp", "preconditioning", 1.0, Number(text="a finite number (a robust z-score)"),
