@@ -110,15 +110,20 @@ def budget() -> dict:
             "model_bytes": L * block + embed}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """The command line of a two-run memory benchmark: --cap, --out, and the child run's hidden flags."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cap", default="100MB", help="max_memory for the CPU in the offloaded run")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "offload.json"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / out))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--save", help=argparse.SUPPRESS)
     ap.add_argument("--offload-folder", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser(__doc__, "offload.json").parse_args()
     if args.child:
         child(args)
         return
