@@ -14,7 +14,7 @@ matrices that read it (the final norm into lm_head); embeddings (tokens and lear
 readers, writers and lm_head rotated; plus a rotation R_h per key/value head between the values and
 the output projection. Norms: γ·x/rms(x); (1 + γ)·x/rms(x) (Gemma: 1 + γ is folded, γ becomes 0);
 LayerNorm γ·(x − μ)/σ + β (OPT, GPT-2, GPT-NeoX, Falcon, Phi, StableLM, OLMo, Cohere), which
-commutes with Q only when Q keeps the all-ones direction (`fixing_the_mean`); its β goes into the
+commutes with Q only when Q keeps the all-ones direction (`mean_keeping_rotation`); its β goes into the
 readers' biases when every reader has one, else stays in the norm as β/γ, rotated. Routers read
 the rotated stream like any reader and stay in full precision.
 transform="scale": per-channel scales searched per site on the block's calibration inputs.
@@ -41,7 +41,7 @@ from torch import nn
 
 from . import offload
 from .adapters import BlockSites, beside_blocks, heads, norm_kind, resolve
-from .algorithms.transforms import excess_kurtosis, fixing_the_mean, robust_z, rotation, search_scales
+from .algorithms.transforms import excess_kurtosis, mean_keeping_rotation, robust_z, rotation, search_scales
 
 logger = logging.getLogger("hf_astroquant")
 
@@ -205,10 +205,9 @@ def _untie(model: nn.Module, emb: nn.Module, head: nn.Module) -> bool:
 
 
 def _residual_rotation(hidden: int, seed: int, norms: list[nn.Module]) -> tuple[torch.Tensor, str]:
-    Q, kind = rotation(hidden, seed)
-    if any(norm_kind(n) == "layer" for n in norms):
-        return fixing_the_mean(Q), f"{kind} fixing the mean"
-    return Q, kind
+    if any(norm_kind(n) == "layer" for n in norms):  # LayerNorms centre: the rotation must keep the mean
+        return mean_keeping_rotation(hidden, seed)
+    return rotation(hidden, seed)
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ from hf_astroquant.algorithms.astro import (astro_objective, astro_reshape, grou
                                             water_level)
 from hf_astroquant.algorithms.gptq import gptq_quantize, reconstruction_error
 from hf_astroquant.algorithms.solve import SolverOptions, solve_linear
-from hf_astroquant.algorithms.transforms import (excess_kurtosis, hadamard, random_orthogonal, robust_z, rotation,
+from hf_astroquant.algorithms.transforms import (excess_kurtosis, fixing_the_mean, hadamard, mean_keeping_rotation,
+                                                 random_orthogonal, robust_z, rotation,
                                                  search_scales, scaled_rtn_error)
 from hf_astroquant.pipeline import find_blocks
 from tiny import calib_ids, tiny_llama
@@ -154,6 +155,20 @@ def test_hadamard_and_rotations_are_orthogonal(n):
     assert rotation(48, 0)[1] == "random_orthogonal" and rotation(64, 0)[1] == "hadamard"
     with pytest.raises(ValueError, match="power-of-two order, got 12"):
         hadamard(12)
+
+
+@pytest.mark.parametrize("n", [8, 48, 64, 512])
+def test_the_mean_keeping_rotation_is_orthogonal_keeps_row_means_and_still_spreads(n):
+    """What a LayerNorm needs: h·Q keeps every row's mean, so centring commutes with the rotation."""
+    Q, kind = mean_keeping_rotation(n, 1)
+    assert torch.allclose(Q @ Q.t(), torch.eye(n, dtype=torch.float64), atol=1e-12)
+    h = torch.randn(5, n, dtype=torch.float64) + 3
+    assert torch.allclose((h @ Q).mean(-1), h.mean(-1), atol=1e-12)
+    c = h - h.mean(-1, keepdim=True)
+    assert torch.allclose((h @ Q) - (h @ Q).mean(-1, keepdim=True), c @ Q, atol=1e-12)
+    # still spreads every channel over the others, about as a random orthogonal matrix (≈ 4.6/√n) or better
+    assert float(Q.abs().max()) * n ** 0.5 < (4.0 if kind.startswith("random") else 2.5), kind
+    assert torch.allclose(fixing_the_mean(Q), Q, atol=1e-12)  # nothing left to fix
 
 
 def test_kurtosis_and_robust_z():

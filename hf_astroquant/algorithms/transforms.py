@@ -70,6 +70,18 @@ def fixing_the_mean(q: torch.Tensor) -> torch.Tensor:
     return q - 2 * torch.outer(q @ w, w)
 
 
+def mean_keeping_rotation(n: int, seed: int) -> tuple[torch.Tensor, str]:
+    """The rotation for a stream read by LayerNorms: `fixing_the_mean` of rotation(n)·diag(±1).
+
+    The randomized Hadamard matrix maps the all-ones direction onto a single axis, so the reflection
+    that brings it back would concentrate one row (max |q| ≈ 3.5/√n at n = 2048); random column signs
+    first make its image dense, and the result stays near the Hadamard's spread (≈ 1.5/√n to 2.4/√n)."""
+    q, kind = rotation(n, seed)
+    g = torch.Generator().manual_seed(seed + 7919)
+    signs = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
+    return fixing_the_mean(q * signs.unsqueeze(0)), f"{kind} keeping the mean"
+
+
 def excess_kurtosis(weight: torch.Tensor) -> float:
     """E[(w − μ)⁴]/σ⁴ − 3 over all entries (0 for a Gaussian, large for heavy tails)."""
     w = weight.detach().double().flatten()
