@@ -367,3 +367,16 @@ def test_transform_with_offloaded_blocks_is_refused(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=cfg, device_map={
             "model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
             "model.rotary_emb": "cpu", "lm_head": "cpu"}, offload_folder=str(tmp_path / "off"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_norms_are_recognised_and_the_rotation_passes_its_check(dtype):
+    """A bf16/fp16 norm rounds its own output: it is still the RMSNorm it is (it used to be refused)."""
+    from hf_astroquant.adapters import norm_kind
+
+    m = _varied_llama().to(dtype)
+    assert norm_kind(m.model.layers[0].input_layernorm) == "rms"
+    name, blocks = find_blocks(m)
+    before = pc.probe_logits(m)
+    pc.rotate_residual(m, pc.check_foldable(m, blocks, [f"{name}.{i}" for i in range(2)], "rotate"), seed=0)
+    assert pc.check_kept(before, pc.probe_logits(m), dtype, "the residual rotation") < 0.05
