@@ -36,6 +36,7 @@ GGUF_SUMMARY_START, GGUF_SUMMARY_END = "<!-- gguf-summary:start -->", "<!-- gguf
 OFFLOAD = RESULTS / "offload.json"
 OFFLOAD_START, OFFLOAD_END = "<!-- offload:start -->", "<!-- offload:end -->"
 MOE_MEMORY = RESULTS / "moe_memory.json"  # bench_moe_memory.py renders its own table (its --render-only too)
+MOE_OPTIONS = RESULTS / "moe_options.json"  # bench_moe_options.py: the same
 PRE_START, PRE_END = "<!-- preconditioning:start -->", "<!-- preconditioning:end -->"
 PRECONDITIONING = RESULTS / "preconditioning.jsonl"
 # rows run on another day (the ablation's sitting s6): perplexity against the same GPTQ, but their
@@ -55,7 +56,7 @@ def load_rows() -> list[dict]:
             continue
         rows += read_jsonl(f)
     for f in sorted(RESULTS.glob("*.json")):
-        if f not in (OFFLOAD, MOE_MEMORY, ASTRO, ASTRO_BETA):  # their own tables
+        if f not in (OFFLOAD, MOE_MEMORY, MOE_OPTIONS, ASTRO, ASTRO_BETA):  # their own tables
             rows.append(json.loads(f.read_text()))
     return rows
 
@@ -474,6 +475,12 @@ def main() -> None:
 
         table = bench_moe_memory.render(json.loads(MOE_MEMORY.read_text()))
         put(bench_moe_memory.START, bench_moe_memory.END, table)
+        print(table)
+    if MOE_OPTIONS.exists():
+        import bench_moe_options
+
+        table = bench_moe_options.summary(json.loads(MOE_OPTIONS.read_text()))
+        put("<!-- moe_options:start -->", "<!-- moe_options:end -->", table)
         print(table)
     for f, t in texts.items():
         if f.read_text() != t:

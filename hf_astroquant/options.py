@@ -143,10 +143,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("calibrate_all_experts", "calibration", False, Boolean(),
            "mixture-of-experts models: every expert's statistics over every calibration token (the block's output "
            "still mixes the routed experts only); off: each expert sees the tokens routed to it",
-           "On costs about num_experts/top_k times the expert compute during calibration."),
+           "On costs about num_experts/top_k times the expert compute during calibration; measured on a small "
+           "trained MoE it never helped (docs/big-models.md)."),
     Option("min_expert_tokens", "calibration", 16, Integer(0),
            "mixture-of-experts models: an expert that saw fewer calibration tokens is rounded to nearest instead "
-           "of solved (listed in the report and the model card); one that saw none always is"),
+           "of solved (listed in the report and the model card); one that saw none always is",
+           "Measured from 0 to 256 on a small trained MoE: no effect above the calibration-seed noise "
+           "(docs/big-models.md); 16 keeps near-empty Hessians out of the solver."),
     # ------------------------------------------------------------------ preconditioning
     Option("astro", "preconditioning", False, Boolean(),
            "Astro: reshape each Linear's weights, inside the flat region of its objective, toward weights that "
