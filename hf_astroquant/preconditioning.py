@@ -224,21 +224,25 @@ def rotate_residual(model: nn.Module, sites: list[BlockSites], seed: int,
     Q, kind = _residual_rotation(emb.weight.shape[1], seed, norms)
     untied = _untie(model, emb, head)
     _fold_norm(final, [head])
-    Qd = Q.to(emb.weight.device)
+    on = {}  # Q on each device the model spans (a device_map may spread the blocks over several GPUs)
+
+    def Qd(t: torch.Tensor) -> torch.Tensor:
+        return on.setdefault(t.device, Q.to(t.device))
+
     for table in [emb, head] + ([positions] if positions is not None else []):
-        _set(table.weight, table.weight.double() @ Qd)
+        _set(table.weight, table.weight.double() @ Qd(table.weight))
     for bs in sites:
         for site in bs.norm_sites:
             _fold_norm(site.norm, site.readers)
         for r in [r for site in bs.norm_sites for r in site.readers]:
-            _set(r.weight, r.weight.double() @ Qd)
+            _set(r.weight, r.weight.double() @ Qd(r.weight))
         for w in bs.writers:
-            _set(w.weight, Qd.t() @ w.weight.double())
+            _set(w.weight, Qd(w.weight).t() @ w.weight.double())
             if w.bias is not None:
-                _set(w.bias, w.bias.double() @ Qd)
+                _set(w.bias, w.bias.double() @ Qd(w.bias))
     for norm in norms:  # a LayerNorm's β left in the norm lives in the stream's basis now
         if getattr(norm, "bias", None) is not None:
-            _set(norm.bias, norm.bias.double() @ Qd)
+            _set(norm.bias, norm.bias.double() @ Qd(norm.bias))
     rotate_value_outputs(model, sites, seed, value_output or [True] * len(sites))
     return {"residual": kind, "untied_lm_head": untied, "seed": seed}
 
