@@ -268,7 +268,8 @@ def resolve(block: nn.Module, name: str, config) -> BlockSites | str:
         return f"no {' / '.join(layout.writers)} writing the residual stream"
     value_mod = _get(block, layout.value) if layout.value else None
     out = _get(block, layout.out)
-    value = (value_mod, value_rows(layout.value_rows, config)) if isinstance(value_mod, nn.Linear) and out else None
+    value = ((value_mod, value_rows(layout.value_rows, config))
+             if isinstance(value_mod, nn.Linear) and out is not None else None)
     up, down = (_get(block, layout.up), _get(block, layout.down)) if layout.up else (None, None)
     up_down = None
     if isinstance(up, nn.Linear) and isinstance(down, nn.Linear):

@@ -878,12 +878,12 @@ class _Preconditioner:
                 self.record["blocks"][bs.name] = pc.rotation_record(bs)
             return
         # adaptive: the residual rotation, then per site by the kurtosis z-score of the rotated weights
-        self._rotate(value_output=[False] * len(self.names))
+        before = self._rotate(value_output=[False] * len(self.names))
         kurt = [pc.site_kurtosis(bs) for bs in self.sites]
         choices = pc.adaptive_choices(kurt, cfg.kurtosis_threshold_attn, cfg.kurtosis_threshold_mlp)
-        before = pc.probe_logits(self.model)
         pc.rotate_value_outputs(self.model, self.sites, cfg.seed, [c.get("vo") == "rotate" for c in choices])
-        pc.check_kept(before, pc.probe_logits(self.model), _weight_dtype(self.model), "the value/output rotation")
+        pc.check_kept(before, pc.probe_logits(self.model), _weight_dtype(self.model),
+                      "the residual and value/output rotations")
         for bs, c, k in zip(self.sites, choices, kurt):
             self.record["blocks"][bs.name] = dict(c)
             self.record.setdefault("kurtosis", {})[bs.name] = {site: round(v, 4) for site, v in k.items()}
@@ -891,12 +891,14 @@ class _Preconditioner:
         self.scale_sites = [[site for site, choice in c.items() if choice == "scale" and site in ok]
                             for c, ok in zip(choices, allowed)]
 
-    def _rotate(self, value_output: list[bool] | None = None) -> None:
+    def _rotate(self, value_output: list[bool] | None = None) -> torch.Tensor:
+        """The residual rotation, checked on the logits; returns the logits from before it (the reference)."""
         pc = self.pc
         before = pc.probe_logits(self.model)
         self.record.update(pc.rotate_residual(self.model, self.sites, self.cfg.seed, value_output))
         self.record["logit_deviation"] = pc.check_kept(before, pc.probe_logits(self.model),
                                                        _weight_dtype(self.model), "the residual rotation")
+        return before
 
     def before_block(self, i: int, inputs: list[torch.Tensor], kwargs_list: list[dict]) -> None:
         sites = self.scale_sites[i]

@@ -126,9 +126,14 @@ def _check_rotatable(model: nn.Module, sites: list[BlockSites], transform: str) 
     _check_bias_foldable(model, final, [model.get_output_embeddings()], "the final norm", transform)
 
 
+def _readers_take_beta(readers: list[nn.Module]) -> bool:
+    """Whether a norm's β folds into its readers' biases (every reader has one); else it stays in the norm as β/γ."""
+    return all(getattr(r, "bias", None) is not None for r in readers)
+
+
 def _check_bias_foldable(model, norm, readers, where: str, transform: str) -> None:
     b, w = getattr(norm, "bias", None), getattr(norm, "weight", None)
-    if b is None or w is None or all(getattr(r, "bias", None) is not None for r in readers):
+    if b is None or w is None or _readers_take_beta(readers):
         return
     if bool(((w == 0) & (b != 0)).any()):
         raise _refuse(model, transform, f"{where} has channels with γ = 0 and β ≠ 0 and readers without a bias; "
@@ -154,7 +159,7 @@ def _fold_norm(norm: nn.Module | None, readers: list[nn.Module]) -> None:
     kind, w, b = norm_kind(norm), getattr(norm, "weight", None), getattr(norm, "bias", None)
     g = None if w is None else (1 + w.double() if kind == "rms_offset" else w.double())
     if b is not None and bool((b != 0).any()):
-        if all(getattr(r, "bias", None) is not None for r in readers):  # y = W·(γ·n + β) + c
+        if _readers_take_beta(readers):  # y = W·(γ·n + β) + c
             for r in readers:
                 _set(r.bias, r.bias.double() + r.weight.double() @ b.double())
             b.zero_()
@@ -271,9 +276,8 @@ def rotate_value_output(model: nn.Module, bs: BlockSites, rotations: list[torch.
     n_heads, n_kv, hd = heads(_config(model))
     (v, rows), o = bs.value, bs.out
     Wv = v.weight.double()[rows.flatten()].view(n_kv, hd, -1)
-    new = v.weight.detach().clone()
-    new[rows.flatten()] = torch.stack([rotations[h].t() @ Wv[h] for h in range(n_kv)]).view(n_kv * hd, -1).to(new.dtype)
-    v.weight.copy_(new)
+    v.weight[rows.flatten()] = torch.stack([rotations[h].t() @ Wv[h] for h in range(n_kv)]).view(n_kv * hd, -1).to(
+        v.weight.dtype)
     if v.bias is not None:
         bv = v.bias.double()[rows.flatten()].view(n_kv, hd)
         v.bias[rows.flatten()] = torch.stack([bv[h] @ rotations[h] for h in range(n_kv)]).view(-1).to(v.bias.dtype)
