@@ -77,14 +77,14 @@ def watch_calibration(base: int) -> dict:
     start the freed heap goes back to the OS (malloc_trim, as the pipeline does after every solve)
     and the kernel's peak counter is reset (/proc/self/clear_refs "5"). Returns the dict it fills."""
     import hf_astroquant.quantizer as quantizer
-    from hf_astroquant.pipeline import _trim_heap
+    from hf_astroquant.memory import trim_heap
 
     seen: dict = {}
     calibrate = quantizer.quantize_model
 
     def wrapped(*args, **kwargs):
         seen["load_peak_above_base"] = peak_bytes() - base
-        _trim_heap()
+        trim_heap()
         seen["calibration_start_above_base"] = rss_bytes() - base
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -4,6 +4,10 @@
     python benchmarks/grid_fingerprint.py --out after.json      # on another
     python benchmarks/grid_fingerprint.py --compare before.json after.json
 
+`--calibration-batch-size 4` splits the 16 windows into 4 batches, so every Linear is calibrated
+stage by stage over several forwards instead of in the single forward that one batch allows:
+the two paths of the block's solve scheduling are checked apart.
+
 Each row quantizes the same tiny random Llama (3 layers, hidden 128) on the same random token
 windows with the row's options, and records a SHA-256 of every tensor of the quantized model's
 state dict (packed codes, scales, zeros, g_idx and the full-precision rest). Two commits that
@@ -46,7 +50,7 @@ def fingerprint(model) -> str:
     return h.hexdigest()
 
 
-def run(rows: list[str]) -> dict[str, str]:
+def run(rows: list[str], batch_size: int | None = None) -> dict[str, str]:
     import tempfile
 
     from bench_quality import ROWS
@@ -63,7 +67,7 @@ def run(rows: list[str]) -> dict[str, str]:
         for name in rows:
             opts = ROWS[name]
             try:
-                cfg = hf_astroquant.AstroQuantConfig(dataset=windows, **opts)
+                cfg = hf_astroquant.AstroQuantConfig(dataset=windows, calibration_batch_size=batch_size, **opts)
                 model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, quantization_config=cfg)
                 out[name] = fingerprint(model)
             except (ValueError, TypeError) as err:
@@ -77,6 +81,7 @@ def main() -> None:
     ap.add_argument("--out", help="JSON file for {row: sha256}")
     ap.add_argument("--rows", nargs="+", help="rows of bench_quality.ROWS (default: all)")
     ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
+    ap.add_argument("--calibration-batch-size", type=int, help="windows per forward (default: all 16 in one)")
     args = ap.parse_args()
     if args.compare:
         before, after = (json.loads(Path(p).read_text()) for p in args.compare)
@@ -89,7 +94,7 @@ def main() -> None:
         sys.exit(1 if differ else 0)
     from bench_quality import ROWS
 
-    result = run(args.rows or sorted(ROWS))
+    result = run(args.rows or sorted(ROWS), args.calibration_batch_size)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
 

@@ -22,7 +22,8 @@ from .export import guard
 from .export.hub import base_model_info, install_save_hooks
 from .linear_like import LINEAR_LIKE, features
 from .modules import QUANTIZED_LAYERS, empty_layer, set_backend
-from .pipeline import find_blocks, quantize_model, set_submodule
+from .blocks import find_blocks, set_submodule
+from .pipeline import quantize_model
 
 logger = logging.getLogger("hf_astroquant")
 

@@ -25,10 +25,19 @@ import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import offload
+from .blocks import block_targets, place_layer
+from .experts import onload_experts
+from .modules import empty_layer
+
+if TYPE_CHECKING:
+    from .config import AstroQuantConfig
 
 logger = logging.getLogger("hf_astroquant")
 
@@ -155,3 +164,38 @@ class ResumeDir:
         for old in self.path.glob("stream_*.safetensors"):
             if last or old.name != f"stream_{index + 1:05d}.safetensors":
                 old.unlink()
+
+
+def embedding_sample(model: nn.Module) -> torch.Tensor | None:
+    """A strided sample of the input embedding's weights (read through accelerate's hook when
+    offloaded): enough to tell two checkpoints of one architecture apart."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is None or getattr(emb, "weight", None) is None:
+        return None
+    weight = emb.weight
+    if weight.device.type == "meta":
+        hook = offload.offload_hook(emb)
+        if hook is None:
+            return None
+        weight = hook.weights_map["weight"]
+    flat = weight.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // 4096)].float().cpu()
+
+
+def load_block(model: nn.Module, name: str, block: nn.Module, should_convert, cfg: AstroQuantConfig,
+                tensors: dict[str, torch.Tensor]) -> None:
+    """Swap in the packed layers a checkpoint holds for one block."""
+    targets = block_targets(name, block, should_convert)
+    homes = {**onload_experts(block, name, load=False), **offload.onload(targets, load=False)}
+    device = offload.execution_device(block)
+    for lname, linear in targets.items():
+        own = {k[len(lname) + 1:]: v for k, v in tensors.items() if k.startswith(lname + ".")}
+        if "qweight" not in own and "qblocks" not in own:  # the run left this one in full precision
+            if lname in homes:
+                offload.restore(linear, homes[lname])
+            continue
+        bias = own.get("bias")
+        layer = empty_layer(linear.in_features, linear.out_features, cfg, cfg.tensor_type_of(lname), bias is not None,
+                            dtype=None if bias is None else bias.dtype, device=device)
+        layer.load_state_dict({k: v.to(device) for k, v in own.items()})
+        place_layer(model, lname, layer, homes)

@@ -88,7 +88,7 @@ TRANSFORMS = ("rotate", "scale", "adaptive")
 
 
 def block_list(model):
-    from hf_astroquant.pipeline import find_blocks
+    from hf_astroquant.blocks import find_blocks
 
     name, blocks = find_blocks(model)
     return name, list(blocks)
@@ -119,13 +119,13 @@ def relative_deviation(got: list[torch.Tensor], want: list[torch.Tensor]) -> flo
 def replay_deviation(model, ids) -> float:
     """The pipeline's block inputs and per-block keyword arguments (capture_block_inputs), replayed
     block after block with _run_block, against the model's own block outputs."""
-    from hf_astroquant.pipeline import _run_block, capture_block_inputs
+    from hf_astroquant.stream import capture_block_inputs, run_block
 
     blocks = block_list(model)[1]
     inputs, kwargs = capture_block_inputs(model, blocks, [ids])
     x, got = inputs[0], []
     for block, kw in zip(blocks, kwargs):
-        x = _run_block(block, x, kw[0])
+        x = run_block(block, x, kw[0])
         got.append(x)
     return relative_deviation(got, own_block_outputs(model, ids))
 

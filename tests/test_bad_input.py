@@ -14,7 +14,9 @@ from transformers import AutoModelForCausalLM
 import hf_astroquant  # noqa: F401
 from hf_astroquant import AstroQuantConfig
 from hf_astroquant.calibration import CalibrationDataError, prepare_calibration
-from hf_astroquant.pipeline import _LayerSolver, _Stats, QuantizationReport
+from hf_astroquant.report import QuantizationReport
+from hf_astroquant.solving import LayerSolver
+from hf_astroquant.statistics import Stats
 from tiny import calib_ids, save_tiny, tiny_llama, tiny_tokenizer
 
 # Bad values beyond the ones every option's check generates (`bad_value_cases`): the cases a
@@ -121,24 +123,24 @@ def test_non_finite_weights_name_the_layer(tmp_path, value):
 
 def test_a_hessian_that_stays_singular_after_damping_is_escalated_then_named():
     cfg = AstroQuantConfig(bits=4, group_size=8, dataset=calib_ids())
-    solver = _LayerSolver(cfg, QuantizationReport())
+    solver = LayerSolver(cfg, QuantizationReport())
     linear = torch.nn.Linear(8, 4, bias=False)
     # indefinite: no damping of 1e-2 .. 1e2 times the mean diagonal makes it positive definite
     h = torch.diag(torch.tensor([1.0, 1, 1, 1, 1, 1, 1, -1e6]))
     with pytest.raises(ValueError, match=r"layers.0.mlp.up_proj: Hessian is not positive definite even with "
                                          r"damp_percent=100 \(started at 0.01\)"):
-        solver("layers.0.mlp.up_proj", linear, _Stats(h, 2))
+        solver("layers.0.mlp.up_proj", linear, Stats(h, 2))
 
 
 def test_a_nearly_singular_hessian_is_damped_more_and_the_damping_recorded():
     cfg = AstroQuantConfig(bits=4, group_size=8, dataset=calib_ids())
     report = QuantizationReport()
-    solver = _LayerSolver(cfg, report)
+    solver = LayerSolver(cfg, report)
     linear = torch.nn.Linear(8, 4, bias=False)
     x = torch.randn(64, 8)
     h = x.t() @ x
     h[7, 7] = -0.5 * h.diagonal()[:7].mean()  # not positive definite at 1 %, fine at 10 % or more
-    solver("blk.lin", linear, _Stats(h, 64))
+    solver("blk.lin", linear, Stats(h, 64))
     assert report.damping["blk.lin"] > 0.01
 
 

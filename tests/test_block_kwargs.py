@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
 from hf_astroquant import AstroQuantConfig, QuantLinear
-from hf_astroquant.pipeline import _run_block, capture_block_inputs
+from hf_astroquant.stream import capture_block_inputs, run_block
 from tiny import calib_ids, tiny_llama
 
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
@@ -29,7 +29,7 @@ def _replay(blocks, x, kwargs_per_block):
     """Hidden states after each block when block i runs on block i−1's output with kwargs_per_block[i]."""
     out = []
     for block, kw in zip(blocks, kwargs_per_block):
-        x = _run_block(block, x, kw)
+        x = run_block(block, x, kw)
         out.append(x)
     return out
 
@@ -88,7 +88,7 @@ def test_gemma3_blocks_are_calibrated_with_their_own_arguments(tmp_path, monkeyp
     import hf_astroquant.pipeline as pipeline
 
     seen = {"q": [], "fp": []}
-    real_calibrate, real_fp = pipeline._calibrate_block, pipeline._Run.advance_fp_stream
+    real_calibrate, real_fp = pipeline.quantize_block, pipeline._Run.advance_fp_stream
 
     def calibrate(targets, inputs, kwargs_list, *args, **kw):
         seen["q"].append(kwargs_list[0]["position_embeddings"])
@@ -98,7 +98,7 @@ def test_gemma3_blocks_are_calibrated_with_their_own_arguments(tmp_path, monkeyp
         seen["fp"].append(fp_kwargs[0]["position_embeddings"])
         return real_fp(self, block, fp_inputs, fp_kwargs, *args, **kw)
 
-    monkeypatch.setattr(pipeline, "_calibrate_block", calibrate)
+    monkeypatch.setattr(pipeline, "quantize_block", calibrate)
     monkeypatch.setattr(pipeline._Run, "advance_fp_stream", advance)
     model = tiny_gemma3()
     model.save_pretrained(tmp_path / "fp")

@@ -99,7 +99,8 @@ def test_the_cli_summary_names_what_stayed_in_full_precision(tmp_path, capsys):
 def test_a_multimodal_wrapper_quantizes_its_language_model_and_records_the_vision_tower(tmp_path):
     from transformers import AutoModelForImageTextToText, Gemma3Config, Gemma3ForConditionalGeneration
 
-    from hf_astroquant.pipeline import _auto_batch_size, text_config
+    from hf_astroquant.blocks import text_config
+    from hf_astroquant.stream import auto_batch_size
 
     torch.manual_seed(0)
     cfg = Gemma3Config(
@@ -113,7 +114,7 @@ def test_a_multimodal_wrapper_quantizes_its_language_model_and_records_the_visio
     fp.save_pretrained(tmp_path / "fp")
     assert text_config(fp).hidden_size == 64  # the top-level config has none: the heuristics read this one
     # the batch-size heuristic sizes a window by the text model's widths, not by defaults for a 7B model
-    assert _auto_batch_size(fp, 32, torch.device("cpu")) > _auto_batch_size(torch.nn.Module(), 32, torch.device("cpu"))
+    assert auto_batch_size(fp, 32, torch.device("cpu")) > auto_batch_size(torch.nn.Module(), 32, torch.device("cpu"))
     q = AutoModelForImageTextToText.from_pretrained(tmp_path / "fp", quantization_config=AstroQuantConfig(
         bits=4, group_size=32, dataset=calib_ids()))
     report = q.astroquant_report

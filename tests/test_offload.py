@@ -101,21 +101,21 @@ def test_meta_weights_without_hooks_are_refused():
 def test_a_stage_spread_over_devices_gives_the_same_checkpoint(tiny4, kw):
     # Two CPU "devices": the stage's Linears are solved in parallel threads and copied back, the
     # path that spreads q/k/v and gate/up over GPUs. On one device type the result must not move.
-    import hf_astroquant.pipeline as pipeline
+    import hf_astroquant.scheduling as scheduling
 
     calls = []
-    solve = pipeline._solve_stage
+    solve = scheduling.solve_stage
 
     def spy(solver, members, targets, stats, devices):
         calls.append((tuple(members), devices))
         return solve(solver, members, targets, stats, devices)
 
-    pipeline._solve_stage = spy
+    scheduling.solve_stage = spy
     try:
         spread = AutoModelForCausalLM.from_pretrained(tiny4, quantization_config=_cfg(solve_devices=["cpu", "cpu"],
                                                                                         **kw))
     finally:
-        pipeline._solve_stage = solve
+        scheduling.solve_stage = solve
     plain = AutoModelForCausalLM.from_pretrained(tiny4, quantization_config=_cfg(**kw))
     assert any(len(m) == 3 and d == [torch.device("cpu")] * 2 for m, d in calls)  # q/k/v went out together
     a, b = spread.state_dict(), plain.state_dict()
@@ -124,7 +124,7 @@ def test_a_stage_spread_over_devices_gives_the_same_checkpoint(tiny4, kw):
 
 
 def test_solve_devices_auto_reads_the_accelerators_of_the_device_map():
-    from hf_astroquant.pipeline import solve_devices
+    from hf_astroquant.scheduling import solve_devices
 
     model = torch.nn.Module()
     model.hf_device_map = {"model.layers.0": 0, "model.layers.1": "cuda:1", "lm_head": "cpu", "x": "disk"}

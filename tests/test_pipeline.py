@@ -4,7 +4,8 @@ from transformers import AutoModelForCausalLM
 
 import hf_astroquant
 from hf_astroquant import AstroQuantConfig, QuantLinear
-from hf_astroquant.pipeline import find_blocks, quantize_model
+from hf_astroquant.blocks import find_blocks
+from hf_astroquant.pipeline import quantize_model
 from tiny import CharTokenizer, calib_ids, save_tiny, tiny_llama
 
 
@@ -70,16 +71,16 @@ def test_one_pass_and_batched_calibration_agree(tiny_dir, monkeypatch):
 
 
 def _record_hessians(monkeypatch):
-    import hf_astroquant.pipeline as pipeline
+    import hf_astroquant.solving as solving
 
     seen = {}
-    real = pipeline.solve_linear
+    real = solving.solve_linear
 
     def spy(W, H, *args, **kw):
         seen[len(seen)] = H.clone()
         return real(W, H, *args, **kw)
 
-    monkeypatch.setattr(pipeline, "solve_linear", spy)
+    monkeypatch.setattr(solving, "solve_linear", spy)
     return seen
 
 
@@ -236,17 +237,17 @@ def test_d_statistic_is_the_drift_against_the_full_precision_inputs(tiny_dir, mo
     """For o_proj of block 0 (after q/k/v are quantized) D = 2·(X̃ − X)ᵀX/N with X̃ the
     full-precision model's o_proj input and X the input with the quantized q/k/v; with
     fp_samples=k, over the first k windows only (across batches), while H keeps every window."""
-    import hf_astroquant.pipeline as pipeline
+    import hf_astroquant.solving as solving
 
     data = calib_ids(6, 32)
     seen = []
-    real = pipeline.solve_linear
+    real = solving.solve_linear
 
-    def spy(W, H, opts, D=None, G=None):
+    def spy(W, H, opts, D=None, G=None, factors=None):
         seen.append((H.clone(), None if D is None else D.clone()))
-        return real(W, H, opts, D, G)
+        return real(W, H, opts, D, G, factors)
 
-    monkeypatch.setattr(pipeline, "solve_linear", spy)
+    monkeypatch.setattr(solving, "solve_linear", spy)
     model = _quantize(tiny_dir, bits=3, group_size=32, method="gptaq", dataset=data, fp_samples=fp_samples,
                       calibration_batch_size=batch_size)
     fp = AutoModelForCausalLM.from_pretrained(tiny_dir)
@@ -276,13 +277,13 @@ def test_fp_samples_shrinks_the_full_precision_stream_in_proportion(tiny_dir, mo
     windows the block forwards see fall from 16 to 4."""
     import hf_astroquant.pipeline as pipeline
 
-    real, fp_windows = pipeline._run_block_capturing, []
+    real, fp_windows = pipeline.run_block_capturing, []
 
     def spy(block, x, *args, **kwargs):
         fp_windows.append(x.shape[0])
         return real(block, x, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "_run_block_capturing", spy)
+    monkeypatch.setattr(pipeline, "run_block_capturing", spy)
     full = _quantize(tiny_dir, bits=4, group_size=32, method="gptaq").hf_quantizer.report
     assert set(fp_windows) == {16}
     fp_windows.clear()
@@ -299,7 +300,7 @@ def test_fp_samples_shrinks_the_full_precision_stream_in_proportion(tiny_dir, mo
     (dict(method="rtn"), set(), {"statistics", "solve", "fp_stream"}),
 ])
 def test_report_says_where_the_seconds_went(tiny_dir, kw, present, absent):
-    from hf_astroquant.pipeline import PHASES
+    from hf_astroquant.report import PHASES
 
     model = _quantize(tiny_dir, bits=4, group_size=32, **kw)
     report = model.hf_quantizer.report

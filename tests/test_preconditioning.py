@@ -19,7 +19,7 @@ from hf_astroquant.algorithms.solve import SolverOptions, solve_linear
 from hf_astroquant.algorithms.transforms import (excess_kurtosis, fixing_the_mean, hadamard, mean_keeping_rotation,
                                                  random_orthogonal, robust_z, rotation,
                                                  search_scales, scaled_rtn_error)
-from hf_astroquant.pipeline import find_blocks
+from hf_astroquant.blocks import find_blocks
 from tiny import calib_ids, tiny_llama
 
 

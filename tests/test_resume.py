@@ -131,7 +131,7 @@ def test_a_finished_resume_dir_restores_every_block_without_calibrating(tiny6, t
     assert files == [f"block_{i:05d}.safetensors" for i in range(LAYERS)] + ["state.json"]  # streams dropped
     import hf_astroquant.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "_calibrate_block", lambda *a, **k: pytest.fail("calibrated a finished block"))
+    monkeypatch.setattr(pipeline, "quantize_block", lambda *a, **k: pytest.fail("calibrated a finished block"))
     again = _quantize(tiny6, resume_dir=str(tmp_path / "r"))
     assert again.hf_quantizer.report.resumed_blocks == LAYERS
     assert again.hf_quantizer.report.layer_errors == first.hf_quantizer.report.layer_errors
@@ -148,7 +148,7 @@ def test_a_crashed_run_resumes_with_its_partial_full_precision_stream(tiny6, tmp
 
     kw = dict(method="rescomp", fp_samples=5, calibration_batch_size=4)
     plain = _quantize(tiny6, **kw)
-    real, calls = pipeline._calibrate_block, []
+    real, calls = pipeline.quantize_block, []
 
     def crash_at_third_block(*args, **kwargs):
         calls.append(1)
@@ -156,11 +156,11 @@ def test_a_crashed_run_resumes_with_its_partial_full_precision_stream(tiny6, tmp
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "_calibrate_block", crash_at_third_block)
+    monkeypatch.setattr(pipeline, "quantize_block", crash_at_third_block)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _quantize(tiny6, resume_dir=str(tmp_path / "r"), **kw)
     assert _blocks_done(tmp_path / "r") == 2
-    monkeypatch.setattr(pipeline, "_calibrate_block", real)
+    monkeypatch.setattr(pipeline, "quantize_block", real)
     again = _quantize(tiny6, resume_dir=str(tmp_path / "r"), **kw)
     assert again.hf_quantizer.report.resumed_blocks == 2
     a, b = plain.state_dict(), again.state_dict()

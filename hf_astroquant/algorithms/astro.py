@@ -46,6 +46,8 @@ import math
 
 import torch
 
+from .factors import HessianFactors, factors_of
+
 NORMS = ("linf", "range")
 PENALTIES = ("predicted", "paper")
 
@@ -122,11 +124,10 @@ def group_activation_norms(hessian: torch.Tensor, group_size: int) -> torch.Tens
     return _group_sums(torch.diagonal(hessian).float().clamp_min(0), group_size).sqrt()
 
 
-def group_compensated_costs(hessian: torch.Tensor, group_size: int, damp_percent: float = 0.01) -> torch.Tensor:
+def group_compensated_costs(hessian: torch.Tensor, group_size: int, damp_percent: float = 0.01,
+                            factors: HessianFactors | None = None) -> torch.Tensor:
     """c_g = Σ_{i∈g} 1/[H⁻¹]_ii (H damped like the solver's): (n_groups,)."""
-    from .gptq import damped_cholesky
-
-    L, _ = damped_cholesky(hessian, damp_percent)
+    L, _ = factors_of(hessian, damp_percent, factors).cholesky()
     return _group_sums(1.0 / torch.diagonal(torch.cholesky_inverse(L)), group_size)
 
 
@@ -145,10 +146,11 @@ def _largest_eigenvalue(H: torch.Tensor, iters: int = 30) -> float:
     return 1.05 * lam
 
 
-def _predicted_costs(H: torch.Tensor, group_size: int, bits: int, sym: bool, damp_percent: float) -> torch.Tensor:
+def _predicted_costs(H: torch.Tensor, group_size: int, bits: int, sym: bool, damp_percent: float,
+                     factors: HessianFactors | None = None) -> torch.Tensor:
     """The per-group factor of the predicted-error term, c_g/(12·(2^b − 1)²), in units of the
     extent that `group_extent` returns (‖·‖_∞ for symmetric grids, whose ρ = 2·‖·‖_∞: factor 4)."""
-    return group_compensated_costs(H, group_size, damp_percent) / (12 * (2**bits - 1) ** 2) * (4.0 if sym else 1.0)
+    return group_compensated_costs(H, group_size, damp_percent, factors) / (12 * (2**bits - 1) ** 2) * (4.0 if sym else 1.0)
 
 
 def astro_objective(Wp: torch.Tensor, W: torch.Tensor, hessian: torch.Tensor, beta: float, group_size: int,
@@ -170,7 +172,7 @@ def astro_objective(Wp: torch.Tensor, W: torch.Tensor, hessian: torch.Tensor, be
 
 
 def _penalty_terms(W, H, penalty: str, beta: float, lr: float, lam: float, gs: int, norm: str, bits: int,
-                   sym: bool, damp_percent: float):
+                   sym: bool, damp_percent: float, factors: HessianFactors | None = None):
     """(gradient scale, Lipschitz constant L, fixed threshold τ or None, predicted costs c or None) of the
     penalty; None when the paper's relative form is undefined (a zero objective or extent)."""
     out = W.shape[0]
@@ -184,12 +186,14 @@ def _penalty_terms(W, H, penalty: str, beta: float, lr: float, lam: float, gs: i
         L = grad_scale * lam / lr
         return grad_scale, L, (beta / reg0 / L) * a.unsqueeze(0).expand(out, a.numel()), None
     grad_scale = 2.0
-    return grad_scale, grad_scale * lam / lr, None, _predicted_costs(H, gs, bits, sym, damp_percent)
+    return grad_scale, grad_scale * lam / lr, None, _predicted_costs(H, gs, bits, sym, damp_percent, factors)
 
 def astro_reshape(weight: torch.Tensor, hessian: torch.Tensor, *, beta: float = 1.0, steps: int = 25,
                   lr: float = 1.0, group_size: int = 128, bits: int = 4, sym: bool = False,
-                  penalty: str = "predicted", damp_percent: float = 0.01) -> torch.Tensor:
-    """W′ ≈ argmin F(W′) by `steps` FISTA steps from W (module docstring). Returns fp32 (out × in).
+                  penalty: str = "predicted", damp_percent: float = 0.01,
+                  factors: HessianFactors | None = None) -> torch.Tensor:
+    """W′ ≈ argmin F(W′) by `steps` FISTA steps from W (module docstring). Returns fp32 (out × in);
+    `factors` shares the factorization of `hessian` with the solver (`factors.py`).
 
     The extent is the grid's own: 2·‖·‖_∞ for `sym`, max − min otherwise."""
     if penalty not in PENALTIES:
@@ -210,7 +214,8 @@ def astro_reshape(weight: torch.Tensor, hessian: torch.Tensor, *, beta: float = 
     r = d.rsqrt()
     lam = _largest_eigenvalue(H * r.unsqueeze(1) * r.unsqueeze(0))
     out, n_in = W.shape
-    terms = _penalty_terms(W, H, penalty, beta, lr, lam, gs, norm, bits, sym, damp_percent)
+    terms = _penalty_terms(W, H, penalty, beta, lr, lam, gs, norm, bits, sym, damp_percent,
+                           factors_of(hessian, damp_percent, factors))
     if terms is None:
         return W.clone()
     grad_scale, L, fixed_tau, c = terms

@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 
 from .beam import beam_step
+from .factors import HessianFactors, factors_of
 from .gguf_grid import GGUFGrid, fit_gguf_grid
 from .gguf_grid import dequantize as gguf_dequantize
 from .gguf_types import TENSOR_TYPES
@@ -136,6 +137,7 @@ def gptq_quantize(
     clamp: bool = True,
     beam_width: int | None = None,
     tensor_type: str | None = None,
+    factors: HessianFactors | None = None,
 ) -> LayerQuantResult:
     """Quantize `weight` (out × in) against the Hessian `hessian` (in × in).
 
@@ -146,7 +148,7 @@ def gptq_quantize(
     greedy sweep with static grids); None is the greedy sweep.
     `tensor_type` (a GGUF type) replaces bits, group_size and sym by its grid, fitted up front (`gguf_grid.py`,
     `mse` its search, weighted by diag H); the returned weight is then that grid's exact decode of the codes.
-    """
+    `factors` shares the factorization of `hessian` with other solves of the same Hessian (`factors.py`)."""
     from .gptaq import gptaq_p_matrix  # the asymmetric correction; imported here to keep one direction
 
     rows, cols = weight.shape
@@ -154,9 +156,8 @@ def gptq_quantize(
     bits, gs, n_groups = _grid_layout(cols, group_size, bits, tensor_type)
     static_groups = static_groups or beam_width is not None or tensor_type is not None
 
-    # Factor first: the in×in matrices of the factorization are the solve's memory peak, so the
-    # copies of W (and D) are made only once they are done.
-    dead, perm, U, damp_used = _factor_in_sweep_order(hessian, desc_act, damp_percent)
+    # Factor first: the factorization's in×in matrices are the memory peak; W and D are copied after.
+    dead, perm, U, damp_used = factors_of(hessian, damp_percent, factors).sweep(desc_act)
     perm_list = perm.tolist()
     W, D = _dead_columns_zeroed(weight, dxxt, dead)
     gguf, scales, zeros = _initial_grids(W, hessian, gs, n_groups, bits, sym, mse, static_groups, tensor_type)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .gptq import damped_cholesky
+from .factors import HessianFactors, factors_of
 
 
 def _wd_hinv_norm(WD: torch.Tensor, L: torch.Tensor) -> float:
@@ -30,22 +30,22 @@ def _wd_hinv_norm(WD: torch.Tensor, L: torch.Tensor) -> float:
 
 
 def asymmetric_target(weight: torch.Tensor, hessian: torch.Tensor, dxxt: torch.Tensor, alpha: float,
-                      damp_percent: float = 0.01) -> torch.Tensor:
-    """W_ref = W + α·(W·D)·H⁻¹ (H damped like the solver's)."""
+                      damp_percent: float = 0.01, factors: HessianFactors | None = None) -> torch.Tensor:
+    """W_ref = W + α·(W·D)·H⁻¹ (H damped like the solver's; `factors` shares its factorization)."""
     W = weight.float()
     if alpha == 0:
         return W.clone()
-    L, _ = damped_cholesky(hessian, damp_percent)
+    L, _ = factors_of(hessian, damp_percent, factors).cholesky()
     shift = torch.cholesky_solve((W @ dxxt.float()).t(), L).t()  # (W·D)·H⁻¹, H symmetric
     return W + alpha * shift
 
 
 def auto_alpha(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor, dxxt: torch.Tensor,
-               damp_percent: float = 0.01) -> float:
+               damp_percent: float = 0.01, factors: HessianFactors | None = None) -> float:
     """α* = ⟨Q − W, W·D⟩ / tr(W·D·H⁻¹·Dᵀ·Wᵀ), clamped to [0, 1] (0 when W·D = 0)."""
     W = weight.float()
     WD = W @ dxxt.float()
-    den = _wd_hinv_norm(WD, damped_cholesky(hessian, damp_percent)[0])
+    den = _wd_hinv_norm(WD, factors_of(hessian, damp_percent, factors).cholesky()[0])
     if den <= 0:
         return 0.0
     num = float(((quantized.float() - W) * WD).sum())
@@ -53,11 +53,11 @@ def auto_alpha(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Ten
 
 
 def projected_alpha(weight: torch.Tensor, hessian: torch.Tensor, dxxt: torch.Tensor, dxdxt: torch.Tensor,
-                    damp_percent: float = 0.01) -> float:
+                    damp_percent: float = 0.01, factors: HessianFactors | None = None) -> float:
     """α = tr(W·D·H⁻¹·Dᵀ·Wᵀ) / tr(W·G·Wᵀ), clamped to [0, 1] (0 when W·ΔX = 0)."""
     W = weight.float()
     den = float(((W @ dxdxt.float()) * W).sum())
     if den <= 0:
         return 0.0
-    num = _wd_hinv_norm(W @ dxxt.float(), damped_cholesky(hessian, damp_percent)[0])
+    num = _wd_hinv_norm(W @ dxxt.float(), factors_of(hessian, damp_percent, factors).cholesky()[0])
     return min(1.0, max(0.0, num / den))

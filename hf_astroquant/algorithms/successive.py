@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .factors import HessianFactors, factors_of
 from .gptq import LayerQuantResult, damped_cholesky
 from .gguf_grid import dequantize as gguf_dequantize
 from .gguf_grid import fit_gguf_grid
@@ -24,31 +25,28 @@ from .grid import fit_groups
 
 def successive_quantize(target: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int = -1,
                         sym: bool = False, damp_percent: float = 0.01, block_size: int = 128,
-                        mse: bool = False, tensor_type: str | None = None) -> LayerQuantResult:
+                        mse: bool = False, tensor_type: str | None = None,
+                        factors: HessianFactors | None = None) -> LayerQuantResult:
     """Greedy successive rounding of `target` (out × in) under the Hessian `hessian` (in × in);
-    `tensor_type` (a GGUF tensor type) decodes onto that type's grid, fitted on the target."""
+    `tensor_type` (a GGUF tensor type) decodes onto that type's grid, fitted on the target; `factors`
+    shares the factorization of `hessian` (`factors.py`)."""
     T = target.detach().float().clone()
-    H = hessian.detach().float().clone()
     rows, cols = T.shape
-    if H.shape != (cols, cols):
-        raise ValueError(f"Hessian shape {tuple(H.shape)} does not match weight shape {tuple(T.shape)}")
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match weight shape {tuple(T.shape)}")
     gs = cols if group_size == -1 else group_size
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    dead, order, L, damp_used = factors_of(hessian, damp_percent, factors).ascending_cholesky()
     T[:, dead] = 0
     gguf = None
     if tensor_type is not None:
-        gguf = fit_gguf_grid(T, tensor_type, search=mse, importance=torch.diag(H))
+        gguf = fit_gguf_grid(T, tensor_type, search=mse, importance=torch.diag(hessian).float().masked_fill(dead, 1))
         bits, gs = gguf.spec.bits, gguf.spec.sub
         scales, zeros = gguf.a, gguf.sweep_zero
     else:
         scales, zeros = fit_groups(T, gs, bits, sym, mse=mse)
     g_idx = torch.arange(cols, dtype=torch.int32) // gs
 
-    order = torch.argsort(torch.diag(H))  # ascending: decoded last to first
-    Tp, Hp = T[:, order], H[order][:, order]
-    L, damp_used = damped_cholesky(Hp, damp_percent)  # same damping and escalation rule as GPTQ
-    del Hp, H
+    Tp = T[:, order]
     g = g_idx[order.cpu()].long().to(T.device)
     S, Z = scales[g].t(), zeros[g].t()  # (rows, cols) in decoding order
     maxq = 2**bits - 1
@@ -74,6 +72,17 @@ def successive_quantize(target: torch.Tensor, hessian: torch.Tensor, *, bits: in
     weight = Q[:, inv] if gguf is None else gguf_dequantize(codes, gguf)
     return LayerQuantResult(codes=codes, scales=scales, zeros=zeros.to(torch.int32), g_idx=g_idx, weight=weight,
                             damp_percent=damp_used, gguf=gguf)
+
+
+def factor_ascending(hessian: torch.Tensor, damp_percent: float):
+    """(dead columns, the decoding order, L, the damping used): L·Lᵀ = H′ + λ·mean(diag H′)·I with
+    H′ = H with unit curvature on dead columns, permuted by ascending diag H′ (decoded last to first)."""
+    H = hessian.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    order = torch.argsort(torch.diag(H))
+    L, damp_used = damped_cholesky(H[order][:, order], damp_percent)  # same damping and escalation rule as GPTQ
+    return dead, order, L, damp_used
 
 
 def successive_objective_terms(target: torch.Tensor, quantized: torch.Tensor, L: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,83 @@
+"""The preconditioning transforms (preconditioning.py) driven from the block loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import AstroQuantConfig
+from .stream import run_block
+
+class Preconditioner:
+    """transform="rotate" | "scale" | "adaptive" (preconditioning.py), driven from the block loop:
+    the residual rotation before the first block's inputs are captured (checked on the model's
+    logits), scales per block on the inputs the block sees (before its full-precision stream and
+    its calibration; checked on the block's output)."""
+
+    def __init__(self, model: nn.Module, cfg: AstroQuantConfig, blocks, names: list[str]):
+        from . import preconditioning as pc
+
+        self.pc, self.model, self.cfg, self.blocks, self.names = pc, model, cfg, blocks, names
+        self.sites = pc.check_foldable(model, blocks, names, cfg.transform)
+        self.record: dict[str, Any] = {"transform": cfg.transform, "blocks": {n: {} for n in names}}
+        self.scale_sites: list[list[str]] = [[] for _ in names]
+
+    def before_calibration(self) -> None:
+        pc, cfg = self.pc, self.cfg
+        if cfg.transform == "scale":
+            self.scale_sites = [pc.scale_sites(bs) for bs in self.sites]
+            return
+        if cfg.transform == "rotate":
+            self._rotate()
+            for bs in self.sites:
+                self.record["blocks"][bs.name] = pc.rotation_record(bs)
+            return
+        # adaptive: the residual rotation, then per site by the kurtosis z-score of the rotated weights
+        before = self._rotate(value_output=[False] * len(self.names))
+        kurt = [pc.site_kurtosis(bs) for bs in self.sites]
+        choices = pc.adaptive_choices(kurt, cfg.kurtosis_threshold_attn, cfg.kurtosis_threshold_mlp)
+        pc.rotate_value_outputs(self.model, self.sites, cfg.seed, [c.get("vo") == "rotate" for c in choices])
+        pc.check_kept(before, pc.probe_logits(self.model), weight_dtype(self.model),
+                      "the residual and value/output rotations")
+        for bs, c, k in zip(self.sites, choices, kurt):
+            self.record["blocks"][bs.name] = dict(c)
+            self.record.setdefault("kurtosis", {})[bs.name] = {site: round(v, 4) for site, v in k.items()}
+        allowed = [set(pc.scale_sites(bs)) for bs in self.sites]
+        self.scale_sites = [[site for site, choice in c.items() if choice == "scale" and site in ok]
+                            for c, ok in zip(choices, allowed)]
+
+    def _rotate(self, value_output: list[bool] | None = None) -> torch.Tensor:
+        """The residual rotation, checked on the logits; returns the logits from before it (the reference)."""
+        pc = self.pc
+        before = pc.probe_logits(self.model)
+        self.record.update(pc.rotate_residual(self.model, self.sites, self.cfg.seed, value_output))
+        self.record["logit_deviation"] = pc.check_kept(before, pc.probe_logits(self.model),
+                                                       weight_dtype(self.model), "the residual rotation")
+        return before
+
+    def before_block(self, i: int, inputs: list[torch.Tensor], kwargs_list: list[dict]) -> None:
+        sites = self.scale_sites[i]
+        if not sites:
+            return
+        pc, block, bs = self.pc, self.blocks[i], self.sites[i]
+        stats = pc.SiteStats(bs, sites)
+        try:
+            outs = [run_block(block, x, kw) for x, kw in zip(inputs[:1], kwargs_list[:1])]
+            for x, kw in zip(inputs[1:], kwargs_list[1:]):
+                run_block(block, x, kw)
+        finally:
+            stats.close()
+        alphas = pc.scale_block(self.model, bs, stats.h, sites, self.cfg.bits, self.cfg.group_size, self.cfg.sym)
+        if any(a > 0 for a in alphas.values()):
+            pc.check_kept(outs[0], run_block(block, inputs[0], kwargs_list[0]), weight_dtype(self.model),
+                          f"the scales of {bs.name}")
+        rec = self.record["blocks"][bs.name]
+        for site, a in alphas.items():
+            rec[site] = "scale" if a > 0 else "none"
+            rec.setdefault("scale_alpha", {})[site] = a
+
+
+def weight_dtype(model: nn.Module) -> torch.dtype:
+    return model.get_input_embeddings().weight.dtype

@@ -1,0 +1,112 @@
+"""One Linear's solve inside the pipeline: from its statistics to its packed layer, recorded in the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+from torch import nn
+
+from .algorithms import solve_linear
+from .algorithms.factors import HessianFactors
+from .algorithms.gptq import reconstruction_error
+from .algorithms.solve import SolverOptions
+from .config import AstroQuantConfig
+from .experts import BlockExperts
+from .memory import trim_heap
+from .modules import QuantLinear, make_layer
+from .report import QuantizationReport
+from .statistics import Stats
+
+logger = logging.getLogger("hf_astroquant")
+
+
+class LayerSolver:
+    """Solves one Linear from its Hessian and replaces its weight by the quantized value."""
+
+    def __init__(self, cfg: AstroQuantConfig, report: QuantizationReport):
+        self.cfg, self.report = cfg, report
+        self.options = cfg.solver_options()
+        self.packed: dict[str, QuantLinear] = {}
+        self.experts: BlockExperts | None = None  # the block's experts, when it has any
+
+    def round_to_nearest(self, name: str, linear: nn.Linear, stats: "Stats | None") -> None:
+        """The stated fallback for an expert that saw fewer than min_expert_tokens tokens: round to
+        nearest (no error correction from a Hessian of a handful of tokens), recorded in the report."""
+        W = linear.weight.data
+        result, packed = rounded_layer(self.cfg, name, linear, mse=False)
+        self.report.expert_fallback[name] = stats.n if stats is not None else 0
+        if stats is not None:
+            self.report.layer_errors[name] = reconstruction_error(W, result.weight, stats.normalize().h)
+        linear.weight.data.copy_(result.weight.to(linear.weight.dtype))
+        packed.set_backend("reference")
+        self.packed[name] = packed
+
+    def __call__(self, name: str, linear: nn.Linear, stats: Stats, device: torch.device | None = None,
+                 factors: HessianFactors | None = None) -> None:
+        """Solve `linear` (on `device` when given: its weight and statistics are copied there and
+        the result comes back to the Linear's device). `factors`: the factorizations of the stage's
+        H (on `device`), shared by the Linears that have this H (`stage_factors`)."""
+        with self.report.timing("solve"):
+            self._solve(name, linear, stats, device, factors)
+
+    def _solve(self, name: str, linear: nn.Linear, stats: Stats, device: torch.device | None,
+               factors: HessianFactors | None) -> None:
+        if self.experts is not None and name in self.experts and stats.n < self.cfg.min_expert_tokens:
+            return self.round_to_nearest(name, linear, stats)
+        W = linear.weight.data
+        check_finite_weights(name, W)
+        home = W.device
+        factors = factors or stage_factors(stats, device or home, self.cfg.damp_percent)
+        H, D, G = factors.hessian, stats.d, stats.g
+        if H.device != home:
+            W = W.to(H.device)
+            D = D.to(H.device) if D is not None else None
+            G = G.to(H.device) if G is not None else None
+        opts = dataclasses.replace(self.options, tensor_type=self.cfg.tensor_type_of(name))
+        try:
+            result, alpha = solve_linear(W, H, opts, D, G, factors)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from exc
+        err = reconstruction_error(W, result.weight, H)
+        self.report.layer_errors[name] = err
+        self.report.damping[name] = result.damp_percent
+        if self.options.needs_fp_stream:
+            self.report.asym_alpha[name] = alpha
+        logger.debug("%s: relative reconstruction error %.3e (damp %.3g, asym alpha %.3g)", name, err,
+                     result.damp_percent, alpha)
+        if result.weight.device != home:
+            result = dataclasses.replace(result, **{f.name: getattr(result, f.name).to(home)
+                                                    for f in dataclasses.fields(result)
+                                                    if isinstance(getattr(result, f.name), torch.Tensor)})
+        linear.weight.data.copy_(result.weight.to(linear.weight.dtype))
+        # Packed now, so a block holds its packed layers rather than full-size codes and weights.
+        # The reference path computes F.linear with exactly these de-quantized values, so a forward
+        # through the packed layer gives the same outputs as the Linear; a kernel might not.
+        packed = make_layer(result, self.cfg, linear.bias)
+        packed.set_backend("reference")
+        self.packed[name] = packed
+        del result
+        trim_heap()
+
+
+def rounded_layer(cfg: AstroQuantConfig, name: str, linear: nn.Linear, mse: bool):
+    """(round-to-nearest result, its packed layer) for the Linear `name` on the configured grid."""
+    check_finite_weights(name, linear.weight.data)
+    opts = SolverOptions(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, mse=mse, method="rtn",
+                         tensor_type=cfg.tensor_type_of(name))
+    result, _ = solve_linear(linear.weight.data, None, opts)
+    return result, make_layer(result, cfg, linear.bias)
+
+
+def stage_factors(stats: Stats, device: torch.device, damp_percent: float) -> HessianFactors:
+    """The shared factorizations of a stage's normalized H, on `device` (H is copied there when it
+    lives elsewhere: once per device, not once per Linear)."""
+    H = stats.normalize().h
+    return HessianFactors(H if H.device == device else H.to(device), damp_percent)
+
+
+def check_finite_weights(name: str, weight: torch.Tensor) -> None:
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"weights of {name} contain NaN or Inf; cannot quantize")

@@ -1,0 +1,73 @@
+"""Per-Linear calibration statistics: H = 2·X·Xᵀ/N, and against the full-precision stream
+D = 2·ΔX·Xᵀ/N and G = 2·ΔX·ΔXᵀ/N, accumulated in fp32 batch by batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+@dataclass
+class Stats:
+    """Sums over calibration tokens for one Linear input: Σxᵀx over n tokens, and with the
+    full-precision input x̃ (Δx = x̃ − x) Σ Δxᵀx and, when asked, Σ Δxᵀ Δx over the n_fp tokens
+    that have one (fp_samples: the first windows of a batch); fp32."""
+
+    h: torch.Tensor
+    n: int
+    d: torch.Tensor | None = None
+    g: torch.Tensor | None = None
+    n_fp: int = 0
+    normalized: bool = False
+
+    def normalize(self) -> "Stats":
+        """Turn the sums into H = 2·ΣxᵀX/N (and D, G alike over their own tokens), in place and
+        once: the Linears of one stage share these statistics, and a scaled copy per Linear would
+        double the memory."""
+        if not self.normalized:
+            self.h.mul_(2.0 / self.n)
+            for t in (self.d, self.g):
+                if t is not None:
+                    t.mul_(2.0 / self.n_fp)
+            self.normalized = True
+        return self
+
+    def add(self, other: "Stats") -> "Stats":
+        self.h.add_(other.h)
+        self.n += other.n
+        self.n_fp += other.n_fp
+        self.d = _sum(self.d, other.d)
+        self.g = _sum(self.g, other.g)
+        return self
+
+
+def _sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """a + b (in place into a) where a batch without full-precision windows contributes None."""
+    if a is None or b is None:
+        return b if a is None else a
+    return a.add_(b)
+
+
+def input_stats(x: torch.Tensor, x_fp: torch.Tensor | None = None, with_g: bool = False) -> Stats:
+    """Statistics of one batch of inputs x (windows, ..., in), and of the full-precision inputs
+    x_fp of its first windows (all of them, or fewer with fp_samples)."""
+    x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    h = x.t() @ x
+    if not torch.isfinite(torch.diagonal(h)).all():  # a NaN/Inf input shows on the diagonal; cheaper than scanning x
+        raise NonFiniteInput()
+    stats = Stats(h, x.shape[0])
+    if x_fp is not None:
+        x_fp = x_fp.reshape(-1, x.shape[-1])
+        x = x[:x_fp.shape[0]]  # windows lead, so the first windows are the first rows
+        dx = x_fp.to(device=x.device, dtype=torch.float32) - x
+        stats.d = dx.t() @ x
+        stats.n_fp = x.shape[0]
+        if not torch.isfinite(torch.diagonal(stats.d)).all():
+            raise NonFiniteInput()
+        if with_g:
+            stats.g = dx.t() @ dx
+    return stats
+
+
+class NonFiniteInput(Exception):
+    pass

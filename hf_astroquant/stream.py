@@ -1,0 +1,153 @@
+"""The calibration stream: the first block's inputs and every block's keyword arguments, running a
+block (whole, or stopped early from a hook), and the full-precision stream's windows."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from . import offload
+from .blocks import text_config
+
+logger = logging.getLogger("hf_astroquant")
+
+# Activation memory per forward pass when the user does not fix calibration_batch_size.
+_CPU_BATCH_BUDGET = 4 * 2**30
+
+
+class StopForward(Exception):
+    """Raised from a hook to end a forward pass early."""
+
+
+def auto_batch_size(model: nn.Module, seqlen: int, device: torch.device) -> int:
+    cfg = text_config(model)
+    hidden = getattr(cfg, "hidden_size", 4096)
+    inter = getattr(cfg, "intermediate_size", 4 * hidden) or 4 * hidden
+    heads = getattr(cfg, "num_attention_heads", 32)
+    per_window = seqlen * (6 * hidden + 3 * inter) * 4 + heads * seqlen * seqlen * 4
+    if device.type == "cuda":
+        budget = torch.cuda.mem_get_info(device)[0] // 2
+    else:
+        budget = _CPU_BATCH_BUDGET
+    return max(1, int(budget // per_window))
+
+
+@contextmanager
+def pre_hooks(modules, hook, with_kwargs: bool = False):
+    """Forward pre-hooks on `modules` for the duration of a `with` block."""
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=with_kwargs) for m in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_block(block: nn.Module, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def run_block_capturing(block: nn.Module, x: torch.Tensor, kwargs: dict, targets: dict[str, nn.Linear],
+                         store: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run the (full-precision) block and capture every target Linear's input, kept on `store`;
+    Linears that share one input tensor share one stored copy."""
+    names = {mod: name for name, mod in targets.items()}
+    captured: dict[str, torch.Tensor] = {}
+    stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (stored copy, the live input)
+
+    def grab(module, args):
+        x_in = args[0]
+        if id(x_in) not in stored:
+            stored[id(x_in)] = (x_in.detach().to(store), x_in)  # keep x_in alive: ids stay unique
+        captured[names[module]] = stored[id(x_in)][0]
+
+    with pre_hooks(targets.values(), grab):
+        out = run_block(block, x, kwargs)
+    return out, captured
+
+
+def tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def fp_stream_batches(batches: list[torch.Tensor], fp_samples: int | None) -> list[torch.Tensor]:
+    """The windows the full-precision stream runs on: all (`batches` itself) when `fp_samples` is
+    None or covers them, else the first `fp_samples` windows, taken from the front of each batch
+    in turn, so that stream batch b holds the first windows of calibration batch b."""
+    if fp_samples is None or fp_samples >= sum(len(b) for b in batches):
+        return batches
+    out, left = [], fp_samples
+    for batch in batches:
+        if left <= 0:
+            break
+        out.append(batch[:left])
+        left -= len(out[-1])
+    return out
+
+
+_RUN_ONLY_KWARGS = ("hidden_states", "past_key_values", "use_cache")
+
+
+def capture_block_inputs(model: nn.Module, blocks: list[nn.Module], batches: list[torch.Tensor]):
+    """Run the model on every batch with each block replaced by a recorder; return (the first
+    block's input per batch, kwargs[block][batch]: the keyword arguments the model gives each block).
+
+    Models with `config.layer_types` (Gemma 2/3, gpt-oss, Qwen with sliding windows, ...) give each
+    layer type its own attention mask and rotary embeddings, so every block keeps its own. The
+    recorders return their input unchanged, so no block's weights are touched (or onloaded); the
+    last one stops the forward. Most models pass every block the same objects, so this holds no
+    more than one block's kwargs."""
+    inputs: list[torch.Tensor] = []
+    kwargs: list[list[dict]] = [[] for _ in blocks]
+
+    def recorder(i):
+        def forward(*args, **kw):
+            hidden = args[0] if args else kw["hidden_states"]
+            if i == 0:
+                inputs.append(hidden.detach())
+            kwargs[i].append({k: v for k, v in kw.items() if k not in _RUN_ONLY_KWARGS})
+            if i == len(blocks) - 1:
+                raise StopForward
+            return hidden
+        return forward
+
+    device = offload.execution_device(model.get_input_embeddings())
+    saved = [block.__dict__.get("forward") for block in blocks]  # accelerate's hook wraps forward per instance
+    try:
+        for i, block in enumerate(blocks):
+            block.forward = recorder(i)
+        for n, batch in enumerate(batches, start=1):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except StopForward:
+                pass
+            except Exception as exc:  # the model's own code between blocks failed on the recorders' output
+                if len(inputs) < n:  # before the first block: a real error
+                    raise
+                _fill_from_first_block(kwargs, exc)
+    finally:
+        for block, forward in zip(blocks, saved):
+            del block.forward
+            if forward is not None:
+                block.forward = forward
+    return inputs, kwargs
+
+
+def _fill_from_first_block(kwargs: list[list[dict]], exc: Exception) -> None:
+    """Blocks the recorders did not reach this batch get the first block's kwargs (the one case where
+    a model's per-layer arguments cannot be captured without running its blocks)."""
+    n = len(kwargs[0])
+    missing = [i for i, per_batch in enumerate(kwargs) if len(per_batch) < n]
+    logger.warning("could not record the keyword arguments of blocks %s (%s: %s); they are calibrated with the "
+                   "first block's", missing, type(exc).__name__, exc)
+    for i in missing:
+        kwargs[i].append(kwargs[0][-1])
