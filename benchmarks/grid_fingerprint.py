@@ -6,7 +6,9 @@
 
 `--calibration-batch-size 4` splits the 16 windows into 4 batches, so every Linear is calibrated
 stage by stage over several forwards instead of in the single forward that one batch allows:
-the two paths of the block's solve scheduling are checked apart.
+the two paths of the block's solve scheduling are checked apart. `--fp-capture-budget 0` makes the
+full-precision inputs of the asymmetric solvers stage by stage (`stream.FP_CAPTURE_BUDGET`) instead
+of captured in one forward: both must give the same hashes.
 
 Each row quantizes the same tiny random Llama (3 layers, hidden 128) on the same random token
 windows with the row's options, and records a SHA-256 of every tensor of the quantized model's
@@ -82,6 +84,8 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", help="rows of bench_quality.ROWS (default: all)")
     ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
     ap.add_argument("--calibration-batch-size", type=int, help="windows per forward (default: all 16 in one)")
+    ap.add_argument("--fp-capture-budget", type=int, help="bytes of full-precision inputs captured at once (default: "
+                    "the package's)")
     args = ap.parse_args()
     if args.compare:
         before, after = (json.loads(Path(p).read_text()) for p in args.compare)
@@ -94,6 +98,10 @@ def main() -> None:
         sys.exit(1 if differ else 0)
     from bench_quality import ROWS
 
+    if args.fp_capture_budget is not None:
+        import hf_astroquant.stream
+
+        hf_astroquant.stream.FP_CAPTURE_BUDGET = args.fp_capture_budget
     result = run(args.rows or sorted(ROWS), args.calibration_batch_size)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")

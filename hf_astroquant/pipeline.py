@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import offload, resume
+from . import stream as calibration_stream
 from .algorithms import gguf_types
 from .blocks import block_targets, find_blocks, place_layer, text_config
 from .calibration import batch_windows, prepare_calibration
@@ -36,7 +37,8 @@ from .preconditioner import Preconditioner
 from .report import QuantizationReport, report_state, restore_report
 from .scheduling import quantize_block, solve_devices
 from .solving import LayerSolver, rounded_layer
-from .stream import auto_batch_size, capture_block_inputs, fp_stream_batches, run_block, run_block_capturing, tensor_bytes
+from .stream import (CapturedFpInputs, StagewiseFpInputs, auto_batch_size, capture_block_inputs, fp_stream_batches,
+                     run_block, run_block_capturing, tensor_bytes)
 
 logger = logging.getLogger("hf_astroquant")
 
@@ -92,6 +94,7 @@ class _Run:
         self.device = offload.execution_device(self.blocks[0])
         self.pre = Preconditioner(model, cfg, self.blocks, self.names) if cfg.transform != "none" else None
         self.checkpoints, self.state, self.first, self.earlier_seconds = None, None, 0, 0.0
+        self.fp_stagewise = False  # the full-precision inputs outgrew FP_CAPTURE_BUDGET: made stage by stage
 
     def _choose_gguf_types(self, should_convert):
         """Record each target's GGUF tensor type (llama.cpp's mixture, `gguf_types.tensor_type`) in
@@ -202,21 +205,41 @@ class _Run:
                 fp_inputs = [x.to(store) for x in saved_fp]
         return inputs, kwargs_list, fp_inputs, fp_kwargs
 
-    def advance_fp_stream(self, block, fp_inputs, fp_kwargs, targets, asymmetric: bool, store: torch.device):
-        """Run the full-precision block on its stream: (its outputs, every target's captured input per
-        batch for the asymmetric solvers, else None)."""
+    def advance_fp_stream(self, block, fp_inputs, fp_kwargs, targets, asymmetric: bool, store: torch.device,
+                          block_name: str = "", stagewise_ok: bool = False):
+        """Run the full-precision block on its stream: (its outputs, for the asymmetric solvers where
+        the targets' full-precision inputs come from, else None). They are captured in this forward
+        while they fit `stream.FP_CAPTURE_BUDGET` (or always, unless `stagewise_ok`: experts are reached by
+        routing, which differs between the streams); once the next batch would pass it, for this block
+        and the later ones, each stage's input is made when its statistics ask (`StagewiseFpInputs`)."""
+        capture = asymmetric and not (stagewise_ok and self.fp_stagewise)
+        budget, held = calibration_stream.FP_CAPTURE_BUDGET, 0
         outs, captured = [], []
         with self.report.timing("fp_stream"):
             for x, kw in zip(fp_inputs, fp_kwargs):
-                if asymmetric:
+                # the next batch is about the size of the last: stop capturing before it passes the budget
+                if capture and stagewise_ok and (budget <= 0 or captured and held + held // len(captured) > budget):
+                    logger.info("the full-precision inputs of %s would pass %d bytes: from here on they are made "
+                                "stage by stage", block_name, budget)
+                    self.report.fp_stream_bytes = max(self.report.fp_stream_bytes,
+                                                      tensor_bytes(outs + fp_inputs) + held)
+                    self.fp_stagewise, capture, captured = True, False, []
+                if capture:
                     out, cap = run_block_capturing(block, x.to(self.device), kw, targets, store)
                     captured.append(cap)
+                    held = tensor_bytes(t for c in captured for t in c.values())
                 else:
                     out = run_block(block, x.to(self.device), kw)
                 outs.append(out.to(store))
-        self.report.fp_stream_bytes = max(self.report.fp_stream_bytes, tensor_bytes(
-            outs + fp_inputs + [t for cap in captured for t in cap.values()]))
-        return outs, (captured if asymmetric else None)
+        if not asymmetric:
+            source = None
+        elif capture:
+            source = CapturedFpInputs(captured)
+        else:
+            source = StagewiseFpInputs(block, block_name, targets, fp_inputs, fp_kwargs, self.device)
+        self.report.fp_stream_bytes = max(self.report.fp_stream_bytes, tensor_bytes(outs + fp_inputs)
+                                          + (source.peak_bytes if source is not None else 0))
+        return outs, source
 
     def place_solved(self, solver: "LayerSolver", targets: dict, homes: dict) -> dict | None:
         """Put every solved layer where its Linear lived; return its tensors for a checkpoint."""
@@ -261,18 +284,23 @@ class _Run:
         homes = {**onload_experts(block, name), **offload.onload(targets)}
         experts = BlockExperts(block, name)
         solver.experts = experts if experts.owners else None
-        fp_inputs, fp_captured = fp_stream[0], None
+        fp_inputs, fp_source = fp_stream[0], None
         try:
             if fp_inputs is not None:
                 experts.set_all_tokens(asymmetric)  # every expert's full-precision input on every token
-                fp_inputs, fp_captured = self.advance_fp_stream(block, fp_inputs, fp_stream[1], targets, asymmetric,
-                                                                store)
+                fp_outputs, fp_source = self.advance_fp_stream(block, fp_inputs, fp_stream[1], targets, asymmetric,
+                                                               store, name, stagewise_ok=not experts.owners)
             experts.set_all_tokens(self.cfg.calibrate_all_experts)
             inputs, missed = quantize_block(targets, stream[0], stream[1], block, solver, self.cfg.true_sequential,
-                                              fp_captured, name, devices)
+                                            fp_source, name, devices)
         finally:
             report.expert_tokens.update(experts.finish())
-        del fp_captured
+        if isinstance(fp_source, StagewiseFpInputs):  # its peak is known once every stage has taken its input
+            report.fp_stream_bytes = max(report.fp_stream_bytes,
+                                         tensor_bytes(fp_outputs + fp_inputs) + fp_source.peak_bytes)
+        if fp_inputs is not None:
+            fp_inputs = fp_outputs
+        del fp_source
         for lname in missed:
             if lname in experts:  # no token was routed to it: the stated fallback
                 solver.round_to_nearest(lname, targets[lname], None)

@@ -22,7 +22,7 @@ from .config import AstroQuantConfig
 from .memory import release_weight
 from .solving import LayerSolver, stage_factors
 from .statistics import NonFiniteInput, Stats, input_stats
-from .stream import StopForward, pre_hooks, run_block
+from .stream import CapturedFpInputs, StagewiseFpInputs, StopForward, pre_hooks, run_block
 
 def quantize_block(
     targets: dict[str, nn.Linear],
@@ -31,14 +31,14 @@ def quantize_block(
     block: nn.Module,
     solver: LayerSolver,
     true_sequential: bool,
-    fp_captured: list[dict[str, torch.Tensor]] | None = None,
+    fp_source: CapturedFpInputs | StagewiseFpInputs | None = None,
     block_name: str = "",
     devices: list[torch.device] | None = None,
 ) -> tuple[list[torch.Tensor], list[str]]:
     """Quantize every target Linear of `block` (named `block_name` in the model); return its
     quantized outputs per batch and the targets that no forward pass reached.
-    `fp_captured[b][name]` is the input the full-precision block gave `name` on batch b (for the
-    asymmetric solvers). Each solved Linear is swapped for its packed layer at once (see
+    `fp_source.take(name, b)` is the input the full-precision block gives `name` on batch b (for the
+    asymmetric solvers: stream.py). Each solved Linear is swapped for its packed layer at once (see
     `LayerSolver`), so later forwards run the packed layers and the full-size weights go early."""
     done: set[str] = set()
     names = {mod: name for name, mod in targets.items()}
@@ -49,8 +49,9 @@ def quantize_block(
 
     def input_hessian(name, x, bi=0):
         # Batches past the full-precision stream's (fp_samples) add to H only.
-        has_fp = fp_captured is not None and bi < len(fp_captured)
-        x_fp = fp_captured[bi].get(name) if has_fp else None
+        has_fp = fp_source is not None and bi < len(fp_source)
+        with solver.report.timing("fp_stream"):
+            x_fp = fp_source.take(name, bi) if has_fp else None
         if has_fp and x_fp is None:
             raise ValueError(f"{name} was not reached by the full-precision forward; cannot calibrate it asymmetrically")
         if x_fp is not None and solver.experts is not None:

@@ -39,7 +39,7 @@ class LayerSolver:
         self.report.expert_fallback[name] = stats.n if stats is not None else 0
         if stats is not None:
             self.report.layer_errors[name] = reconstruction_error(W, result.weight, stats.normalize().h)
-        linear.weight.data.copy_(result.weight.to(linear.weight.dtype))
+        set_weight(linear, result.weight)
         packed.set_backend("reference")
         self.packed[name] = packed
 
@@ -80,7 +80,7 @@ class LayerSolver:
             result = dataclasses.replace(result, **{f.name: getattr(result, f.name).to(home)
                                                     for f in dataclasses.fields(result)
                                                     if isinstance(getattr(result, f.name), torch.Tensor)})
-        linear.weight.data.copy_(result.weight.to(linear.weight.dtype))
+        set_weight(linear, result.weight)
         # Packed now, so a block holds its packed layers rather than full-size codes and weights.
         # The reference path computes F.linear with exactly these de-quantized values, so a forward
         # through the packed layer gives the same outputs as the Linear; a kernel might not.
@@ -105,6 +105,12 @@ def stage_factors(stats: Stats, device: torch.device, damp_percent: float) -> He
     lives elsewhere: once per device, not once per Linear)."""
     H = stats.normalize().h
     return HessianFactors(H if H.device == device else H.to(device), damp_percent)
+
+
+def set_weight(linear: nn.Linear, weight: torch.Tensor) -> None:
+    """Give `linear` the quantized `weight` as a new tensor: the original one is left as it was, for a
+    full-precision forward that still needs it (stream.StagewiseFpInputs)."""
+    linear.weight.data = weight.to(linear.weight.dtype).contiguous()
 
 
 def check_finite_weights(name: str, weight: torch.Tensor) -> None:

@@ -151,3 +151,86 @@ def _fill_from_first_block(kwargs: list[list[dict]], exc: Exception) -> None:
                    "first block's", missing, type(exc).__name__, exc)
     for i in missing:
         kwargs[i].append(kwargs[0][-1])
+
+
+# Bytes of full-precision Linear inputs one block may capture at once (asymmetric solvers). Up to it,
+# one forward captures them all (cheapest); past it they are made stage by stage, holding one stage's
+# input of one batch at a time, at the price of a partial forward per stage and batch.
+FP_CAPTURE_BUDGET = 4 * 2**30
+
+
+class CapturedFpInputs:
+    """Every target's full-precision input of every batch, captured in one forward of the full-precision
+    block (`run_block_capturing`): what a block whose experts route differently in the two streams needs."""
+
+    def __init__(self, captured: list[dict[str, torch.Tensor]]):
+        self.captured = captured
+        self.peak_bytes = tensor_bytes(t for cap in captured for t in cap.values())
+
+    def __len__(self) -> int:
+        return len(self.captured)
+
+    def take(self, name: str, bi: int) -> torch.Tensor | None:
+        return self.captured[bi].get(name)
+
+
+class _FullPrecisionLinear(nn.Module):
+    """A target's full-precision weight and bias, computed as nn.Linear computes them."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.w, self.b = weight, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.w, self.b)
+
+
+class StagewiseFpInputs:
+    """The full-precision input of one stage on one batch at a time, made when the stage's statistics
+    ask for it: a forward of the full-precision block on that batch, stopped at the stage's first
+    Linear. So the stream holds the block's inputs and outputs and one stage's input of one batch,
+    not every Linear's input of every window (6.5× the hidden state for a Llama block).
+
+    The full-precision block is the block itself with the targets' original weights put back for the
+    forward (the solver gives a solved Linear a new weight tensor and leaves the original one as it
+    was); it computes exactly what the forward that captured every input computed, so the statistics
+    are the same to the bit. It costs one partial full-precision forward per stage and batch."""
+
+    def __init__(self, block: nn.Module, block_name: str, targets: dict[str, nn.Linear],
+                 fp_inputs: list[torch.Tensor], fp_kwargs: list[dict], device: torch.device):
+        self.block, self.prefix, self.inputs, self.kwargs, self.device = block, block_name, fp_inputs, fp_kwargs, device
+        self.originals = {name: _FullPrecisionLinear(lin.weight.data, lin.bias) for name, lin in targets.items()}
+        self.peak_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def _path(self, name: str) -> str:
+        return name[len(self.prefix) + 1:] if self.prefix else name
+
+    def take(self, name: str, bi: int) -> torch.Tensor | None:
+        """The input the full-precision block gives `name` on batch `bi` (None: not reached)."""
+        from .blocks import set_submodule
+
+        got: dict[str, torch.Tensor] = {}
+
+        def grab(module, args):
+            got["x"] = args[0].detach()
+            raise StopForward
+
+        placed = {n: self.block.get_submodule(self._path(n)) for n in self.originals}
+        handle = self.originals[name].register_forward_pre_hook(grab)
+        try:
+            for n, original in self.originals.items():
+                set_submodule(self.block, self._path(n), original)
+            run_block(self.block, self.inputs[bi].to(self.device), self.kwargs[bi])
+        except StopForward:
+            pass
+        finally:
+            handle.remove()
+            for n, module in placed.items():
+                set_submodule(self.block, self._path(n), module)
+        x = got.get("x")
+        if x is not None:
+            self.peak_bytes = max(self.peak_bytes, tensor_bytes([x]))
+        return x

@@ -272,26 +272,61 @@ def test_d_statistic_is_the_drift_against_the_full_precision_inputs(tiny_dir, mo
     assert torch.allclose(D.double(), expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
 
 
-def test_fp_samples_shrinks_the_full_precision_stream_in_proportion(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("budget", [0, None])
+def test_fp_samples_shrinks_the_full_precision_stream_in_proportion(tiny_dir, monkeypatch, budget):
     """The full-precision forward runs on fp_samples windows only: the stream's bytes and the
-    windows the block forwards see fall from 16 to 4."""
-    import hf_astroquant.pipeline as pipeline
+    windows each stage's full-precision input covers fall from 16 to 4, whether the inputs are made
+    stage by stage (budget 0) or captured at once."""
+    import hf_astroquant.stream as stream
 
-    real, fp_windows = pipeline.run_block_capturing, []
+    if budget is not None:
+        monkeypatch.setattr(stream, "FP_CAPTURE_BUDGET", budget)
+    real, fp_windows = (stream.StagewiseFpInputs if budget == 0 else stream.CapturedFpInputs).take, []
 
-    def spy(block, x, *args, **kwargs):
+    def spy(self, name, bi):
+        x = real(self, name, bi)
         fp_windows.append(x.shape[0])
-        return real(block, x, *args, **kwargs)
+        return x
 
-    monkeypatch.setattr(pipeline, "run_block_capturing", spy)
+    monkeypatch.setattr(stream.StagewiseFpInputs if budget == 0 else stream.CapturedFpInputs, "take", spy)
     full = _quantize(tiny_dir, bits=4, group_size=32, method="gptaq").hf_quantizer.report
-    assert set(fp_windows) == {16}
+    assert set(fp_windows) == {16} and len(fp_windows) == 2 * 4  # 2 blocks × 4 stages, one batch
     fp_windows.clear()
     part = _quantize(tiny_dir, bits=4, group_size=32, method="gptaq", fp_samples=4).hf_quantizer.report
     assert set(fp_windows) == {4}
     assert part.fp_stream_bytes * 4 == full.fp_stream_bytes
     more = _quantize(tiny_dir, bits=4, group_size=32, method="gptaq", fp_samples=99).hf_quantizer.report
     assert more.fp_stream_bytes == full.fp_stream_bytes  # more than there are windows: all of them
+
+
+@pytest.mark.parametrize("batch", [None, 4])
+def test_past_its_budget_the_fp_stream_holds_one_stage_input_of_one_batch_with_the_same_bits(tiny_dir, monkeypatch,
+                                                                                              batch):
+    """Under FP_CAPTURE_BUDGET one full-precision forward captures every Linear's input: 3 hidden-width
+    inputs and down_proj's (2× hidden here) for every window. Before a batch would pass it, capturing
+    stops, and from there the stream holds the block's inputs and outputs and the largest single
+    stage input of one batch (down_proj's); the checkpoints are identical either way."""
+    import hf_astroquant.stream as stream
+
+    kw = dict(bits=3, group_size=32, method="rescomp", asym_alpha="auto", calibration_batch_size=batch)
+    windows, seqlen, hidden = 16, 32, 64
+    stream_bytes = 2 * windows * seqlen * hidden * 4  # the block's inputs and outputs, fp32
+    every_input = windows * seqlen * (3 + 2) * hidden * 4
+    captured = _quantize(tiny_dir, **kw)
+    assert captured.hf_quantizer.report.fp_stream_bytes == stream_bytes + every_input
+    monkeypatch.setattr(stream, "FP_CAPTURE_BUDGET", 0)  # nothing fits: stage by stage from the first block
+    staged = _quantize(tiny_dir, **kw)
+    one_stage = (windows if batch is None else batch) * seqlen * 2 * hidden * 4
+    assert staged.hf_quantizer.report.fp_stream_bytes == stream_bytes + one_stage
+    # a budget of two of the four batches' inputs: the first block captures two batches, then stops
+    monkeypatch.setattr(stream, "FP_CAPTURE_BUDGET", every_input // 2)
+    partly = _quantize(tiny_dir, **kw)
+    if batch == 4:
+        # held at the switch: the inputs, two batches' outputs and their captures
+        assert partly.hf_quantizer.report.fp_stream_bytes == stream_bytes // 2 + stream_bytes // 4 + every_input // 2
+    for other in (staged, partly):
+        a, b = other.state_dict(), captured.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize("kw, present, absent", [
