@@ -42,25 +42,10 @@ def quantize_block(
     `LayerSolver`), so later forwards run the packed layers and the full-size weights go early."""
     done: set[str] = set()
     names = {mod: name for name, mod in targets.items()}
-    with_g = solver.options.needs_dxdxt
+    input_hessian = _statistics_taker(solver, fp_source)
 
     def swap_in(name):
         set_submodule(block, name[len(block_name) + 1:] if block_name else name, solver.packed[name])
-
-    def input_hessian(name, x, bi=0):
-        # Batches past the full-precision stream's (fp_samples) add to H only.
-        has_fp = fp_source is not None and bi < len(fp_source)
-        with solver.report.timing("fp_stream"):
-            x_fp = fp_source.take(name, bi) if has_fp else None
-        if has_fp and x_fp is None:
-            raise ValueError(f"{name} was not reached by the full-precision forward; cannot calibrate it asymmetrically")
-        if x_fp is not None and solver.experts is not None:
-            x, x_fp = solver.experts.routed_pairs(name, x, x_fp)
-        try:
-            with solver.report.timing("statistics"):
-                return input_stats(x, x_fp, with_g)
-        except NonFiniteInput:
-            raise ValueError(f"calibration inputs of {name} contain NaN or Inf") from None
 
     if solver.experts is not None:  # the routed counts of the pass that gives the block's outputs
         solver.experts.start_counting()
@@ -83,6 +68,31 @@ def quantize_block(
         outputs = [run_block(block, x, kw) for x, kw in zip(batches, kwargs_list)]
 
     return outputs, [n for n in targets if n not in done]
+
+
+def _statistics_taker(solver: LayerSolver, fp_source):
+    """input_hessian(name, x, bi): the statistics of the input x that the Linear `name` gets on batch
+    bi, against its full-precision input from `fp_source` (batches past the full-precision stream's,
+    with fp_samples, add to H only)."""
+    with_g = solver.options.needs_dxdxt
+
+    def input_hessian(name, x, bi=0):
+        has_fp = fp_source is not None and bi < len(fp_source)
+        x_fp = None
+        if has_fp:
+            with solver.report.timing("fp_stream"):
+                x_fp = fp_source.take(name, bi)
+        if has_fp and x_fp is None:
+            raise ValueError(f"{name} was not reached by the full-precision forward; cannot calibrate it asymmetrically")
+        if x_fp is not None and solver.experts is not None:
+            x, x_fp = solver.experts.routed_pairs(name, x, x_fp)
+        try:
+            with solver.report.timing("statistics"):
+                return input_stats(x, x_fp, with_g)
+        except NonFiniteInput:
+            raise ValueError(f"calibration inputs of {name} contain NaN or Inf") from None
+
+    return input_hessian
 
 
 def _solve_in_one_forward(targets, names, x, kwargs, block, solver, done, input_hessian, swap_in) -> torch.Tensor:

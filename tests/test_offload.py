@@ -160,3 +160,19 @@ def test_tied_embeddings_offloaded_to_disk(tmp_path):
     with torch.no_grad():
         expected = full(ids).logits
         assert torch.equal(off(ids).logits, expected) and torch.equal(back(ids).logits, expected)
+
+
+@pytest.mark.parametrize("batch", [None, 4])
+def test_offloaded_blocks_make_their_fp_inputs_stage_by_stage_with_the_same_bits(tiny4, tmp_path, monkeypatch, batch):
+    # The stage-by-stage full-precision inputs (past stream.FP_CAPTURE_BUDGET) put each solved
+    # Linear's original weights back for a forward: on disk-offloaded blocks too, whose other modules
+    # accelerate loads around every call.
+    import hf_astroquant.stream as stream
+
+    kw = dict(method="gptaq", bits=3, desc_act=True, calibration_batch_size=batch)
+    full = AutoModelForCausalLM.from_pretrained(tiny4, quantization_config=_cfg(**kw))
+    monkeypatch.setattr(stream, "FP_CAPTURE_BUDGET", 0)
+    off = AutoModelForCausalLM.from_pretrained(tiny4, quantization_config=_cfg(**kw), device_map=MIXED,
+                                               offload_folder=str(tmp_path / "offload"))
+    assert off.hf_quantizer.report.fp_stream_bytes < full.hf_quantizer.report.fp_stream_bytes
+    _assert_same(_saved(off, tmp_path / "off"), _saved(full, tmp_path / "full"))
