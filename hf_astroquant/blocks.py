@@ -20,6 +20,11 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return name, model.get_submodule(name)
 
 
+def path_in_block(block_name: str, name: str) -> str:
+    """The path, inside the block `block_name`, of the module the model names `name`."""
+    return name[len(block_name) + 1:] if block_name else name
+
+
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)

@@ -227,7 +227,7 @@ class _Run:
                 if capture:
                     out, cap = run_block_capturing(block, x.to(self.device), kw, targets, store)
                     captured.append(cap)
-                    held = tensor_bytes(t for c in captured for t in c.values())
+                    held += tensor_bytes(cap.values())  # (batches share no tensor)
                 else:
                     out = run_block(block, x.to(self.device), kw)
                 outs.append(out.to(store))
@@ -237,8 +237,6 @@ class _Run:
             source = CapturedFpInputs(captured)
         else:
             source = StagewiseFpInputs(block, block_name, targets, fp_inputs, fp_kwargs, self.device)
-        self.report.fp_stream_bytes = max(self.report.fp_stream_bytes, tensor_bytes(outs + fp_inputs)
-                                          + (source.peak_bytes if source is not None else 0))
         return outs, source
 
     def place_solved(self, solver: "LayerSolver", targets: dict, homes: dict) -> dict | None:
@@ -295,10 +293,10 @@ class _Run:
                                             fp_source, name, devices)
         finally:
             report.expert_tokens.update(experts.finish())
-        if isinstance(fp_source, StagewiseFpInputs):  # its peak is known once every stage has taken its input
-            report.fp_stream_bytes = max(report.fp_stream_bytes,
-                                         tensor_bytes(fp_outputs + fp_inputs) + fp_source.peak_bytes)
-        if fp_inputs is not None:
+        if fp_inputs is not None:  # the stream's inputs and outputs, and at their peak its Linears' inputs
+            # (stage by stage, that peak is known once every stage has taken its input)
+            report.fp_stream_bytes = max(report.fp_stream_bytes, tensor_bytes(fp_outputs + fp_inputs)
+                                         + (fp_source.peak_bytes if fp_source is not None else 0))
             fp_inputs = fp_outputs
         del fp_source
         for lname in missed:

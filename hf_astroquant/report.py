@@ -21,7 +21,7 @@ class QuantizationReport:
     calibration: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     asym_alpha: dict[str, float] = field(default_factory=dict)  # interpolation α used per layer (asymmetric runs)
-    fp_stream_bytes: int = 0  # peak bytes held for the full-precision stream (block inputs + captured X̃)
+    fp_stream_bytes: int = 0  # peak bytes held for the full-precision stream (block inputs, outputs and X̃)
     resumed_blocks: int = 0  # blocks taken from a resume_dir checkpoint instead of calibrated
     transforms: dict[str, Any] = field(default_factory=dict)  # what transform= folded, per site
     routers: list[str] = field(default_factory=list)  # MoE routers: kept in full precision

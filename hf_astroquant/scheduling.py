@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .algorithms.factors import HessianFactors
-from .blocks import set_submodule
+from .blocks import path_in_block, set_submodule
 from .config import AstroQuantConfig
 from .memory import release_weight
 from .solving import LayerSolver, stage_factors
@@ -45,7 +45,7 @@ def quantize_block(
     input_hessian = _statistics_taker(solver, fp_source)
 
     def swap_in(name):
-        set_submodule(block, name[len(block_name) + 1:] if block_name else name, solver.packed[name])
+        set_submodule(block, path_in_block(block_name, name), solver.packed[name])
 
     if solver.experts is not None:  # the routed counts of the pass that gives the block's outputs
         solver.experts.start_counting()

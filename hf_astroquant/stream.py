@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import offload
-from .blocks import text_config
+from .blocks import path_in_block, set_submodule, text_config
 
 logger = logging.getLogger("hf_astroquant")
 
@@ -205,31 +205,26 @@ class StagewiseFpInputs:
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def _path(self, name: str) -> str:
-        return name[len(self.prefix) + 1:] if self.prefix else name
-
     def take(self, name: str, bi: int) -> torch.Tensor | None:
         """The input the full-precision block gives `name` on batch `bi` (None: not reached)."""
-        from .blocks import set_submodule
-
         got: dict[str, torch.Tensor] = {}
 
         def grab(module, args):
             got["x"] = args[0].detach()
             raise StopForward
 
-        placed = {n: self.block.get_submodule(self._path(n)) for n in self.originals}
+        placed = {n: self.block.get_submodule(path_in_block(self.prefix, n)) for n in self.originals}
         handle = self.originals[name].register_forward_pre_hook(grab)
         try:
             for n, original in self.originals.items():
-                set_submodule(self.block, self._path(n), original)
+                set_submodule(self.block, path_in_block(self.prefix, n), original)
             run_block(self.block, self.inputs[bi].to(self.device), self.kwargs[bi])
         except StopForward:
             pass
         finally:
             handle.remove()
             for n, module in placed.items():
-                set_submodule(self.block, self._path(n), module)
+                set_submodule(self.block, path_in_block(self.prefix, n), module)
         x = got.get("x")
         if x is not None:
             self.peak_bytes = max(self.peak_bytes, tensor_bytes([x]))
