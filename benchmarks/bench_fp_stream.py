@@ -60,6 +60,22 @@ def child(mode: str, windows: int, out: str) -> None:
     }))
 
 
+START, END = "<!-- fp_stream:start -->", "<!-- fp_stream:end -->"
+LABELS = {"captured": "captured in one forward (the default under the budget)", "stagewise": "stage by stage"}
+
+
+def render(result: dict) -> str:
+    """The table of docs/big-models.md (rendered by update_readme.py)."""
+    lines = ["| full-precision inputs | stream MiB | full-precision forwards s | quantize s | peak RSS above the model MiB |",
+             "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {LABELS[r['mode']]} | {r['fp_stream_bytes'] / 2**20:.0f} | {r['fp_stream_seconds']} | "
+                     f"{r['seconds']} | {r['peak_rss_above_model_mb']} |")
+    lines.append("")
+    lines.append(f"Bit-identical: {'yes' if result['bit_identical'] else 'NO'} ({result['tensors']} tensors).")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=64)

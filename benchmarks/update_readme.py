@@ -37,6 +37,7 @@ OFFLOAD = RESULTS / "offload.json"
 OFFLOAD_START, OFFLOAD_END = "<!-- offload:start -->", "<!-- offload:end -->"
 MOE_MEMORY = RESULTS / "moe_memory.json"  # bench_moe_memory.py renders its own table (its --render-only too)
 MOE_OPTIONS = RESULTS / "moe_options.json"  # bench_moe_options.py: the same
+FP_STREAM = RESULTS / "fp_stream.json"  # bench_fp_stream.py: its table in docs/big-models.md
 PRE_START, PRE_END = "<!-- preconditioning:start -->", "<!-- preconditioning:end -->"
 PRECONDITIONING = RESULTS / "preconditioning.jsonl"
 # rows run on another day (the ablation's sitting s6): perplexity against the same GPTQ, but their
@@ -56,7 +57,7 @@ def load_rows() -> list[dict]:
             continue
         rows += read_jsonl(f)
     for f in sorted(RESULTS.glob("*.json")):
-        if f not in (OFFLOAD, MOE_MEMORY, MOE_OPTIONS, ASTRO, ASTRO_BETA):  # their own tables
+        if f not in (OFFLOAD, MOE_MEMORY, MOE_OPTIONS, FP_STREAM, ASTRO, ASTRO_BETA):  # their own tables
             rows.append(json.loads(f.read_text()))
     return rows
 
@@ -481,6 +482,12 @@ def main() -> None:
 
         table = bench_moe_options.summary(json.loads(MOE_OPTIONS.read_text()))
         put("<!-- moe_options:start -->", "<!-- moe_options:end -->", table)
+        print(table)
+    if FP_STREAM.exists():
+        import bench_fp_stream
+
+        table = bench_fp_stream.render(json.loads(FP_STREAM.read_text()))
+        put(bench_fp_stream.START, bench_fp_stream.END, table)
         print(table)
     for f, t in texts.items():
         if f.read_text() != t:
