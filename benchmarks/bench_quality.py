@@ -107,7 +107,27 @@ for _bits in (4, 3):
     ROWS[f"rtn-mse-w{_bits}"] = {**BASE, "bits": _bits, "method": "rtn", "mse": True}  # RTN with the clipping search
 
 
-def run_row(name: str, ckpt: str, windows: torch.Tensor, test_ids: torch.Tensor, n_windows: int) -> dict:
+# Block-output refinement (issue 24): the best preset of each width with refine_steps scale-tuning
+# steps after each block's solve (`--set refine_lr=...` for other learning rates).
+for _base in ("gptaq-adaptive-w4", "gptaq-rotate-astro-w3", "gptaq-rotate-astro-w2", "gptaq-w2", "gptq-w2"):
+    for _steps in (25, 50, 100, 200, 400):
+        ROWS[f"{_base}-refine{_steps}"] = {**ROWS[_base], "refine_steps": _steps}
+
+
+def parse_settings(items: list[str]) -> dict:
+    """`KEY=VALUE` option overrides (`--set`); values read as JSON where they parse, else as text."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def run_row(name: str, ckpt: str, windows: torch.Tensor, test_ids: torch.Tensor, n_windows: int,
+            settings: dict | None = None) -> dict:
     import hf_astroquant
     from hf_astroquant.eval import perplexity
     from transformers import AutoModelForCausalLM
@@ -117,11 +137,13 @@ def run_row(name: str, ckpt: str, windows: torch.Tensor, test_ids: torch.Tensor,
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
         row.update(bits=32)
     else:
-        opts = ROWS[name]
+        opts = {**ROWS[name], **(settings or {})}
         cfg = hf_astroquant.AstroQuantConfig(dataset=windows, **opts)
         start = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, quantization_config=cfg)
         row.update(opts)
+        if cfg.refine_steps:  # the learning rate in effect, default or not
+            row.update(refine_lr=cfg.refine_lr, refine_batch_size=cfg.refine_batch_size)
         row["from_pretrained_seconds"] = round(time.perf_counter() - start, 1)
         row["quant_seconds"] = round(model.hf_quantizer.report.seconds, 1)
         report = model.hf_quantizer.report
@@ -130,6 +152,9 @@ def run_row(name: str, ckpt: str, windows: torch.Tensor, test_ids: torch.Tensor,
             row["asym_alpha_median"] = round(alphas[len(alphas) // 2], 3)
         row["fp_stream_gib"] = round(report.fp_stream_bytes / 2**30, 3)
         row["phase_seconds"] = {k: round(v, 1) for k, v in report.phase_seconds.items()}
+        if report.refine_loss:  # the output loss the scale tuning left, over the solved scales', per block
+            kept = [after / before for before, after in report.refine_loss.values() if before > 0]
+            row["refine_loss_ratio_median"] = round(sorted(kept)[len(kept) // 2], 4)
         with tempfile.TemporaryDirectory() as d:
             row["checkpoint_ratio_vs_fp16"] = round(packed_ratio(model, d), 4)
     row["ppl"] = round(perplexity(model, test_ids, 2048, n_windows), 2)
@@ -145,6 +170,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0,
                     help="seed of the calibration windows (0: the protocol's; others: other windows of the same text)")
     ap.add_argument("--windows", type=int, default=8, help="perplexity windows of 2048 tokens (147 = all)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="option overrides for the rows (recorded in each row), e.g. refine_lr=0.005")
+    ap.add_argument("--sitting", help="label of the sitting, recorded in each row")
     ap.add_argument("--out", required=True, help="JSON-lines file; each row is appended as it finishes")
     args = ap.parse_args()
     from transformers import AutoTokenizer
@@ -159,9 +187,12 @@ def main() -> None:
 
         if len(args.rows) > 1:
             subprocess.run([sys.executable, __file__, "--rows", name, "--domain", args.domain, "--seed", str(args.seed), "--windows",
-                            str(args.windows), "--out", args.out], check=True)
+                            str(args.windows), "--out", args.out, "--set", *args.set]
+                           + (["--sitting", args.sitting] if args.sitting else []), check=True)
             continue
-        row = run_row(name, ckpt, windows, test_ids, args.windows)
+        row = run_row(name, ckpt, windows, test_ids, args.windows, parse_settings(args.set))
+        if args.sitting:
+            row["sitting"] = args.sitting
         row.update(domain=args.domain, calibration_seed=args.seed, ppl_windows=args.windows, torch_threads=torch.get_num_threads())
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")

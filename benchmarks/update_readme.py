@@ -45,6 +45,9 @@ PRECONDITIONING = RESULTS / "preconditioning.jsonl"
 PRECONDITIONING_LATER = RESULTS / "preconditioning-s6.jsonl"
 ASTRO = RESULTS / "astro.json"
 ASTRO_BETA = RESULTS / "astro-beta.json"  # bench_astro.py --betas: the reshaped fp model's perplexity per β
+PEERS = (RESULTS / "peers.jsonl",)  # issue 24: our best presets and the strongest peers, in one sitting
+PEERS_START, PEERS_END = "<!-- peers:start -->", "<!-- peers:end -->"
+PEERS_SUMMARY_START, PEERS_SUMMARY_END = "<!-- peers-summary:start -->", "<!-- peers-summary:end -->"
 FAMILIES = (RESULTS / "families.jsonl",)  # family_matrix.py: the tiny-model family matrix of tests/test_families.py
 FAMILIES_START, FAMILIES_END = "<!-- families:start -->", "<!-- families:end -->"
 FAMILIES_SUMMARY_START, FAMILIES_SUMMARY_END = "<!-- families-summary:start -->", "<!-- families-summary:end -->"
@@ -53,7 +56,7 @@ FAMILIES_SUMMARY_START, FAMILIES_SUMMARY_END = "<!-- families-summary:start -->"
 def load_rows() -> list[dict]:
     rows = []
     for f in sorted(RESULTS.glob("*.jsonl")):
-        if f.name.startswith(("ablation", "speed", "export", "preconditioning", "vllm", "gguf", "families")):  # their own tables
+        if f.name.startswith(("ablation", "speed", "export", "preconditioning", "vllm", "gguf", "families", "peers")):  # their own tables
             continue
         rows += read_jsonl(f)
     for f in sorted(RESULTS.glob("*.json")):
@@ -94,6 +97,58 @@ def render(rows: list[dict]) -> str:
             domain = ""
         rss = r.get("peak_rss_gib", "")
         lines.append(f"| {describe(r)} | {bits} | {group} | {r['ppl']:.2f} | {secs} | {rss} | {ratio} | {domain} |")
+    return "\n".join(lines)
+
+
+def describe_peer(r: dict) -> str:
+    """A peers.jsonl row: the tool and what of it ran."""
+    tool = r["tool"]
+    if tool == "hf_astroquant":
+        pre = " + ".join(x for x in (r.get("transform") if r.get("transform", "none") != "none" else None,
+                                     "Astro" if r.get("astro") else None) if x)
+        text = describe(r).replace(" (desc_act, static_groups, mse)", "")
+        text += f" + {pre}" if pre else ""
+        if r.get("refine_steps"):
+            text += f", {r['refine_steps']} refine steps (lr {r.get('refine_lr', 'default')})"
+        return text
+    if tool == "AutoRound":
+        return f"AutoRound {r['version']}, recipe {r['recipe']} ({r['iters']} iterations, lr {r['lr'] or '1/iters'})"
+    if tool.startswith("GPTQModel"):
+        if r["rotation"] == "none":  # its rotation calls .cuda(): see peer_gptqmodel.py
+            return f"{tool} {r['version']} (act-order; its rotation needs CUDA, not run)"
+        return f"{tool} {r['version']} + {r['rotation']} rotation (act-order)"
+    if r.get("transform"):
+        rot = {"quip": "QuIP (v)", "spinquant": "SpinQuant (R1, R2)"}[r["transform"]]
+        return f"{tool} + {rot}, {r['transform_type']} (act-order {r.get('actorder', 'none')})"
+    return f"{tool} (act-order {r.get('actorder', 'none')})"
+
+
+def render_peers(rows: list[dict]) -> str:
+    """Every row of the peers sitting: ours and the peers', by width, best first."""
+    lines = ["| tool and configuration | bits | group | WikiText-2 ppl | quantize s | peak RSS GiB |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (-r["bits"], r["ppl"])):
+        lines.append(f"| {describe_peer(r)} | {r['bits']} | {r['group_size']} | {r['ppl']:.2f} | {r['quant_seconds']} "
+                     f"| {r.get('peak_rss_gib', '')} |")
+    return "\n".join(lines)
+
+
+def render_peers_summary(rows: list[dict]) -> str:
+    """Per width, the lowest perplexity of each tool in the peers sitting (ppl · quantize seconds · peak RSS)."""
+    def tool(r):
+        return r["tool"].split()[0]
+
+    tools = sorted({tool(r) for r in rows}, key=lambda t: (t != "hf_astroquant", t))
+    lines = ["| bits, group | " + " | ".join(tools) + " |", "|---|" + "---|" * len(tools)]
+    for bits in sorted({r["bits"] for r in rows}, reverse=True):
+        cells = []
+        for t in tools:
+            mine = [r for r in rows if r["bits"] == bits and tool(r) == t]
+            best = min(mine, key=lambda r: r["ppl"]) if mine else None
+            cells.append(f"{best['ppl']:.2f} · {best['quant_seconds']:.0f} s · {best['peak_rss_gib']:.1f} GiB"
+                         if best else "not run")
+        group = next(r["group_size"] for r in rows if r["bits"] == bits)
+        lines.append(f"| W{bits} g{group} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -383,7 +438,7 @@ def read_rows(path: Path) -> list[dict]:
 
 PRESETS_START, PRESETS_END = "<!-- presets:start -->", "<!-- presets:end -->"
 # where a preset's row is looked up, first match wins: the timed sittings first
-PRESET_SOURCES = ("ablation-s5.jsonl", "preconditioning.jsonl", "ablation-s6.jsonl", "ablation-s4.jsonl")
+PRESET_SOURCES = ("peers.jsonl", "ablation-s5.jsonl", "preconditioning.jsonl", "ablation-s6.jsonl", "ablation-s4.jsonl")
 DEFAULTS = RESULTS / "defaults.jsonl"  # bench_quality.py defaults-w* rows against round-to-nearest, by seed
 DEFAULTS_START, DEFAULTS_END = "<!-- defaults:start -->", "<!-- defaults:end -->"
 OPTIONS_START, OPTIONS_END = "<!-- options:start -->", "<!-- options:end -->"
@@ -391,20 +446,25 @@ OPTIONS_DETAIL_START, OPTIONS_DETAIL_END = "<!-- options-detail:start -->", "<!-
 
 
 def render_presets() -> str:
+    from hf_astroquant.config import AstroQuantConfig
     from hf_astroquant.presets import PRESETS
+
+    REFINE_LR = AstroQuantConfig.option("refine_lr").default  # noqa: N806
 
     found: dict[str, tuple[dict, str]] = {}
     for name in reversed(PRESET_SOURCES):  # the first source overwrites the later ones
         path = RESULTS / name
         for r in read_jsonl(path) if path.exists() else []:
-            found[r.get("row")] = (r, name)
+            if r.get("refine_lr", REFINE_LR) == REFINE_LR:  # a learning-rate ablation is not the preset
+                found[r.get("row")] = (r, name)
     lines = ["| preset | bits | group | method | preconditioning | WikiText-2 ppl | quantize s | measured as |",
              "|---|---|---|---|---|---|---|---|"]
     for (quality, bits), (opts, row) in sorted(PRESETS.items(), key=lambda kv: (-kv[0][1], kv[0][0] != "fast",
                                                                                kv[0][0] != "balanced")):
         r, source = found[row]
         pre = " + ".join(x for x in (opts.get("transform"), "Astro" if opts.get("astro") else None) if x) or "none"
-        lines.append(f"| `{quality}` | {bits} | {opts['group_size']} | {opts['method']} | {pre} | {r['ppl']:.2f} | "
+        method = opts["method"] + (f" + {opts['refine_steps']} refine steps" if opts.get("refine_steps") else "")
+        lines.append(f"| `{quality}` | {bits} | {opts['group_size']} | {method} | {pre} | {r['ppl']:.2f} | "
                      f"{r['quant_seconds']} | `{row}` ({source}) |")
     return "\n".join(lines)
 
@@ -452,6 +512,8 @@ def main() -> None:
                 (VLLM, VLLM_START, VLLM_END, render_vllm),
                 (VLLM, VLLM_SUMMARY_START, VLLM_SUMMARY_END, render_vllm_summary),
                 (GGUF, GGUF_START, GGUF_END, render_gguf), (GGUF, GGUF_SUMMARY_START, GGUF_SUMMARY_END, render_gguf_summary),
+                (PEERS, PEERS_START, PEERS_END, render_peers),
+                (PEERS, PEERS_SUMMARY_START, PEERS_SUMMARY_END, render_peers_summary),
                 (FAMILIES, FAMILIES_START, FAMILIES_END, render_families),
                 (FAMILIES, FAMILIES_SUMMARY_START, FAMILIES_SUMMARY_END, render_families_summary)]
     for paths, start, end, render_rows in sections:

@@ -191,6 +191,11 @@ def check_combinations(cfg: AstroQuantConfig) -> None:
     if cfg.fp_samples is not None and not cfg.solver_options().needs_fp_stream:
         _fail("fp_samples", cfg.fp_samples, f"None with method={m!r} and asym_alpha={cfg.asym_alpha!r} (only the "
               "asymmetric solvers carry the full-precision stream)")
+    if cfg.refine_steps and m == "rtn":
+        _fail("refine_steps", cfg.refine_steps, "0 with method='rtn' (it tunes against calibration data)")
+    if cfg.refine_steps and cfg.gguf_type is not None:
+        _fail("refine_steps", cfg.refine_steps, f"0 with gguf_type={cfg.gguf_type!r} (it tunes the scales of "
+              "the GPTQ-style grid; GGUF blocks keep their own)")
     if cfg.astro and m == "rtn":
         _fail("astro", cfg.astro, "False with method='rtn' (Astro needs the calibration Hessian)")
     if cfg.transform in ("scale", "adaptive") and m == "rtn":

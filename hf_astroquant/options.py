@@ -124,6 +124,20 @@ OPTIONS: tuple[Option, ...] = (
            "blocks; fewer save time and memory, at the price of a noisier D",
            none_word="all"),
     Option("block_size", "solver", 128, Integer(1), "GPTQ lazy-batch width (speed only; results do not change)"),
+    Option("refine_steps", "solver", 0, Integer(0),
+           "after each block is solved, Adam steps that tune its layers' scales toward the block's full-precision "
+           "output (0: off)",
+           "Codes and zero points stay as solved, so the packed format is unchanged; the tuned scales are kept "
+           "only where they lower the block's output error over the calibration windows. The target is the "
+           "full-precision stream's output when the solver carries one (gptaq, rescomp, asym_alpha), else the "
+           "full-precision block's output on the same inputs. Each step runs the block forward and backward on "
+           "refine_batch_size windows. Measured on SmolLM2-135M with 50 steps (docs/results.md): W2 g32 best "
+           "174.07 -> 136.26 for about 24 s per block on 2 cores; W4 g64 best 22.13 -> 22.12, not worth it."),
+    Option("refine_lr", "solver", 5e-3, Number(0, 1, low_open=True), "Adam's learning rate for refine_steps "
+           "(on the log of each scale)",
+           "Measured with 50 steps on SmolLM2-135M's best W2 g32 preset: 1e-3 164.61, 5e-3 136.26, 1e-2 137.34 "
+           "(docs/results.md)."),
+    Option("refine_batch_size", "solver", 8, Integer(1), "calibration windows per refine step"),
     # ------------------------------------------------------------------ calibration
     Option("dataset", "calibration", None, Custom(check_dataset, "a list of strings, a list of token-id lists, "
            "a 2-D tensor of token ids, a text file path, a datasets.Dataset with a text column, or one of "

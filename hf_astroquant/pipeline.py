@@ -34,6 +34,7 @@ from .experts import BlockExperts, onload_experts, router_names, split_all
 from .linear_like import convert_conv1d
 from .memory import trim_heap
 from .preconditioner import Preconditioner
+from .refinement import refine_block
 from .report import QuantizationReport, report_state, restore_report
 from .scheduling import quantize_block, solve_devices
 from .solving import LayerSolver, rounded_layer
@@ -239,6 +240,19 @@ class _Run:
             source = StagewiseFpInputs(block, block_name, targets, fp_inputs, fp_kwargs, self.device)
         return outs, source
 
+    def refine_targets(self, block, stream) -> list[torch.Tensor]:
+        with self.report.timing("refine"), torch.no_grad():
+            return [run_block(block, x, kw) for x, kw in zip(*stream)]
+
+    def refine(self, name, block, solver, stream, targets, outputs) -> list[torch.Tensor]:
+        """Tune the solved layers' scales toward `targets` (refinement.py); the block's new outputs."""
+        cfg = self.cfg
+        with self.report.timing("refine"):
+            outputs, before, after = refine_block(block, name, solver.packed, stream[0], stream[1], targets, outputs,
+                                                  cfg.refine_steps, cfg.refine_lr, cfg.refine_batch_size, cfg.seed)
+        self.report.refine_loss[name] = [before, after]
+        return outputs
+
     def place_solved(self, solver: "LayerSolver", targets: dict, homes: dict) -> dict | None:
         """Put every solved layer where its Linear lived; return its tensors for a checkpoint."""
         packed = {} if self.checkpoints is not None else None
@@ -283,6 +297,8 @@ class _Run:
         experts = BlockExperts(block, name)
         solver.experts = experts if experts.owners else None
         fp_inputs, fp_source = fp_stream[0], None
+        # refine_steps without a full-precision stream: the target is the fp block on the same inputs
+        refine_targets = self.refine_targets(block, stream) if self.cfg.refine_steps and fp_inputs is None else None
         try:
             if fp_inputs is not None:
                 experts.set_all_tokens(asymmetric)  # every expert's full-precision input on every token
@@ -293,6 +309,8 @@ class _Run:
                                             fp_source, name, devices)
         finally:
             report.expert_tokens.update(experts.finish())
+        if self.cfg.refine_steps:
+            inputs = self.refine(name, block, solver, stream, refine_targets or fp_outputs, inputs)
         if fp_inputs is not None:  # the stream's inputs and outputs, and at their peak its Linears' inputs
             # (stage by stage, that peak is known once every stage has taken its input)
             report.fp_stream_bytes = max(report.fp_stream_bytes, tensor_bytes(fp_outputs + fp_inputs)

@@ -30,6 +30,8 @@ class QuantizationReport:
     expert_fallback: dict[str, int] = field(default_factory=dict)
     # where the seconds went: the PHASES, and "other" (the blocks' forward passes, bookkeeping)
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    # refine_steps: per block, the output loss [with the solved scales, with the tuned ones]
+    refine_loss: dict[str, list[float]] = field(default_factory=dict)
 
     @contextmanager
     def timing(self, phase: str):
@@ -52,10 +54,12 @@ PHASES = (
     "fp_stream",  # the full-precision block forward that gives X̃ (asymmetric solvers, stream_fp)
     "statistics",  # H = 2·X·Xᵀ/N, and D (and G) against X̃, from every Linear's input
     "solve",  # per Linear: Astro, the interpolation α, the layer solver, its packing
+    "refine",  # refine_steps: the scale tuning's steps, and the block forward that measures them
 )
 
 
-_REPORT_FIELDS = ("layer_errors", "layer_error_kind", "damping", "skipped", "asym_alpha", "fp_stream_bytes", "seconds", "phase_seconds")
+_REPORT_FIELDS = ("layer_errors", "layer_error_kind", "damping", "skipped", "asym_alpha", "fp_stream_bytes", "seconds", "phase_seconds",
+                  "refine_loss")
 
 
 def report_state(report: QuantizationReport) -> dict:

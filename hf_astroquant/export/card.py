@@ -111,6 +111,8 @@ def _method_text(q: dict) -> str:
         parts.append("MSE clipping search")
     if q.get("rounding", "gptq") != "gptq":
         parts.append(f"rounding `{q.get('rounding')}`")
+    if q.get("refine_steps"):
+        parts.append(f"{q['refine_steps']} steps of block-output scale tuning")
     return ", ".join(parts)
 
 

@@ -1,0 +1,117 @@
+"""Block-output refinement (`refine_steps`): after a block's Linears are solved, their grid steps are
+tuned so that the block's output on the quantized stream's inputs comes closer to its target, the
+full-precision model's output at this block (the full-precision stream's, when the solvers carry
+one; else the full-precision block's on the same inputs). Adam on each step's log factor
+(`algorithms/scale_tuning.py`), a few windows per step; codes and zero points stay as solved, so
+the packed format does not change. The tuned steps are kept only when they lower the loss over all
+windows with a target, measured with the steps as stored (fp16); otherwise the solved ones stay."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .algorithms.scale_tuning import TunedScales, output_loss
+from .blocks import path_in_block, set_submodule
+from .modules import QuantLinear
+from .stream import run_block
+
+logger = logging.getLogger("hf_astroquant")
+
+
+def window_slices(batches: list[torch.Tensor], targets: list[torch.Tensor], per_step: int) -> list[tuple[int, slice]]:
+    """(batch, windows) pieces of at most `per_step` windows, over the windows that have a target
+    (target batch b holds the first windows of batch b)."""
+    pieces = []
+    for b, target in enumerate(targets[:len(batches)]):
+        n = min(len(target), len(batches[b]))
+        pieces += [(b, slice(i, min(i + per_step, n))) for i in range(0, n, per_step)]
+    return pieces
+
+
+def slice_kwargs(value, windows: slice, batch: int):
+    """The block's keyword arguments for some windows of a batch of `batch` windows: tensors with one
+    row per window are sliced, shared ones (rotary tables, a mask of batch 1) kept."""
+    if isinstance(value, torch.Tensor):
+        return value[windows] if batch > 1 and value.dim() > 0 and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {k: slice_kwargs(v, windows, batch) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(slice_kwargs(v, windows, batch) for v in value)
+    return value
+
+
+def mean_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+    """The output loss over every window with a target, each window weighing the same."""
+    total, n = 0.0, 0
+    for out, target in zip(outputs, targets):
+        k = len(target)
+        total += float(output_loss(out[:k].to(target.device), target)) * k
+        n += k
+    return total / max(n, 1)
+
+
+def refine_block(block: nn.Module, block_name: str, packed: dict[str, nn.Module], inputs: list[torch.Tensor],
+                 kwargs_list: list[dict], targets: list[torch.Tensor], outputs: list[torch.Tensor], steps: int,
+                 lr: float, per_step: int, seed: int = 0) -> tuple[list[torch.Tensor], float, float]:
+    """Tune the steps of the block's packed layers (`packed`: name -> layer, already in the block);
+    return (the block's outputs per batch, the loss before, the loss after). `outputs` are the block's
+    outputs before tuning, returned unchanged when tuning does not lower the loss."""
+    layers = {n: m for n, m in packed.items() if isinstance(m, QuantLinear)}
+    before = mean_loss(outputs, targets)
+    if not layers or steps <= 0:
+        return outputs, before, before
+    tuned = {n: TunedScales(*m.unpack(), m.scales, m.g_idx, m.bias) for n, m in layers.items()}
+    _train(block, block_name, tuned, inputs, kwargs_list, targets, steps, lr, per_step, seed)
+    solved = {n: m.scales.clone() for n, m in layers.items()}
+    for n, m in layers.items():
+        m.scales.copy_(tuned[n].tuned_steps().detach().to(m.scales.dtype))
+        m._drop_fast()
+    with torch.no_grad():
+        new_outputs = [run_block(block, x, kw) for x, kw in zip(inputs, kwargs_list)]
+    after = mean_loss(new_outputs, targets)
+    if after >= before:  # the solved steps were better on the whole set: keep them
+        for n, m in layers.items():
+            m.scales.copy_(solved[n])
+            m._drop_fast()
+        logger.info("%s: scale tuning did not lower the output loss (%.4g -> %.4g); solved steps kept",
+                    block_name, before, after)
+        return outputs, before, after
+    logger.debug("%s: output loss %.4g -> %.4g", block_name, before, after)
+    return new_outputs, before, after
+
+
+def _train(block, block_name, tuned, inputs, kwargs_list, targets, steps, lr, per_step, seed) -> None:
+    """`steps` Adam steps on the log factors, each on one piece of `per_step` windows, the pieces in a
+    seeded random order (a new order each pass)."""
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:  # only the log factors learn
+        p.requires_grad_(False)
+    originals = {}
+    for name, module in tuned.items():
+        path = path_in_block(block_name, name)
+        originals[path] = block.get_submodule(path)
+        set_submodule(block, path, module)
+    try:
+        pieces = window_slices(inputs, targets, per_step)
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.Adam([m.log_factor for m in tuned.values()], lr=lr)
+        order: list[int] = []
+        with torch.enable_grad():
+            for _ in range(steps):
+                if not order:
+                    order = torch.randperm(len(pieces), generator=gen).tolist()
+                b, windows = pieces[order.pop()]
+                kw = slice_kwargs(kwargs_list[b], windows, len(inputs[b]))
+                out = run_block(block, inputs[b][windows], kw)
+                loss = output_loss(out, targets[b][windows].to(out.device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+    finally:
+        for path, module in originals.items():
+            set_submodule(block, path, module)
+        for p in frozen:
+            p.requires_grad_(True)
