@@ -109,9 +109,12 @@ for _bits in (4, 3):
 
 # Block-output refinement (issue 24): the best preset of each width with refine_steps scale-tuning
 # steps after each block's solve (`--set refine_lr=...` for other learning rates).
-for _base in ("gptaq-adaptive-w4", "gptaq-rotate-astro-w3", "gptaq-rotate-astro-w2", "gptaq-w2", "gptq-w2"):
+# "-rounding" rows also tune each code by up to one level (refine_rounding_lr).
+for _base in ("gptaq-adaptive-w4", "gptaq-rotate-astro-w4", "gptaq-rotate-astro-w3", "gptaq-rotate-astro-w2", "gptaq-w2",
+              "gptq-w2"):
     for _steps in (25, 50, 100, 200, 400):
         ROWS[f"{_base}-refine{_steps}"] = {**ROWS[_base], "refine_steps": _steps}
+        ROWS[f"{_base}-refine{_steps}-rounding"] = {**ROWS[_base], "refine_steps": _steps, "refine_rounding_lr": 5e-3}
 
 
 def parse_settings(items: list[str]) -> dict:
@@ -143,7 +146,8 @@ def run_row(name: str, ckpt: str, windows: torch.Tensor, test_ids: torch.Tensor,
         model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, quantization_config=cfg)
         row.update(opts)
         if cfg.refine_steps:  # the learning rate in effect, default or not
-            row.update(refine_lr=cfg.refine_lr, refine_batch_size=cfg.refine_batch_size)
+            row.update(refine_lr=cfg.refine_lr, refine_batch_size=cfg.refine_batch_size,
+                       refine_rounding_lr=cfg.refine_rounding_lr)
         row["from_pretrained_seconds"] = round(time.perf_counter() - start, 1)
         row["quant_seconds"] = round(model.hf_quantizer.report.seconds, 1)
         report = model.hf_quantizer.report

@@ -196,6 +196,12 @@ def check_combinations(cfg: AstroQuantConfig) -> None:
     if cfg.refine_steps and cfg.gguf_type is not None:
         _fail("refine_steps", cfg.refine_steps, f"0 with gguf_type={cfg.gguf_type!r} (it tunes the scales of "
               "the GPTQ-style grid; GGUF blocks keep their own)")
+    if cfg.refine_rounding_lr and not cfg.refine_steps:
+        _fail("refine_rounding_lr", cfg.refine_rounding_lr, "0 unless refine_steps > 0 (the rounding offsets are "
+              "tuned by the refine steps)")
+    if cfg.refine_rounding_lr and cfg.rounding != "gptq":
+        _fail("refine_rounding_lr", cfg.refine_rounding_lr, f"0 with rounding={cfg.rounding!r} (only the greedy "
+              "sweep, rounding='gptq', records how near each rounding decision was)")
     if cfg.astro and m == "rtn":
         _fail("astro", cfg.astro, "False with method='rtn' (Astro needs the calibration Hessian)")
     if cfg.transform in ("scale", "adaptive") and m == "rtn":

@@ -132,12 +132,23 @@ OPTIONS: tuple[Option, ...] = (
            "full-precision stream's output when the solver carries one (gptaq, rescomp, asym_alpha), else the "
            "full-precision block's output on the same inputs. Each step runs the block forward and backward on "
            "refine_batch_size windows. Measured on SmolLM2-135M with 50 steps (docs/results.md): W2 g32 best "
-           "174.07 -> 136.26 for about 24 s per block on 2 cores; W4 g64 best 22.13 -> 22.12, not worth it."),
+           "174.07 -> 136.26 for about 24 s per block on 2 cores; W4 g64 best 22.13 -> 22.12, not worth it. "
+           "With refine_rounding_lr too, see that option."),
     Option("refine_lr", "solver", 5e-3, Number(0, 1, low_open=True), "Adam's learning rate for refine_steps "
            "(on the log of each scale)",
            "Measured with 50 steps on SmolLM2-135M's best W2 g32 preset: 1e-3 164.61, 5e-3 136.26, 1e-2 137.34 "
            "(docs/results.md)."),
     Option("refine_batch_size", "solver", 8, Integer(1), "calibration windows per refine step"),
+    Option("refine_rounding_lr", "solver", 0.0, Number(0, 1), "with refine_steps: Adam's learning rate for each "
+           "weight's rounding offset, so a code may move one level from the solved one (0: codes stay as solved)",
+           "The code used is clamp(round(x + r), 0, 2^bits - 1), where x is the value the solver rounded (in levels: "
+           "GPTQ's updated weight) and the offset r starts at 0 and stays in [-0.5, 0.5] as in AutoRound, so a code "
+           "moves at most one level, first where the solver's decision was nearest a tie; the rounding's gradient "
+           "passes straight through. Only the greedy sweep (rounding='gptq') records x, so the other roundings "
+           "are refused, and experts rounded to nearest for want of tokens keep their codes. The packed format "
+           "does not change. Measured on SmolLM2-135M (docs/results.md), at 5e-3: W2 g32 best, 50 steps: "
+           "136.26 (scales alone) -> 116.21; W3 g64 best, 25 steps: 35.58 (no refinement) -> 31.81; W4 g64 "
+           "best, 25 steps: 22.13 -> 22.19 (the block's error falls, WikiText-2's perplexity does not)."),
     # ------------------------------------------------------------------ calibration
     Option("dataset", "calibration", None, Custom(check_dataset, "a list of strings, a list of token-id lists, "
            "a 2-D tensor of token ids, a text file path, a datasets.Dataset with a text column, or one of "

@@ -245,11 +245,13 @@ class _Run:
             return [run_block(block, x, kw) for x, kw in zip(*stream)]
 
     def refine(self, name, block, solver, stream, targets, outputs) -> list[torch.Tensor]:
-        """Tune the solved layers' scales toward `targets` (refinement.py); the block's new outputs."""
+        """Tune the solved layers' scales (and codes) toward `targets` (refinement.py); the block's new outputs."""
         cfg = self.cfg
         with self.report.timing("refine"):
             outputs, before, after = refine_block(block, name, solver.packed, stream[0], stream[1], targets, outputs,
-                                                  cfg.refine_steps, cfg.refine_lr, cfg.refine_batch_size, cfg.seed)
+                                                  cfg.refine_steps, cfg.refine_lr, cfg.refine_batch_size, cfg.seed,
+                                                  cfg.refine_rounding_lr, solver.rounding_errors)
+        solver.rounding_errors.clear()
         self.report.refine_loss[name] = [before, after]
         return outputs
 

@@ -7,8 +7,9 @@ perplexity and time, rendered from benchmarks/results/ by `benchmarks/update_rea
     fast      GPTQ with act-order, static groups and the clipping search (the defaults): runs on
               every model family
     balanced  adds the residual-stream rotation (GPTAQ at 2 bits), about as fast as fast
-    best      the lowest perplexity we measured at that width: GPTAQ behind transforms (and Astro);
-              at 2 bits also 50 steps of block-output scale tuning (refine_steps)
+    best      the lowest perplexity we measured at that width in no more than AutoRound's time:
+              GPTAQ behind transforms (and Astro); at 3 and 2 bits also block-output tuning of
+              the scales and rounding (refine_steps, refine_rounding_lr)
 
 The rotation of balanced and best folds exactly into every family but those with post-norms
 (Gemma 2/3, OLMo 2, GLM-4); there it is refused with the reason (docs/families.md), and fast, or
@@ -32,10 +33,10 @@ PRESETS: dict[tuple[str, int], tuple[dict[str, Any], str]] = {
     ("balanced", 3): (dict(bits=3, group_size=64, method="gptq", transform="rotate"), "gptq-rotate-w3"),
     ("balanced", 2): (dict(bits=2, group_size=32, method="gptaq", transform="rotate"), "gptaq-rotate-w2"),
     ("best", 4): (dict(bits=4, group_size=64, method="gptaq", transform="adaptive"), "gptaq-adaptive-w4"),
-    ("best", 3): (dict(bits=3, group_size=64, method="gptaq", transform="rotate", astro=True),
-                  "gptaq-rotate-astro-w3"),
-    ("best", 2): (dict(bits=2, group_size=32, method="gptaq", transform="rotate", astro=True, refine_steps=50),
-                  "gptaq-rotate-astro-w2-refine50"),
+    ("best", 3): (dict(bits=3, group_size=64, method="gptaq", transform="rotate", astro=True, refine_steps=25,
+                       refine_rounding_lr=5e-3), "gptaq-rotate-astro-w3-refine25-rounding"),
+    ("best", 2): (dict(bits=2, group_size=32, method="gptaq", transform="rotate", astro=True, refine_steps=50,
+                       refine_rounding_lr=5e-3), "gptaq-rotate-astro-w2-refine50-rounding"),
 }
 
 

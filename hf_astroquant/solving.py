@@ -27,8 +27,10 @@ class LayerSolver:
 
     def __init__(self, cfg: AstroQuantConfig, report: QuantizationReport):
         self.cfg, self.report = cfg, report
-        self.options = cfg.solver_options()
+        # refine_rounding_lr tunes each code from how near its rounding was: the solves keep that
+        self.options = dataclasses.replace(cfg.solver_options(), keep_rounding_error=cfg.refine_rounding_lr > 0)
         self.packed: dict[str, QuantLinear] = {}
+        self.rounding_errors: dict[str, torch.Tensor] = {}  # (out, in) per solved layer, with the option
         self.experts: BlockExperts | None = None  # the block's experts, when it has any
 
     def round_to_nearest(self, name: str, linear: nn.Linear, stats: "Stats | None") -> None:
@@ -87,6 +89,8 @@ class LayerSolver:
         packed = make_layer(result, self.cfg, linear.bias)
         packed.set_backend("reference")
         self.packed[name] = packed
+        if result.rounding_error is not None:
+            self.rounding_errors[name] = result.rounding_error
         del result
         trim_heap()
 

@@ -14,7 +14,9 @@ from hf_astroquant.algorithms.grid import dequantize, fit_grid, quantize
 
 
 def reference_gptq(weight, hessian, *, bits, group_size=-1, sym=False, desc_act=False, static_groups=False,
-                   damp_percent=0.01, mse=False):
+                   damp_percent=0.01, mse=False, with_rounding_error=False):
+    """(Q, g_idx), and with `with_rounding_error` E: E[:, p] = clamp(w/s + z − code, −½, ½), w column p
+    as updated when it was rounded."""
     W = weight.double().clone()
     H = hessian.double().clone()
     rows, cols = W.shape
@@ -29,6 +31,7 @@ def reference_gptq(weight, hessian, *, bits, group_size=-1, sym=False, desc_act=
     static = [fit_grid(W[:, g * gs:(g + 1) * gs].float(), bits, sym, mse=mse) for g in range(n_groups)]
     Hinv = torch.linalg.inv(H)
     Q = torch.zeros_like(W)
+    E = torch.zeros_like(W)
     g_idx = torch.zeros(cols, dtype=torch.int32)
     grid = None
     for pos, p in enumerate(order.tolist()):
@@ -41,13 +44,15 @@ def reference_gptq(weight, hessian, *, bits, group_size=-1, sym=False, desc_act=
                 members = order[pos:pos + gs]
                 grid = fit_grid(W[:, members].float(), bits, sym, mse=mse)
         s, z = (t.double() for t in grid)
-        q = dequantize(quantize(W[:, p], s, z, bits), s, z)
+        code = quantize(W[:, p], s, z, bits)
+        E[:, p] = (W[:, p] / s + z - code).clamp(-0.5, 0.5)
+        q = dequantize(code, s, z)
         Q[:, p] = q
         g_idx[p] = g
         d = Hinv[p, p]
         W -= torch.outer((W[:, p] - q) / d, Hinv[p])
         Hinv -= torch.outer(Hinv[:, p], Hinv[p]) / d
-    return Q, g_idx
+    return (Q, g_idx, E) if with_rounding_error else (Q, g_idx)
 
 
 def layer_objective(weight, quantized, hessian):

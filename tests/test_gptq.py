@@ -36,6 +36,24 @@ def test_gptq_matches_slow_reference(bits, group_size, desc_act, static_groups):
     assert layer_objective(W, res.weight, H) == pytest.approx(layer_objective(W, ref_q.float(), H), rel=2e-2)
 
 
+@pytest.mark.parametrize("desc_act,static_groups", [(False, False), (True, True)])
+def test_kept_rounding_errors_match_the_slow_reference(desc_act, static_groups):
+    """keep_rounding_error: x − q for the value x each code was rounded from (clamped to ±½), in the
+    weight's own column order; off by default and on the beam search."""
+    W, H = correlated_problem(12, 40, 400, seed=7)
+    kw = dict(bits=3, group_size=16, sym=False, desc_act=desc_act, static_groups=static_groups, damp_percent=0.01)
+    ref_q, _, ref_e = reference_gptq(W, H, with_rounding_error=True, **kw)
+    res = gptq_quantize(W, H, block_size=16, keep_rounding_error=True, **kw)
+    assert res.rounding_error.shape == W.shape and res.rounding_error.abs().max() <= 0.5
+    same = (res.weight.double() - ref_q).abs() <= 1e-4  # (fp32 against fp64 may flip a rare tie)
+    assert same.float().mean() > 0.99
+    assert torch.allclose(res.rounding_error.double()[same], ref_e[same], atol=1e-3)
+    assert (res.rounding_error.abs() > 0.25).any()  # not all zeros
+    plain = gptq_quantize(W, H, block_size=16, **kw)
+    assert plain.rounding_error is None and torch.equal(plain.codes, res.codes)
+    assert gptq_quantize(W, H, beam_width=2, keep_rounding_error=True, **kw).rounding_error is None
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("sym", [False, True])
 def test_gptq_beats_round_to_nearest_on_its_objective(bits, sym):

@@ -12,7 +12,9 @@ from hf_astroquant.refinement import mean_loss, refine_block, slice_kwargs, wind
 from tiny import calib_ids, tiny_llama
 
 
-def _solved_layer(out=24, inp=64, group=16, bits=2, seed=0, g_idx=None):
+def _solved_layer(out=24, inp=64, group=16, bits=2, seed=0, groups="contiguous"):
+    """A packed layer; `groups="act-order"` gives its columns' groups in a shuffled order (as act-order
+    without static groups leaves them), so tuning cannot broadcast over consecutive columns."""
     from hf_astroquant.algorithms import solve_linear
     from hf_astroquant.algorithms.solve import SolverOptions
     from hf_astroquant.modules import make_layer
@@ -22,13 +24,18 @@ def _solved_layer(out=24, inp=64, group=16, bits=2, seed=0, g_idx=None):
     result, _ = solve_linear(W, None, SolverOptions(bits=bits, group_size=group, sym=False, mse=False, method="rtn"))
     cfg = AstroQuantConfig(bits=bits, group_size=group)
     layer = make_layer(result, cfg, torch.randn(out))
+    if groups == "act-order":
+        layer.g_idx.copy_(layer.g_idx[torch.randperm(inp, generator=torch.Generator().manual_seed(seed))])
+        layer._contiguous_groups = None
     layer.set_backend("reference")
     return layer
 
 
-def test_tuned_scales_start_at_the_solved_weight_and_follow_the_formula():
-    layer = _solved_layer()
+@pytest.mark.parametrize("groups", ["contiguous", "act-order"])
+def test_tuned_scales_start_at_the_solved_weight_and_follow_the_formula(groups):
+    layer = _solved_layer(groups=groups)
     tuned = TunedScales(*layer.unpack(), layer.scales, layer.g_idx, layer.bias)
+    assert tuned.group_size == (16 if groups == "contiguous" else None)  # broadcast, or gathered per weight
     assert torch.equal(tuned.weight(), layer.dequantize_weight())  # t = 0: exactly the packed weight
     x = torch.randn(5, 64)
     assert torch.allclose(tuned(x), layer(x), atol=1e-5)
@@ -44,9 +51,10 @@ def test_tuned_scales_start_at_the_solved_weight_and_follow_the_formula():
     assert torch.allclose(tuned.weight(), slow, rtol=1e-5, atol=1e-6)
 
 
-def test_the_gradient_is_exact():
+@pytest.mark.parametrize("groups", ["contiguous", "act-order"])
+def test_the_gradient_is_exact(groups):
     """No straight-through estimate: the module's autograd gradient matches finite differences."""
-    layer = _solved_layer(out=6, inp=16, group=8)
+    layer = _solved_layer(out=6, inp=16, group=8, groups=groups)
     tuned = TunedScales(*layer.unpack(), layer.scales, layer.g_idx, None).double()
     x, y = torch.randn(7, 16, dtype=torch.float64), torch.randn(7, 6, dtype=torch.float64)
 
@@ -55,6 +63,58 @@ def test_the_gradient_is_exact():
 
     t = (0.1 * torch.randn_like(tuned.log_factor)).requires_grad_(True)
     assert torch.autograd.gradcheck(loss, (t,))
+
+
+@pytest.mark.parametrize("groups", ["contiguous", "act-order"])
+def test_tuned_rounding_starts_at_the_solved_codes_and_follows_the_formula(groups):
+    layer = _solved_layer(bits=2, groups=groups)
+    codes, zeros = layer.unpack()
+    e = torch.rand(codes.shape) - 0.5
+    e[0] = 0.5  # a tie (or a value past the grid's end): still the solved code at r = 0
+    tuned = TunedScales(codes, zeros, layer.scales, layer.g_idx, layer.bias, maxq=3, rounding_error=e)
+    assert torch.equal(tuned.weight(), layer.dequantize_weight())  # r = 0, t = 0: exactly the packed weight
+    with torch.no_grad():
+        tuned.offset.uniform_(-1.5, 1.5)
+        tuned.log_factor.normal_(0, 0.1)
+    tuned.keep_offsets_in_range()
+    r = tuned.offset.detach()
+    assert r.abs().max() <= 0.5
+    g = layer.g_idx.long()
+    slow = torch.empty(24, 64)
+    for o in range(24):  # Ŵ[o, i] = (clamp(⌊q + e + r⌉, 0, 3) − z) · s · exp(t), one weight at a time
+        for i in range(64):
+            x = int(codes[i, o]) + min(max(float(e[i, o]), -0.499), 0.499) + float(r[i, o])
+            q = min(max(round(x), 0), 3)
+            s = float(layer.scales[g[i], o]) * float(torch.exp(tuned.log_factor.detach()[g[i], o]))
+            slow[o, i] = (q - int(zeros[g[i], o])) * s
+    assert torch.allclose(tuned.weight(), slow, rtol=1e-5, atol=1e-6)
+    moved = tuned.tuned_codes().detach() - codes.float()
+    assert moved.abs().max() == 1 and (moved != 0).float().mean() < 0.9
+    # the codes moved are those whose decision was near: |e| + |r| past ½
+    assert torch.all((moved != 0) <= ((e.clamp(-0.499, 0.499) + r).abs() > 0.5))
+    with pytest.raises(ValueError, match="maxq"):
+        TunedScales(codes, zeros, layer.scales, layer.g_idx, None, rounding_error=e)
+
+
+def test_the_rounding_gradient_passes_straight_through():
+    """dL/dr[i, o] = dL/dŴ[o, i] · s·exp(t) while the code is on the grid (its ends included, so a code
+    at an end can still move inward), 0 once ⌊q + e + r⌉ is past an end and clamped."""
+    layer = _solved_layer(out=6, inp=16, group=8, bits=2)
+    codes, zeros = layer.unpack()
+    outward = torch.where(codes == 0, -1.0, 1.0)  # every code one level down at 0, else one level up
+    tuned = TunedScales(codes, zeros, layer.scales, layer.g_idx, None, maxq=3, rounding_error=0.3 * outward)
+    with torch.no_grad():
+        tuned.offset.copy_(0.5 * outward)
+    x, y = torch.randn(7, 16), torch.randn(7, 6)
+    W = tuned.weight().detach().requires_grad_(True)
+    (torch.nn.functional.linear(x, W) - y).pow(2).mean().backward()
+    (tuned(x) - y).pow(2).mean().backward()
+    step = tuned.tuned_steps().detach()[layer.g_idx.long()]  # (in, out)
+    expected = W.grad.t() * step
+    past_an_end = (codes == 0) | (codes == 3)
+    assert past_an_end.any() and (~past_an_end).any()
+    assert torch.allclose(tuned.offset.grad[~past_an_end], expected[~past_an_end], atol=1e-7)
+    assert torch.all(tuned.offset.grad[past_an_end] == 0)
 
 
 def test_window_slices_cover_the_windows_with_a_target():
@@ -85,11 +145,29 @@ def _first_block_setup(model, data):
     return blocks[0], f"{prefix}.0", inputs, kwargs_list[0], target
 
 
-def _quantized_block(seed=0):
+def _quantized_block(seed=0, rounding_errors=None):
+    """Block 0 of a tiny Llama solved by GPTQ at 2 bits, before any refinement; `rounding_errors` (a
+    dict) receives the solver's rounding errors of its layers."""
+    import hf_astroquant.pipeline as pipeline
+
     model = tiny_llama(seed=seed, layers=1)
     data = calib_ids(16, 32)
     block, name, inputs, kwargs, target = _first_block_setup(model, data)
-    quantize_model(model, AstroQuantConfig(bits=2, group_size=32, dataset=data), lambda n: True)
+    if rounding_errors is None:
+        quantize_model(model, AstroQuantConfig(bits=2, group_size=32, dataset=data), lambda n: True)
+    else:  # the same solve, with the errors kept; the refinement is skipped (steps as given, outputs as solved)
+        real = pipeline.refine_block
+
+        def record(*args):
+            rounding_errors.update(args[12])
+            return args[6], 0.0, 0.0
+
+        pipeline.refine_block = record
+        try:
+            quantize_model(model, AstroQuantConfig(bits=2, group_size=32, dataset=data, refine_steps=1,
+                                                   refine_rounding_lr=0.05), lambda n: True)
+        finally:
+            pipeline.refine_block = real
     packed = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     for m in packed.values():
         m.set_backend("reference")
@@ -126,6 +204,41 @@ def test_refine_block_keeps_the_solved_scales_when_tuning_does_not_help():
     assert all(torch.equal(before_scales[n], m.scales) for n, m in packed.items())
 
 
+def test_refine_block_with_rounding_moves_codes_one_level_and_beats_scales_alone():
+    errors = {}
+    model, block, name, packed, inputs, kwargs, target, outputs = _quantized_block(rounding_errors=errors)
+    assert set(errors) == set(packed) and all(e.shape == (m.out_features, m.in_features) for m, e in
+                                              zip(packed.values(), errors.values()))
+    before = {n: m.unpack() for n, m in packed.items()}
+    solved_scales = {n: m.scales.clone() for n, m in packed.items()}
+    _, _, scales_only = refine_block(block, name, packed, inputs, kwargs, target, outputs, steps=30, lr=5e-3,
+                                     per_step=4)
+    for n, m in packed.items():  # back to the solved grid for the second run
+        m.scales.copy_(solved_scales[n])
+    new_outputs, start, after = refine_block(block, name, packed, inputs, kwargs, target, outputs, steps=30,
+                                             lr=5e-3, per_step=4, rounding_lr=5e-3, rounding_errors=errors)
+    assert after < scales_only < start, (start, scales_only, after)
+    assert after == pytest.approx(mean_loss(new_outputs, target))  # measured with the codes as packed
+    moved = 0
+    for n, m in packed.items():
+        codes, zeros = m.unpack()
+        step = (codes.long() - before[n][0].long()).abs()
+        assert step.max() <= 1 and torch.equal(zeros, before[n][1])
+        moved += int(step.sum())
+    assert moved > 0
+
+
+def test_refine_block_keeps_the_solved_codes_when_rounding_hurts():
+    errors = {}
+    model, block, name, packed, inputs, kwargs, target, outputs = _quantized_block(rounding_errors=errors)
+    before = {n: (m.unpack()[0], m.scales.clone()) for n, m in packed.items()}
+    new_outputs, start, after = refine_block(block, name, packed, inputs, kwargs, target, outputs, steps=4, lr=1.0,
+                                             per_step=4, rounding_lr=1.0, rounding_errors=errors)  # far worse
+    assert after > start and new_outputs is outputs
+    for n, m in packed.items():
+        assert torch.equal(m.unpack()[0], before[n][0]) and torch.equal(m.scales, before[n][1])
+
+
 def _quantize(model, data, **kw):
     cfg = AstroQuantConfig(bits=2, group_size=32, dataset=data, **kw)
     return quantize_model(model, cfg, lambda n: True)
@@ -138,58 +251,66 @@ def _logit_error(model, fp, ids):
 
 
 @pytest.mark.parametrize("method,extra", [("gptq", {}), ("gptaq", {}), ("gptaq", {"fp_samples": 8}),
-                                          ("gptq", {"calibration_batch_size": 6}), ("rescomp", {"bits": 3})])
+                                          ("gptq", {"calibration_batch_size": 6}), ("rescomp", {"bits": 3}),
+                                          ("gptaq", {"refine_rounding_lr": 5e-3})])
 def test_refine_steps_in_the_pipeline(method, extra):
     data = calib_ids(16, 32)
     extra = dict(extra)
     bits = extra.pop("bits", 2)
+    rounding_lr = extra.pop("refine_rounding_lr", 0.0)
     plain, tuned = tiny_llama(layers=2), tiny_llama(layers=2)
     cfg = dict(method=method, bits=bits, group_size=32, dataset=data, **extra)
     quantize_model(plain, AstroQuantConfig(**cfg), lambda n: True)
-    report = quantize_model(tuned, AstroQuantConfig(**cfg, refine_steps=20, refine_lr=5e-3, refine_batch_size=4),
-                            lambda n: True)
+    report = quantize_model(tuned, AstroQuantConfig(**cfg, refine_steps=20, refine_lr=5e-3, refine_batch_size=4,
+                                                    refine_rounding_lr=rounding_lr), lambda n: True)
     assert set(report.refine_loss) == {"model.layers.0", "model.layers.1"}
     assert all(after <= before for before, after in report.refine_loss.values())
     assert any(after < before for before, after in report.refine_loss.values())
     assert report.phase_seconds["refine"] > 0
     changed = 0
     for (n, a), (_, b) in zip(plain.named_modules(), tuned.named_modules()):
-        # block 0 has the same inputs in both runs, so the same codes; later blocks see its tuned outputs
+        # block 0 has the same inputs in both runs, so the same codes (unless rounding is tuned: then
+        # one level apart at most); later blocks see its tuned outputs
         if isinstance(a, QuantLinear) and n.startswith("model.layers.0."):
-            assert torch.equal(a.qweight if a.qweight.numel() else a._packed_qweight(),
-                               b.qweight if b.qweight.numel() else b._packed_qweight())
+            step = (a.unpack()[0].long() - b.unpack()[0].long()).abs()
+            assert step.max() <= (1 if rounding_lr else 0)
             assert torch.equal(a.qzeros, b.qzeros)
-            changed += not torch.equal(a.scales, b.scales)
+            changed += int(not torch.equal(a.scales, b.scales)) + int(step.sum())
     assert changed > 0
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "gpt2", "qwen3_moe"])
 def test_refine_steps_across_families(family):
-    """Per-window slicing of each family's block kwargs (sliding-window masks, GPT-2's Conv1D-made
-    Linears, routed experts): the tuned model is at least as close to full precision on the
-    calibration windows' block outputs, and it still runs."""
+    """Scales and rounding tuned through each family's blocks: per-window slicing of their kwargs
+    (sliding-window masks, GPT-2's Conv1D-made Linears, routed experts, some rounded to nearest for
+    want of tokens). The tuned model is at least as close to full precision on the calibration
+    windows' block outputs, and it still runs."""
     data = calib_ids(8, 32)
     fp = tiny_model(family)
     tuned = tiny_model(family)
-    report = _quantize(tuned, data, refine_steps=10, refine_lr=5e-3, refine_batch_size=2)
+    report = _quantize(tuned, data, refine_steps=10, refine_lr=5e-3, refine_batch_size=2, refine_rounding_lr=5e-3)
     assert report.refine_loss and all(after <= before for before, after in report.refine_loss.values())
     assert torch.isfinite(torch.tensor(_logit_error(tuned, fp, data)))
 
 
-def test_tuned_scales_survive_save_and_load(tmp_path):
+@pytest.mark.parametrize("rounding_lr,card", [(0.0, "10 steps of block-output scale tuning"),
+                                              (0.05, "10 steps of block-output scale and rounding tuning")])
+def test_tuned_grids_survive_save_and_load(tmp_path, rounding_lr, card):
     from transformers import AutoModelForCausalLM
 
     from tiny import save_tiny
 
     save_tiny(tmp_path / "fp")
     data = calib_ids(16, 32)
-    cfg = AstroQuantConfig(bits=2, group_size=32, dataset=data, refine_steps=10, refine_lr=5e-3)
+    cfg = AstroQuantConfig(bits=2, group_size=32, dataset=data, refine_steps=10, refine_lr=5e-3,
+                           refine_rounding_lr=rounding_lr)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=cfg)
     assert model.hf_quantizer.report.refine_loss
     model.save_pretrained(tmp_path / "q")
-    assert "10 steps of block-output scale tuning" in (tmp_path / "q" / "README.md").read_text()  # the card says so
+    assert card in (tmp_path / "q" / "README.md").read_text()  # the card says so
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert again.config.quantization_config.refine_steps == 10
+    assert again.config.quantization_config.refine_rounding_lr == rounding_lr
     ids = calib_ids(2, 16, seed=9)
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, again(ids).logits, atol=1e-4)
@@ -201,6 +322,21 @@ def test_refine_steps_refused_where_it_has_nothing_to_tune(kw, allowed):
     with pytest.raises(ValueError, match="refine_steps") as err:
         AstroQuantConfig(refine_steps=5, **kw)
     assert allowed in str(err.value)
+
+
+@pytest.mark.parametrize("value", [0.05, 1])
+def test_refine_rounding_lr_needs_refine_steps(value):
+    with pytest.raises(ValueError, match=f"refine_rounding_lr={value}") as err:
+        AstroQuantConfig(bits=2, refine_rounding_lr=value)
+    assert "unless refine_steps > 0" in str(err.value)
+    assert AstroQuantConfig(bits=2, refine_steps=5, refine_rounding_lr=value).refine_rounding_lr == value
+
+
+@pytest.mark.parametrize("rounding", ["beam", "successive"])
+def test_refine_rounding_lr_needs_the_greedy_sweep(rounding):
+    with pytest.raises(ValueError, match="refine_rounding_lr=0.005") as err:
+        AstroQuantConfig(bits=2, refine_steps=5, refine_rounding_lr=5e-3, rounding=rounding)
+    assert f"0 with rounding={rounding!r}" in str(err.value)
 
 
 def test_a_crashed_refined_run_resumes_bit_for_bit(tmp_path, monkeypatch):

@@ -63,6 +63,9 @@ class LayerQuantResult:
     weight: torch.Tensor  # fp32 (out, in): the de-quantized weight (q − z)·s
     damp_percent: float | None = None  # the damping actually used (escalated when H was singular)
     gguf: "GGUFGrid | None" = None  # the GGUF grid the codes lie on (then `weight` is its exact decode)
+    # fp32 (out, in): x − q, where x (in levels) is the value the greedy sweep rounded to the code q,
+    # clamped to [−½, ½]; how near each decision was (kept for refine_rounding_lr, else None)
+    rounding_error: torch.Tensor | None = None
 
 
 def reconstruction_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -138,6 +141,7 @@ def gptq_quantize(
     beam_width: int | None = None,
     tensor_type: str | None = None,
     factors: HessianFactors | None = None,
+    keep_rounding_error: bool = False,
 ) -> LayerQuantResult:
     """Quantize `weight` (out × in) against the Hessian `hessian` (in × in).
 
@@ -148,7 +152,8 @@ def gptq_quantize(
     greedy sweep with static grids); None is the greedy sweep.
     `tensor_type` (a GGUF type) replaces bits, group_size and sym by its grid, fitted up front (`gguf_grid.py`,
     `mse` its search, weighted by diag H); the returned weight is then that grid's exact decode of the codes.
-    `factors` shares the factorization of `hessian` with other solves of the same Hessian (`factors.py`)."""
+    `factors` shares the factorization of `hessian` with other solves of the same Hessian (`factors.py`).
+    `keep_rounding_error` (greedy sweep only) returns each code's rounding error (`LayerQuantResult`)."""
     from .gptaq import gptaq_p_matrix  # the asymmetric correction; imported here to keep one direction
 
     rows, cols = weight.shape
@@ -163,21 +168,19 @@ def gptq_quantize(
     gguf, scales, zeros = _initial_grids(W, hessian, gs, n_groups, bits, sym, mse, static_groups, tensor_type)
     if desc_act:
         W, D = W[:, perm], (D[perm][:, perm] if D is not None else None)
-    P = gptaq_p_matrix(D, U, alpha) if D is not None else None
-    del D
+    P, D = (gptaq_p_matrix(D, U, alpha) if D is not None else None), None
     # Work on Wᵀ (in × out): a column of W is then a contiguous row, and the rank-1 updates of
     # the inner loop run on contiguous memory (about 2.5× faster on CPU than on W's columns).
-    Wt = W.t().contiguous()
-    del W
+    Wt, W = W.t().contiguous(), None
     Wt, W0t, P = _with_residual(Wt, P, residual)
     groups_of = [(perm_list[p] // gs) if static_groups else (p // gs) for p in range(cols)]
-    sweep = _greedy_sweep if beam_width is None else _beam_sweep
     sw = _Sweep(U, P, W0t, scales, zeros, groups_of, bits, sym, mse, gs, static_groups, alpha, clamp, block_size,
-                beam_width, fractional_zero=gguf is not None)
+                beam_width, fractional_zero=gguf is not None,
+                rounding_error=torch.zeros_like(Wt) if keep_rounding_error and beam_width is None else None)
     del U, P, W0t
-    Wt, codes_t = sweep(Wt, sw)
-    del sw  # U, P, W0ᵀ go before the outputs are assembled: they are the next memory peak
-    return _in_original_order(Wt, codes_t, perm, groups_of, scales, zeros, damp_used, gguf)
+    Wt, codes_t = (_greedy_sweep if beam_width is None else _beam_sweep)(Wt, sw)
+    errors_t, sw = sw.rounding_error, None  # U, P, W0ᵀ go before the outputs are assembled: the next memory peak
+    return _in_original_order(Wt, codes_t, perm, groups_of, scales, zeros, damp_used, gguf, errors_t)
 
 
 def _grid_layout(cols: int, group_size: int, bits: int, tensor_type: str | None):
@@ -254,7 +257,8 @@ def _dead_columns_zeroed(weight: torch.Tensor, dxxt: torch.Tensor | None, dead: 
         D[dead, :] = 0
     return W, D
 
-def _in_original_order(Wt, codes_t, perm, groups_of, scales, zeros, damp_used, gguf=None) -> LayerQuantResult:
+def _in_original_order(Wt, codes_t, perm, groups_of, scales, zeros, damp_used, gguf=None,
+                       rounding_error_t=None) -> LayerQuantResult:
     """The result, with the columns of the sweep's order (`perm`) put back in the weight's own; on a
     GGUF grid its weight is the grid's exact decode of the codes."""
     g_idx_perm = torch.tensor(groups_of, dtype=torch.int32)
@@ -271,6 +275,7 @@ def _in_original_order(Wt, codes_t, perm, groups_of, scales, zeros, damp_used, g
         weight=Q[:, inv] if gguf is None else gguf_dequantize(codes, gguf),
         damp_percent=damp_used,
         gguf=gguf,
+        rounding_error=None if rounding_error_t is None else rounding_error_t.t()[:, inv],
     )
 
 
@@ -303,6 +308,7 @@ class _Sweep:
     block_size: int
     beam_width: int | None
     fractional_zero: bool = False  # a GGUF grid's zero point z + b/a: round after adding it
+    rounding_error: torch.Tensor | None = None  # (in, out), filled in by the greedy sweep when given
 
 
 def _greedy_sweep(Wt, sw: _Sweep):
@@ -333,6 +339,8 @@ def _greedy_sweep(Wt, sw: _Sweep):
             # q = clamp(round(w/s) + z, 0, maxq), ŵ = (q − z)·s: the grid of grid.py, in place
             q = (torch.round(w / s + z) if sw.fractional_zero else torch.round(w / s).add_(z)).clamp_(0, maxq)
             codes_t[p] = q
+            if sw.rounding_error is not None:
+                torch.clamp(w / s + z - q, -0.5, 0.5, out=sw.rounding_error[p])
             dq = q.sub_(z).mul_(s)
             _column_step(W1[i + 1:], Err1[i], V1[i] if V1 is not None else None, U1[i, i + 1:],
                          P1[i, i + 1:] if P1 is not None else None, W0t[p] if W0t is not None else None,

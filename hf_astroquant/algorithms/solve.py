@@ -68,6 +68,7 @@ class SolverOptions:
     astro_steps: int = 25
     astro_lr: float = 1.0
     tensor_type: str | None = None  # a GGUF tensor type: its grid replaces bits, group_size and sym
+    keep_rounding_error: bool = False  # the greedy sweep returns each code's rounding error (refine_rounding_lr)
 
     @property
     def needs_fp_stream(self) -> bool:
@@ -159,7 +160,8 @@ def _grid(opts: SolverOptions) -> dict:
 def _sweep(p: _Problem, target: torch.Tensor, dxxt, correction: dict, beam_width: int | None) -> LayerQuantResult:
     return gptq_quantize(target, p.H, desc_act=p.opts.desc_act, static_groups=p.opts.static_groups,
                          dxxt=dxxt if correction["p"] else None, alpha=p.opts.alpha, residual=correction["residual"],
-                         beam_width=beam_width, factors=p.factors, **_grid(p.opts))
+                         beam_width=beam_width, factors=p.factors, keep_rounding_error=p.opts.keep_rounding_error,
+                         **_grid(p.opts))
 
 
 def _greedy(p, target, dxxt, correction) -> LayerQuantResult:

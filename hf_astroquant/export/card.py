@@ -112,7 +112,8 @@ def _method_text(q: dict) -> str:
     if q.get("rounding", "gptq") != "gptq":
         parts.append(f"rounding `{q.get('rounding')}`")
     if q.get("refine_steps"):
-        parts.append(f"{q['refine_steps']} steps of block-output scale tuning")
+        tuned = "scale and rounding" if q.get("refine_rounding_lr") else "scale"
+        parts.append(f"{q['refine_steps']} steps of block-output {tuned} tuning")
     return ", ".join(parts)
 
 
