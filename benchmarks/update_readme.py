@@ -486,6 +486,7 @@ def render_presets() -> str:
         r, source = found[row]
         pre = " + ".join(x for x in (opts.get("transform"), "Astro" if opts.get("astro") else None) if x) or "none"
         method = opts["method"] + (f" + {opts['refine_steps']} refine steps" if opts.get("refine_steps") else "")
+        method += " (scales + rounding)" if opts.get("refine_rounding_lr") else ""
         lines.append(f"| `{quality}` | {bits} | {opts['group_size']} | {method} | {pre} | {r['ppl']:.2f} | "
                      f"{r['quant_seconds']} | `{row}` ({source}) |")
     return "\n".join(lines)
