@@ -34,8 +34,9 @@ def _solved_layer(out=24, inp=64, group=16, bits=2, seed=0, groups="contiguous")
 @pytest.mark.parametrize("groups", ["contiguous", "act-order"])
 def test_tuned_scales_start_at_the_solved_weight_and_follow_the_formula(groups):
     layer = _solved_layer(groups=groups)
-    tuned = TunedScales(*layer.unpack(), layer.scales, layer.g_idx, layer.bias)
-    assert tuned.group_size == (16 if groups == "contiguous" else None)  # broadcast, or gathered per weight
+    assert layer._groups_are_contiguous() == (groups == "contiguous")  # broadcast, or gathered per weight
+    tuned = TunedScales(*layer.unpack(), layer.scales, layer.g_idx, layer.bias,
+                        group_size=16 if groups == "contiguous" else None)
     assert torch.equal(tuned.weight(), layer.dequantize_weight())  # t = 0: exactly the packed weight
     x = torch.randn(5, 64)
     assert torch.allclose(tuned(x), layer(x), atol=1e-5)
@@ -55,7 +56,8 @@ def test_tuned_scales_start_at_the_solved_weight_and_follow_the_formula(groups):
 def test_the_gradient_is_exact(groups):
     """No straight-through estimate: the module's autograd gradient matches finite differences."""
     layer = _solved_layer(out=6, inp=16, group=8, groups=groups)
-    tuned = TunedScales(*layer.unpack(), layer.scales, layer.g_idx, None).double()
+    tuned = TunedScales(*layer.unpack(), layer.scales, layer.g_idx, None,
+                        group_size=8 if groups == "contiguous" else None).double()
     x, y = torch.randn(7, 16, dtype=torch.float64), torch.randn(7, 6, dtype=torch.float64)
 
     def loss(t):
@@ -71,7 +73,8 @@ def test_tuned_rounding_starts_at_the_solved_codes_and_follows_the_formula(group
     codes, zeros = layer.unpack()
     e = torch.rand(codes.shape) - 0.5
     e[0] = 0.5  # a tie (or a value past the grid's end): still the solved code at r = 0
-    tuned = TunedScales(codes, zeros, layer.scales, layer.g_idx, layer.bias, maxq=3, rounding_error=e)
+    tuned = TunedScales(codes, zeros, layer.scales, layer.g_idx, layer.bias, maxq=3, rounding_error=e,
+                        group_size=16 if groups == "contiguous" else None)
     assert torch.equal(tuned.weight(), layer.dequantize_weight())  # r = 0, t = 0: exactly the packed weight
     with torch.no_grad():
         tuned.offset.uniform_(-1.5, 1.5)

@@ -42,17 +42,16 @@ class TunedScales(nn.Module):
     """A stand-in for a packed layer during tuning: its codes, zeros and steps, with a learnable log
     factor per step and, when `rounding_error` (e, (in, out)) is given, a learnable rounding offset
     per weight. `codes` (in, out) int, `zeros` (n_groups, out) int, `scales` (n_groups, out),
-    `g_idx` (in,) the group of each input column, `maxq` = 2^b − 1."""
+    `g_idx` (in,) the group of each input column, `maxq` = 2^b − 1, `group_size` the columns per group
+    when g_idx is the plain i // group_size (Ŵ is then built by broadcasting; None: gathered per weight)."""
 
     def __init__(self, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
-                 bias: torch.Tensor | None, maxq: int | None = None, rounding_error: torch.Tensor | None = None):
+                 bias: torch.Tensor | None, maxq: int | None = None, rounding_error: torch.Tensor | None = None,
+                 group_size: int | None = None):
         super().__init__()
         g = g_idx.long()
         self.register_buffer("g", g)
-        # the group size when column i is in group i // size (then weight() broadcasts), else None
-        size = -(-len(g) // scales.shape[0])
-        plain = len(g) == size * scales.shape[0] and torch.equal(g, torch.arange(len(g), device=g.device) // size)
-        self.group_size = size if plain else None
+        self.group_size = group_size
         self.register_buffer("steps", scales.to(torch.float32))
         self.log_factor = nn.Parameter(torch.zeros_like(self.steps))
         self.bias = None if bias is None else bias.detach()
