@@ -117,6 +117,24 @@ for _base in ("gptaq-adaptive-w4", "gptaq-rotate-astro-w4", "gptaq-rotate-astro-
         ROWS[f"{_base}-refine{_steps}-rounding"] = {**ROWS[_base], "refine_steps": _steps, "refine_rounding_lr": 5e-3}
 
 
+# Online rotation of the MLP output projections' input (online_rotation="down"), alone and under the
+# best preconditioning of each width, with and without the refinement.
+for _base in ("gptaq-rotate-w4", "gptaq-rotate-astro-w4", "gptaq-rotate-astro-w3", "gptaq-rotate-astro-w2"):
+    ROWS[f"{_base}-online"] = {**ROWS[_base], "online_rotation": "down"}
+    for _steps in (25, 50):
+        ROWS[f"{_base}-online-refine{_steps}"] = {**ROWS[f"{_base}-online"], "refine_steps": _steps}
+        ROWS[f"{_base}-online-refine{_steps}-rounding"] = {**ROWS[f"{_base}-online"], "refine_steps": _steps,
+                                                           "refine_rounding_lr": 5e-3}
+
+
+for _base in ("gptaq-rotate-astro-w4", "gptaq-rotate-astro-w3", "gptaq-rotate-astro-w2", "gptaq-adaptive-w4",
+              "gptaq-adaptive-astro-w4"):  # o_proj's input too
+    ROWS[f"{_base}-writers"] = {**ROWS[_base], "online_rotation": "writers"}
+    for _steps in (25, 50):
+        ROWS[f"{_base}-writers-refine{_steps}-rounding"] = {**ROWS[f"{_base}-writers"], "refine_steps": _steps,
+                                                            "refine_rounding_lr": 5e-3}
+
+
 def parse_settings(items: list[str]) -> dict:
     """`KEY=VALUE` option overrides (`--set`); values read as JSON where they parse, else as text."""
     out = {}

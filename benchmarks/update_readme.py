@@ -105,7 +105,10 @@ def describe_peer(r: dict) -> str:
     tool = r["tool"]
     if tool == "hf_astroquant":
         pre = " + ".join(x for x in (r.get("transform") if r.get("transform", "none") != "none" else None,
-                                     "Astro" if r.get("astro") else None) if x)
+                                     "Astro" if r.get("astro") else None,
+                                     {"down": "online down_proj rotation", "writers": "online o_proj + down_proj rotation"}
+                                     .get(r.get("online_rotation", "none")))
+                         if x)
         text = describe(r).replace(" (desc_act, static_groups, mse)", "")
         text += f" + {pre}" if pre else ""
         if r.get("refine_steps"):
@@ -255,7 +258,7 @@ def render_vllm_summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-VLLM_NAMES = {"best-w4": "`best` preset, W4 g64 (asymmetric)", "gptq-w4": "defaults, W4 g64 (asymmetric)",
+VLLM_NAMES = {"best-w4": "GPTAQ + adaptive, W4 g64 (asymmetric)", "gptq-w4": "defaults, W4 g64 (asymmetric)",
               "gptq-sym-w4": "defaults + `sym`, W4 g64"}
 
 
@@ -484,7 +487,10 @@ def render_presets() -> str:
     for (quality, bits), (opts, row) in sorted(PRESETS.items(), key=lambda kv: (-kv[0][1], kv[0][0] != "fast",
                                                                                kv[0][0] != "balanced")):
         r, source = found[row]
-        pre = " + ".join(x for x in (opts.get("transform"), "Astro" if opts.get("astro") else None) if x) or "none"
+        pre = " + ".join(x for x in (opts.get("transform"), "Astro" if opts.get("astro") else None,
+                                     {"down": "online down_proj rotation (transformers only)",
+                                      "writers": "online o_proj + down_proj rotation (transformers only)"}
+                                     .get(opts.get("online_rotation", "none"))) if x) or "none"
         method = opts["method"] + (f" + {opts['refine_steps']} refine steps" if opts.get("refine_steps") else "")
         method += " (scales + rounding)" if opts.get("refine_rounding_lr") else ""
         lines.append(f"| `{quality}` | {bits} | {opts['group_size']} | {method} | {pre} | {r['ppl']:.2f} | "

@@ -280,6 +280,14 @@ def resolve(block: nn.Module, name: str, config) -> BlockSites | str:
     return BlockSites(name, sites, writers, value, out if value else None, up_down, post)
 
 
+def output_projections(block: nn.Module, config, attention: bool = False) -> dict[str, nn.Linear]:
+    """The Linears that write an MLP's output into the residual stream (path in the block -> Linear): the
+    down projection of a dense MLP or of a shared expert (routed experts are not among them); with
+    `attention`, the attention's output projection too."""
+    layout = layout_for(config)
+    return {p: m for p in layout.writers if (attention or p != layout.out) and isinstance(m := _get(block, p), nn.Linear)}
+
+
 def beside_blocks(stack: nn.Module) -> tuple[nn.Module | None, nn.Module | None]:
     """(the final norm, the learned position embedding or None) of the module holding the blocks."""
     final = next((m for n in FINAL_NORMS if (m := _get(stack, n)) is not None), None)

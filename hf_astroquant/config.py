@@ -28,7 +28,7 @@ GGUF_FIXED = ("bits", "group_size", "sym")
 
 # Keys that `to_dict()` emits besides the options; accepted back by `__init__`.
 RECORD_KEYS = ("quant_method", "checkpoint_format", "calibration", "quantized_modules", "transforms_applied",
-                "gguf_tensor_types", "checkpoint_names")
+                "gguf_tensor_types", "checkpoint_names", "input_rotated_modules")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -77,6 +77,7 @@ class AstroQuantConfig(QuantizationConfigMixin):
         # {quantized module: the name its tensors are saved under}, where transformers renames it on save
         # (Mixtral's "mlp" is "block_sparse_moe" in its checkpoints); the exports read the files by these
         self.checkpoint_names = kwargs.get("checkpoint_names")
+        self.input_rotated_modules = kwargs.get("input_rotated_modules")  # online_rotation: the layers that rotate x
         self.post_init()
 
     @classmethod
@@ -202,6 +203,9 @@ def check_combinations(cfg: AstroQuantConfig) -> None:
     if cfg.refine_rounding_lr and cfg.rounding != "gptq":
         _fail("refine_rounding_lr", cfg.refine_rounding_lr, f"0 with rounding={cfg.rounding!r} (only the greedy "
               "sweep, rounding='gptq', records how near each rounding decision was)")
+    if cfg.online_rotation != "none" and cfg.gguf_type is not None:
+        _fail("online_rotation", cfg.online_rotation, f"'none' with gguf_type={cfg.gguf_type!r} (GGUF files have no "
+              "online rotation of a layer's input)")
     if cfg.astro and m == "rtn":
         _fail("astro", cfg.astro, "False with method='rtn' (Astro needs the calibration Hessian)")
     if cfg.transform in ("scale", "adaptive") and m == "rtn":

@@ -18,6 +18,7 @@ from .checks import (ASYM_ALPHA_WORDS, Boolean, Custom, Integer, Maybe, Number, 
                      shell_asym_alpha)
 from .algorithms.gguf_types import FILE_TYPES
 from .modules.kernels import BACKENDS
+from .online_rotation import ONLINE_ROTATIONS
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_METHODS = ("rtn", "gptq", "gptaq", "rescomp")
@@ -192,6 +193,15 @@ OPTIONS: tuple[Option, ...] = (
            "statistics; adaptive: per site, rotation or scales by the robust z-score of the weights' kurtosis. "
            "Each site's choice is recorded in the saved config (transforms_applied). Which families each folds "
            "into, and why the others are refused: docs/families.md."),
+    Option("online_rotation", "preconditioning", "none", OneOf(ONLINE_ROTATIONS),
+           "down: each MLP's output projection (down_proj) reads its input rotated online, by a randomized "
+           "Kronecker-Hadamard matrix, so its weights and activations lose their outlier channels; writers: "
+           "the attention's output projection (o_proj) too",
+           "The weight W·R is quantized and the packed layer computes (x·R)·(W·R)ᵀ, at m + a + b multiply-adds "
+           "per input element for a width m·a·b (hf_astroquant/online_rotation.py). Served by transformers "
+           "(from_pretrained); the GPTQ, compressed-tensors and GGUF exports refuse such a checkpoint. Routed "
+           "experts are not rotated. transform='rotate' cannot fold these: no rotation passes act(gate)·up, and "
+           "its value/output rotation stays within each head."),
     Option("kurtosis_threshold_attn", "preconditioning", 1.0, Number(text="a finite number (a robust z-score)"),
            "transform adaptive: kurtosis z-score above which an attention site gets rotation instead of scales"),
     Option("kurtosis_threshold_mlp", "preconditioning", 1.0, Number(text="a finite number (a robust z-score)"),

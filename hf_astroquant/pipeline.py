@@ -33,6 +33,7 @@ from .config import AstroQuantConfig
 from .experts import BlockExperts, onload_experts, router_names, split_all
 from .linear_like import convert_conv1d
 from .memory import trim_heap
+from .online_rotation import detach_left_in_full_precision, rotate_inputs
 from .preconditioner import Preconditioner
 from .refinement import refine_block
 from .report import QuantizationReport, report_state, restore_report
@@ -62,12 +63,17 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
         with run.report.timing("preconditioning"):
             run.pre.before_calibration()
         run.report.transforms = run.pre.record
+    if cfg.online_rotation != "none":
+        with run.report.timing("preconditioning"):
+            run.rotate_inputs()
     run.restore_finished_blocks()
     if cfg.method == "rtn":  # (transform is "none" or "rotate" here: scales need data)
         run.round_to_nearest()
     else:
         with torch.inference_mode(False), torch.no_grad():
             run.calibrate(stream_fp, on_block)
+    left = detach_left_in_full_precision(model)  # (their weights are W again)
+    run.report.input_rotated = [n for n in run.report.input_rotated if n not in left]
     return run.stamp()
 
 
@@ -96,6 +102,15 @@ class _Run:
         self.pre = Preconditioner(model, cfg, self.blocks, self.names) if cfg.transform != "none" else None
         self.checkpoints, self.state, self.first, self.earlier_seconds = None, None, 0, 0.0
         self.fp_stagewise = False  # the full-precision inputs outgrew FP_CAPTURE_BUDGET: made stage by stage
+
+    def rotate_inputs(self) -> None:
+        """online_rotation: rotate the output projections' inputs (online_rotation.py); their channels
+        are no longer the ones transform="scale" would scale."""
+        self.report.input_rotated = rotate_inputs(self.model, self.blocks, self.names, self.should_convert,
+                                                  self.cfg.seed, self.cfg.online_rotation)
+        if self.pre is not None:
+            for site in ("down", "vo") if self.cfg.online_rotation == "writers" else ("down",):
+                self.pre.without_scales_on(site, "online rotation")
 
     def _choose_gguf_types(self, should_convert):
         """Record each target's GGUF tensor type (llama.cpp's mixture, `gguf_types.tensor_type`) in

@@ -48,6 +48,13 @@ class Preconditioner:
         self.scale_sites = [[site for site, choice in c.items() if choice == "scale" and site in ok]
                             for c, ok in zip(choices, allowed)]
 
+    def without_scales_on(self, site: str, instead: str) -> None:
+        """Leave `site` out of every block's scale search (recorded as `instead`)."""
+        for name, sites in zip(self.names, self.scale_sites):
+            if site in sites:
+                sites.remove(site)
+                self.record["blocks"][name][site] = instead
+
     def _rotate(self, value_output: list[bool] | None = None) -> torch.Tensor:
         """The residual rotation, checked on the logits; returns the logits from before it (the reference)."""
         pc = self.pc

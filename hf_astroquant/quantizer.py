@@ -80,10 +80,11 @@ class AstroQuantizer(HfQuantizer):
                 f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
             )
         expected = {}
+        rotated = set(cfg.input_rotated_modules or ())
         for name in names:
             linear = modules[name]
             layer = empty_layer(*features(linear), cfg, cfg.tensor_type_of(name), linear.bias is not None,
-                                dtype=linear.weight.dtype, device=linear.weight.device)
+                                dtype=linear.weight.dtype, device=linear.weight.device, rotated_input=name in rotated)
             set_submodule(model, name, layer)
             # a family's own init of the parent (GPT-2 rescales c_proj.weight) would reach for the dense
             # weight the packed layer no longer has; the checkpoint gives every weight anyway
@@ -116,6 +117,7 @@ class AstroQuantizer(HfQuantizer):
                                                 | set(self.report.routers))
             cfg.calibration = self.report.calibration or None
             cfg.transforms_applied = self.report.transforms or None
+            cfg.input_rotated_modules = self.report.input_rotated or None
             model.config.quantization_config = cfg
             logger.info("astroquant: quantized %d Linear layers in %.1f s", len(quantized), self.report.seconds)
             model.astroquant_report = _report_record(model, self.report)

@@ -72,7 +72,8 @@ def refine_block(block: nn.Module, block_name: str, packed: dict[str, nn.Module]
     errors = (rounding_errors or {}) if rounding_lr > 0 else {}
     tuned = {n: TunedScales(*m.unpack(), m.scales, m.g_idx, m.bias, maxq=2**m.bits - 1,
                             rounding_error=errors[n].t() if n in errors else None,
-                            group_size=m.group_size if m._groups_are_contiguous() else None)
+                            group_size=m.group_size if m._groups_are_contiguous() else None,
+                            input_rotation=m.input_rotation)
              for n, m in layers.items()}
     _train(block, block_name, tuned, inputs, kwargs_list, targets, steps, (lr, rounding_lr), per_step, seed)
     solved = {n: (m.scales.clone(), m.unpack()[0] if n in errors else None) for n, m in layers.items()}

@@ -25,6 +25,7 @@ class QuantizationReport:
     resumed_blocks: int = 0  # blocks taken from a resume_dir checkpoint instead of calibrated
     transforms: dict[str, Any] = field(default_factory=dict)  # what transform= folded, per site
     routers: list[str] = field(default_factory=list)  # MoE routers: kept in full precision
+    input_rotated: list[str] = field(default_factory=list)  # online_rotation: layers that rotate their input
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)  # per experts module: tokens routed to each
     # expert Linears rounded to nearest instead of solved: tokens they saw (< min_expert_tokens; 0: never reached)
     expert_fallback: dict[str, int] = field(default_factory=dict)

@@ -196,6 +196,7 @@ def load_block(model: nn.Module, name: str, block: nn.Module, should_convert, cf
             continue
         bias = own.get("bias")
         layer = empty_layer(linear.in_features, linear.out_features, cfg, cfg.tensor_type_of(lname), bias is not None,
-                            dtype=None if bias is None else bias.dtype, device=device)
+                            dtype=None if bias is None else bias.dtype, device=device,
+                            rotated_input=any(k.startswith("input_rotation.") for k in own))
         layer.load_state_dict({k: v.to(device) for k, v in own.items()})
         place_layer(model, lname, layer, homes)

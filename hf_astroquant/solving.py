@@ -16,6 +16,7 @@ from .config import AstroQuantConfig
 from .experts import BlockExperts
 from .memory import trim_heap
 from .modules import QuantLinear, make_layer
+from .online_rotation import input_rotation_of
 from .report import QuantizationReport
 from .statistics import Stats
 
@@ -86,7 +87,7 @@ class LayerSolver:
         # Packed now, so a block holds its packed layers rather than full-size codes and weights.
         # The reference path computes F.linear with exactly these de-quantized values, so a forward
         # through the packed layer gives the same outputs as the Linear; a kernel might not.
-        packed = make_layer(result, self.cfg, linear.bias)
+        packed = make_layer(result, self.cfg, linear.bias, input_rotation_of(linear))
         packed.set_backend("reference")
         self.packed[name] = packed
         if result.rounding_error is not None:
@@ -101,7 +102,7 @@ def rounded_layer(cfg: AstroQuantConfig, name: str, linear: nn.Linear, mse: bool
     opts = SolverOptions(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym, mse=mse, method="rtn",
                          tensor_type=cfg.tensor_type_of(name))
     result, _ = solve_linear(linear.weight.data, None, opts)
-    return result, make_layer(result, cfg, linear.bias)
+    return result, make_layer(result, cfg, linear.bias, input_rotation_of(linear))
 
 
 def stage_factors(stats: Stats, device: torch.device, damp_percent: float) -> HessianFactors:

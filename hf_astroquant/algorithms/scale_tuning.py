@@ -43,12 +43,14 @@ class TunedScales(nn.Module):
     factor per step and, when `rounding_error` (e, (in, out)) is given, a learnable rounding offset
     per weight. `codes` (in, out) int, `zeros` (n_groups, out) int, `scales` (n_groups, out),
     `g_idx` (in,) the group of each input column, `maxq` = 2^b − 1, `group_size` the columns per group
-    when g_idx is the plain i // group_size (Ŵ is then built by broadcasting; None: gathered per weight)."""
+    when g_idx is the plain i // group_size (Ŵ is then built by broadcasting; None: gathered per weight),
+    `input_rotation` the packed layer's online input rotation (applied to x first), if it has one."""
 
     def __init__(self, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
                  bias: torch.Tensor | None, maxq: int | None = None, rounding_error: torch.Tensor | None = None,
-                 group_size: int | None = None):
+                 group_size: int | None = None, input_rotation: nn.Module | None = None):
         super().__init__()
+        self.input_rotation = input_rotation
         g = g_idx.long()
         self.register_buffer("g", g)
         self.group_size = group_size
@@ -95,6 +97,8 @@ class TunedScales(nn.Module):
         return (levels * steps.index_select(0, self.g)).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation is not None:
+            x = self.input_rotation(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight().to(x.dtype), bias)
 

@@ -114,6 +114,9 @@ def _method_text(q: dict) -> str:
     if q.get("refine_steps"):
         tuned = "scale and rounding" if q.get("refine_rounding_lr") else "scale"
         parts.append(f"{q['refine_steps']} steps of block-output {tuned} tuning")
+    if q.get("input_rotated_modules"):
+        parts.append(f"online input rotation on {len(q['input_rotated_modules'])} output projections "
+                     "(transformers only)")
     return ", ".join(parts)
 
 

@@ -62,6 +62,9 @@ def expected_tensors(module_name: str, layer) -> dict[str, tuple[tuple[int, ...]
     }
     if layer.bias is not None:
         out[f"{module_name}.bias"] = ((n_out,), "float")
+    if layer.input_rotation is not None:
+        out[f"{module_name}.input_rotation.signs"] = ((n_in,), "float")
+        out[f"{module_name}.input_rotation.mix"] = (tuple(layer.input_rotation.mix.shape), "float")
     return out
 
 

@@ -49,6 +49,10 @@ def read_config(src: Path, format_name: str) -> tuple[dict, dict]:
     if q.get("gguf_type") is not None:
         raise ExportError(f"{src} was solved onto GGUF grids (gguf_type={q['gguf_type']!r}): its layers are GGML "
                           f"blocks, which the {format_name} format cannot hold; quantize again without gguf_type")
+    if q.get("input_rotated_modules"):
+        raise ExportError(f"{src}: {len(q['input_rotated_modules'])} layer(s) rotate their input online "
+                          f"(online_rotation={q.get('online_rotation')!r}), which the {format_name} format cannot "
+                          "describe; serve it with transformers, or quantize again with online_rotation='none'")
     renamed = q.get("checkpoint_names") or {}
     q["quantized_modules"] = [renamed.get(m, m) for m in q["quantized_modules"]]  # as the files name them
     return config, q

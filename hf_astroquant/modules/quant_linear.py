@@ -6,8 +6,10 @@ Persistent tensors (what the checkpoint holds):
     scales   fp16  (n_groups, out)              step sizes s
     g_idx    int32 (in,)                        group of each input column
     bias     (out,) in the model's dtype, when the original Linear had one
+    input_rotation.signs, input_rotation.mix   with an online input rotation (modules/input_rotation.py)
 
-The weight is W[o, i] = (q[i, o] − z[g_idx[i], o]) · s[g_idx[i], o].
+The weight is W[o, i] = (q[i, o] − z[g_idx[i], o]) · s[g_idx[i], o]; with an input rotation R the
+layer computes y = (x·R)·Wᵀ + b (W is then the quantized W_original·R).
 
 Forward paths (`backend`, chosen when the layer is prepared for a device and dtype, never saved):
     "reference"  de-quantize in fp32, cast to the activation dtype, F.linear: the oracle
@@ -21,6 +23,7 @@ represent, or where the check fails, runs the next candidate or the reference pa
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
@@ -31,6 +34,7 @@ from torch import nn
 from .. import offload
 from . import kernels
 from .gguf_linear import GGUFLinear
+from .input_rotation import InputRotation
 from .packing import pack_cols, pack_rows, packed_rows, unpack_cols, unpack_rows
 
 logger = logging.getLogger("hf_astroquant")
@@ -57,6 +61,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype or torch.get_default_dtype(), **kw))
         else:
             self.bias = None
+        self.input_rotation: InputRotation | None = None
         self.backend = "auto"
         self.active_backend: str | None = None  # what the last preparation chose
         self._fast = None  # (device, dtype, backend, weights) of the prepared fast path
@@ -64,8 +69,10 @@ class QuantLinear(nn.Module):
         self._qweight_shape: tuple[int, ...] | None = None  # set while `qweight` lives only in the kernel layout
 
     @classmethod
-    def from_result(cls, result, group_size: int, bits: int, bias: torch.Tensor | None) -> "QuantLinear":
-        """Pack a `LayerQuantResult` (codes (out, in), scales/zeros (n_groups, out), g_idx)."""
+    def from_result(cls, result, group_size: int, bits: int, bias: torch.Tensor | None,
+                    input_rotation: InputRotation | None = None) -> "QuantLinear":
+        """Pack a `LayerQuantResult` (codes (out, in), scales/zeros (n_groups, out), g_idx); the layer
+        rotates its input by `input_rotation` when given (the result solved W·R)."""
         out_features, in_features = result.codes.shape
         device = result.codes.device
         layer = cls(in_features, out_features, bits, group_size, bias is not None,
@@ -79,6 +86,8 @@ class QuantLinear(nn.Module):
         layer._contiguous_groups = None
         if bias is not None:
             layer.bias.copy_(bias.detach())
+        if input_rotation is not None:
+            layer.input_rotation = copy.deepcopy(input_rotation).to(device)  # its own tensors in the checkpoint
         return layer
 
     def unpack(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,6 +230,8 @@ class QuantLinear(nn.Module):
                                       f"(relative error {err:.2e} > {tol:.0e})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation is not None:
+            x = self.input_rotation(x)
         fast = self._fast
         if fast is None or fast[0] != x.device or fast[1] != x.dtype:
             if torch.compiler.is_compiling():  # never repack inside a traced graph
@@ -250,7 +261,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, bias={self.bias is not None}"
+                + (", rotated input" if self.input_rotation is not None else ""))
 
 
 def _warn_once(message: str) -> None:
