@@ -41,10 +41,11 @@ def rotate_inputs(model: nn.Module, blocks, names: list[str], should_convert, se
     """Give every output projection `mode` names ("down": the MLPs'; "writers": the attention's too) that
     will be quantized an online input rotation; return their names. A ValueError when the model has
     none, or one of them is offloaded (its weight is not in memory)."""
+    config = text_config(model)
     rotations: dict[int, InputRotation] = {}
     rotated = []
     for name, block in zip(names, blocks):
-        for path, linear in output_projections(block, text_config(model), attention=mode == "writers").items():
+        for path, linear in output_projections(block, config, attention=mode == "writers").items():
             full = f"{name}.{path}"
             if not should_convert(full):
                 continue
@@ -58,7 +59,7 @@ def rotate_inputs(model: nn.Module, blocks, names: list[str], should_convert, se
             rotated.append(full)
     if not rotated:
         raise ValueError(f"online_rotation={mode!r}: {type(model).__name__} "
-                         f"({getattr(text_config(model), 'model_type', '?')}) has no dense MLP output projection "
+                         f"({getattr(config, 'model_type', '?')}) has no dense MLP output projection "
                          "to rotate among the modules being quantized (routed experts are not rotated); "
                          "use online_rotation='none'")
     logger.info("astroquant: online input rotation on %d output projections", len(rotated))

@@ -72,8 +72,9 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
     else:
         with torch.inference_mode(False), torch.no_grad():
             run.calibrate(stream_fp, on_block)
-    left = detach_left_in_full_precision(model)  # (their weights are W again)
-    run.report.input_rotated = [n for n in run.report.input_rotated if n not in left]
+    if run.report.input_rotated:
+        left = detach_left_in_full_precision(model)  # (their weights are W again)
+        run.report.input_rotated = [n for n in run.report.input_rotated if n not in left]
     return run.stamp()
 
 
@@ -109,8 +110,7 @@ class _Run:
         self.report.input_rotated = rotate_inputs(self.model, self.blocks, self.names, self.should_convert,
                                                   self.cfg.seed, self.cfg.online_rotation)
         if self.pre is not None:
-            for site in ("down", "vo") if self.cfg.online_rotation == "writers" else ("down",):
-                self.pre.without_scales_on(site, "online rotation")
+            self.pre.without_scales_on_rotated_inputs()
 
     def _choose_gguf_types(self, should_convert):
         """Record each target's GGUF tensor type (llama.cpp's mixture, `gguf_types.tensor_type`) in

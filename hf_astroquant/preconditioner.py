@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .config import AstroQuantConfig
+from .online_rotation import input_rotation_of
 from .stream import run_block
 
 class Preconditioner:
@@ -48,12 +49,14 @@ class Preconditioner:
         self.scale_sites = [[site for site, choice in c.items() if choice == "scale" and site in ok]
                             for c, ok in zip(choices, allowed)]
 
-    def without_scales_on(self, site: str, instead: str) -> None:
-        """Leave `site` out of every block's scale search (recorded as `instead`)."""
-        for name, sites in zip(self.names, self.scale_sites):
-            if site in sites:
+    def without_scales_on_rotated_inputs(self) -> None:
+        """Leave out of the scale search every site whose consumers rotate their input online
+        (online_rotation.py): they no longer read the channels the scales would divide."""
+        for bs, sites in zip(self.sites, self.scale_sites):
+            consumers = bs.consumers()
+            for site in [s for s in sites if any(input_rotation_of(m) is not None for m in consumers.get(s, ()))]:
                 sites.remove(site)
-                self.record["blocks"][name][site] = instead
+                self.record["blocks"][bs.name][site] = "online rotation"
 
     def _rotate(self, value_output: list[bool] | None = None) -> torch.Tensor:
         """The residual rotation, checked on the logits; returns the logits from before it (the reference)."""

@@ -68,5 +68,5 @@ def rotate_rows(x: torch.Tensor, signs: torch.Tensor, mix: torch.Tensor,
 
 def rotation_matrix(signs: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
     """The dense R = diag(s)·(A ⊗ H_p) (fp64): the slow, obvious form, for checks."""
-    m, a, b = kron_shape(signs.shape[0])
+    _, a, b = kron_shape(signs.shape[0])
     return signs.double().unsqueeze(1) * torch.kron(mix.double().contiguous(), hadamard(a * b))
