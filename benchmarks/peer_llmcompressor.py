@@ -24,6 +24,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import protocol  # noqa: E402
 
 
+def seed_transforms(seed: int) -> None:
+    """compressed-tensors builds each transform factory with seed=None (llm-compressor passes none); seed
+    the factory's generator instead, so the random signs' spread across seeds can be measured."""
+    from compressed_tensors.transform import TransformFactory
+
+    unseeded = TransformFactory.__init__
+
+    def seeded(self, name, scheme, seed_=None):
+        unseeded(self, name, scheme, seed)
+
+    TransformFactory.__init__ = seeded
+
+
 def main() -> None:
     ap = protocol.peer_arguments(__doc__)
     ap.add_argument("--domain", default="out", choices=["out", "in"])
@@ -31,7 +44,12 @@ def main() -> None:
     ap.add_argument("--transform", default="none", choices=["none", "quip", "spinquant"])
     ap.add_argument("--transform-type", default="random-hadamard",
                     help="the transform's matrix: hadamard, random-hadamard or random-matrix")
+    ap.add_argument("--transform-seed", type=int, default=None,
+                    help="seed of the transform's random signs (default: compressed-tensors' own, an unseeded "
+                         "torch.Generator, which starts from the same fixed state every run)")
     args = ap.parse_args()
+    if args.transform_seed is not None:
+        seed_transforms(args.transform_seed)
 
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -69,6 +87,8 @@ def main() -> None:
            "actorder": args.actorder, "ppl": round(ppl, 2), "quant_seconds": round(seconds, 1)}
     if args.transform != "none":
         row.update(transform=args.transform, transform_type=args.transform_type)
+        if args.transform_seed is not None:
+            row["transform_seed"] = args.transform_seed
     row["sitting"] = args.sitting
     protocol.record_row(args.out, row)
 

@@ -48,6 +48,11 @@ ASTRO_BETA = RESULTS / "astro-beta.json"  # bench_astro.py --betas: the reshaped
 PEERS = (RESULTS / "peers.jsonl",)  # issue 24: our best presets and the strongest peers, in one sitting
 PEERS_START, PEERS_END = "<!-- peers:start -->", "<!-- peers:end -->"
 PEERS_SUMMARY_START, PEERS_SUMMARY_END = "<!-- peers-summary:start -->", "<!-- peers-summary:end -->"
+# the spread across random seeds of the W4 rows that tie (ours: `seed`, which draws every rotation; QuIP:
+# `--transform-seed`); the rows of peers.jsonl with the same configuration count as their default seed
+SEEDS = (RESULTS / "peers.jsonl", RESULTS / "seeds.jsonl")
+SEEDS_START, SEEDS_END = "<!-- seeds:start -->", "<!-- seeds:end -->"
+SEEDS_SUMMARY_START, SEEDS_SUMMARY_END = "<!-- seeds-summary:start -->", "<!-- seeds-summary:end -->"
 FAMILIES = (RESULTS / "families.jsonl",)  # family_matrix.py: the tiny-model family matrix of tests/test_families.py
 FAMILIES_START, FAMILIES_END = "<!-- families:start -->", "<!-- families:end -->"
 FAMILIES_SUMMARY_START, FAMILIES_SUMMARY_END = "<!-- families-summary:start -->", "<!-- families-summary:end -->"
@@ -134,13 +139,15 @@ def render_peers(rows: list[dict]) -> str:
     shared = []
     for r in sorted(rows, key=lambda r: (-r["bits"], r["ppl"])):
         mark = ""
-        if r.get("machine_shared"):  # its time is overstated: say by what
-            shared.append(f"{'*' * (len(shared) + 1)} {r['machine_shared']}")
-            mark = "*" * len(shared)
+        if r.get("machine_shared"):  # its time is overstated: say by what (one mark per reason)
+            if r["machine_shared"] not in shared:
+                shared.append(r["machine_shared"])
+            mark = "*" * (shared.index(r["machine_shared"]) + 1)
         lines.append(f"| {describe_peer(r)} | {r['bits']} | {r['group_size']} | {r['ppl']:.2f} | {r['quant_seconds']}{mark} "
                      f"| {r.get('peak_rss_gib', '')} |")
     if shared:
-        lines += ["", "Time overstated: the machine was shared (" + "; ".join(shared) + ")."]
+        lines += ["", "Time overstated: the machine was shared ("
+                  + "; ".join(f"{'*' * (i + 1)} {why}" for i, why in enumerate(shared)) + ")."]
     return "\n".join(lines)
 
 
@@ -175,6 +182,46 @@ def render_peers_summary(rows: list[dict]) -> str:
         group = next(r["group_size"] for r in rows if r["bits"] == bits)
         lines.append(f"| W{bits} g{group} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def seed_groups(rows: list[dict]) -> list[tuple[str, dict, list[tuple[str, float]]]]:
+    """(configuration, a row of it, [(seed, ppl)]) for each configuration that the seed study ran with a
+    seed set (`seed` or `transform_seed` in the row), its other rows counted at their default seed."""
+    def key(r):
+        return describe_peer(r), r["bits"], r["group_size"]
+
+    def seed_of(r):
+        return str(r["transform_seed"]) if "transform_seed" in r else str(r.get("seed", 0)) if r["tool"] == "hf_astroquant" \
+            else "default"
+
+    studied = {key(r) for r in rows if "transform_seed" in r or r.get("seed")}
+    groups: dict = {}
+    for r in rows:
+        if key(r) in studied:
+            groups.setdefault(key(r), (r, {}))[1].setdefault(seed_of(r), r["ppl"])
+    return [(k[0], r, sorted(runs.items())) for k, (r, runs) in sorted(groups.items(), key=lambda g: (-g[0][1], g[0][0]))]
+
+
+def render_seeds(rows: list[dict]) -> str:
+    """Perplexity of each studied configuration at each seed, the mean and the range."""
+    lines = ["| tool and configuration | bits | group | ppl at each seed | mean | min-max |", "|---|---|---|---|---|---|"]
+    for name, r, runs in seed_groups(rows):
+        ppl = [p for _, p in runs]
+        lines.append(f"| {name} | {r['bits']} | {r['group_size']} | " + ", ".join(f"{p:.2f} ({s})" for s, p in runs)
+                     + f" | {sum(ppl) / len(ppl):.2f} | {min(ppl):.2f}-{max(ppl):.2f} |")
+    return "\n".join(lines)
+
+
+def render_seeds_summary(rows: list[dict]) -> str:
+    """One line for the README: each studied configuration's mean and range, by tool."""
+    parts = []
+    for name, r, runs in seed_groups(rows):
+        ppl = [p for _, p in runs]
+        label = "hf_astroquant `best`" if r["tool"] == "hf_astroquant" else \
+            r["tool"] + {"quip": " + QuIP", "spinquant": " + SpinQuant"}.get(r.get("transform"), "")
+        parts.append(f"{label} {sum(ppl) / len(ppl):.2f} ({min(ppl):.2f}-{max(ppl):.2f}, {len(ppl)} seeds)")
+    return ("W4 across the random rotations' seeds, mean (range): " + "; ".join(parts)
+            + " ([docs/results.md](docs/results.md#w4-how-much-is-the-draw-of-the-random-rotations)).")
 
 
 def render_ablation(rows: list[dict]) -> str:
@@ -543,6 +590,7 @@ def main() -> None:
                 (GGUF, GGUF_START, GGUF_END, render_gguf), (GGUF, GGUF_SUMMARY_START, GGUF_SUMMARY_END, render_gguf_summary),
                 (PEERS, PEERS_START, PEERS_END, render_peers),
                 (PEERS, PEERS_SUMMARY_START, PEERS_SUMMARY_END, render_peers_summary),
+                (SEEDS, SEEDS_START, SEEDS_END, render_seeds), (SEEDS, SEEDS_SUMMARY_START, SEEDS_SUMMARY_END, render_seeds_summary),
                 (FAMILIES, FAMILIES_START, FAMILIES_END, render_families),
                 (FAMILIES, FAMILIES_SUMMARY_START, FAMILIES_SUMMARY_END, render_families_summary)]
     for paths, start, end, render_rows in sections:

@@ -163,7 +163,9 @@ OPTIONS: tuple[Option, ...] = (
            saved=False),
     Option("n_samples", "calibration", 128, Integer(1), "calibration windows drawn from text data"),
     Option("seqlen", "calibration", 2048, Integer(1), "tokens per calibration window"),
-    Option("seed", "calibration", 0, Integer(0), "seed for drawing the calibration windows"),
+    Option("seed", "calibration", 0, Integer(0),
+           "seed for drawing the calibration windows, the random rotations (transform, online_rotation) and the "
+           "refinement's batches"),
     Option("calibration_batch_size", "calibration", None, Maybe(Integer(1), ("auto",)),
            "windows per forward pass; auto: all at once when they fit a 4 GiB activation budget", none_word="auto"),
     Option("calibrate_all_experts", "calibration", False, Boolean(),
