@@ -151,13 +151,19 @@ def render_peers(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def best_preset_rows() -> set[str]:
+    """The bench_quality rows our `best` presets were measured as."""
+    from hf_astroquant.presets import PRESETS
+
+    return {row for (quality, _), (_, row) in PRESETS.items() if quality == "best"}
+
+
 def render_peers_summary(rows: list[dict]) -> str:
     """Per width, each peer's lowest perplexity in the peers sitting, and our `best` preset's row
     where the sitting ran it, else our lowest (ppl · quantize seconds · peak RSS)."""
     from hf_astroquant.config import AstroQuantConfig
-    from hf_astroquant.presets import PRESETS
 
-    best_rows = {row for (quality, _), (_, row) in PRESETS.items() if quality == "best"}
+    best_rows = best_preset_rows()
     lr = AstroQuantConfig.option("refine_lr").default  # a learning-rate ablation is not the preset
     preset = [r for r in rows if r.get("row") in best_rows and r.get("tool") == "hf_astroquant"
               and r.get("refine_lr", lr) == lr]
@@ -191,8 +197,9 @@ def seed_groups(rows: list[dict]) -> list[tuple[str, dict, list[tuple[str, float
         return describe_peer(r), r["bits"], r["group_size"]
 
     def seed_of(r):
-        return str(r["transform_seed"]) if "transform_seed" in r else str(r.get("seed", 0)) if r["tool"] == "hf_astroquant" \
-            else "default"
+        if "transform_seed" in r:
+            return str(r["transform_seed"])
+        return str(r.get("seed", 0)) if r["tool"] == "hf_astroquant" else "default"
 
     studied = {key(r) for r in rows if "transform_seed" in r or r.get("seed")}
     groups: dict = {}
@@ -202,24 +209,31 @@ def seed_groups(rows: list[dict]) -> list[tuple[str, dict, list[tuple[str, float
     return [(k[0], r, sorted(runs.items())) for k, (r, runs) in sorted(groups.items(), key=lambda g: (-g[0][1], g[0][0]))]
 
 
+def spread(runs: list[tuple[str, float]]) -> tuple[float, float, float]:
+    """(mean, min, max) of the runs' perplexities."""
+    ppl = [p for _, p in runs]
+    return sum(ppl) / len(ppl), min(ppl), max(ppl)
+
+
 def render_seeds(rows: list[dict]) -> str:
     """Perplexity of each studied configuration at each seed, the mean and the range."""
     lines = ["| tool and configuration | bits | group | ppl at each seed | mean | min-max |", "|---|---|---|---|---|---|"]
     for name, r, runs in seed_groups(rows):
-        ppl = [p for _, p in runs]
         lines.append(f"| {name} | {r['bits']} | {r['group_size']} | " + ", ".join(f"{p:.2f} ({s})" for s, p in runs)
-                     + f" | {sum(ppl) / len(ppl):.2f} | {min(ppl):.2f}-{max(ppl):.2f} |")
+                     + " | {:.2f} | {:.2f}-{:.2f} |".format(*spread(runs)))
     return "\n".join(lines)
 
 
 def render_seeds_summary(rows: list[dict]) -> str:
     """One line for the README: each studied configuration's mean and range, by tool."""
+    best = best_preset_rows()
     parts = []
     for name, r, runs in seed_groups(rows):
-        ppl = [p for _, p in runs]
-        label = "hf_astroquant `best`" if r["tool"] == "hf_astroquant" else \
-            r["tool"] + {"quip": " + QuIP", "spinquant": " + SpinQuant"}.get(r.get("transform"), "")
-        parts.append(f"{label} {sum(ppl) / len(ppl):.2f} ({min(ppl):.2f}-{max(ppl):.2f}, {len(ppl)} seeds)")
+        if r["tool"] == "hf_astroquant":
+            label = "hf_astroquant " + ("`best`" if r.get("row") in best else f"`{r['row']}`")
+        else:
+            label = r["tool"] + {"quip": " + QuIP", "spinquant": " + SpinQuant"}.get(r.get("transform"), "")
+        parts.append(f"{label} " + "{:.2f} ({:.2f}-{:.2f}".format(*spread(runs)) + f", {len(runs)} seeds)")
     return ("W4 across the random rotations' seeds, mean (range): " + "; ".join(parts)
             + " ([docs/results.md](docs/results.md#w4-how-much-is-the-draw-of-the-random-rotations)).")
 
