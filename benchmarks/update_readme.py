@@ -61,7 +61,7 @@ FAMILIES_SUMMARY_START, FAMILIES_SUMMARY_END = "<!-- families-summary:start -->"
 def load_rows() -> list[dict]:
     rows = []
     for f in sorted(RESULTS.glob("*.jsonl")):
-        if f.name.startswith(("ablation", "speed", "export", "preconditioning", "vllm", "gguf", "families", "peers")):  # their own tables
+        if f.name.startswith(("ablation", "speed", "export", "preconditioning", "vllm", "gguf", "families", "peers", "seeds")):  # their own tables
             continue
         rows += read_jsonl(f)
     for f in sorted(RESULTS.glob("*.json")):
