@@ -11,6 +11,7 @@ from torch import nn
 
 from . import offload
 from .blocks import path_in_block, set_submodule, text_config
+from .online_rotation import input_rotation_of
 
 logger = logging.getLogger("hf_astroquant")
 
@@ -175,14 +176,19 @@ class CapturedFpInputs:
 
 
 class _FullPrecisionLinear(nn.Module):
-    """A target's full-precision weight and bias, computed as nn.Linear computes them."""
+    """A target's full-precision weight and bias, computed as nn.Linear computes them, behind the
+    online input rotation the target was given (online_rotation.py), if any: the weight is W·R."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rotation: nn.Module | None):
         super().__init__()
-        self.w, self.b = weight, bias
+        self.w, self.b, self.rotation = weight, bias, rotation
+
+    def input_of(self, x: torch.Tensor) -> torch.Tensor:
+        """What the weight reads: x, or x·R under an online rotation (what the statistics see)."""
+        return x if self.rotation is None else self.rotation(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.w, self.b)
+        return nn.functional.linear(self.input_of(x), self.w, self.b)
 
 
 class StagewiseFpInputs:
@@ -199,7 +205,8 @@ class StagewiseFpInputs:
     def __init__(self, block: nn.Module, block_name: str, targets: dict[str, nn.Linear],
                  fp_inputs: list[torch.Tensor], fp_kwargs: list[dict], device: torch.device):
         self.block, self.prefix, self.inputs, self.kwargs, self.device = block, block_name, fp_inputs, fp_kwargs, device
-        self.originals = {name: _FullPrecisionLinear(lin.weight.data, lin.bias) for name, lin in targets.items()}
+        self.originals = {name: _FullPrecisionLinear(lin.weight.data, lin.bias, input_rotation_of(lin))
+                          for name, lin in targets.items()}
         self.peak_bytes = 0
 
     def __len__(self) -> int:
@@ -210,7 +217,7 @@ class StagewiseFpInputs:
         got: dict[str, torch.Tensor] = {}
 
         def grab(module, args):
-            got["x"] = args[0].detach()
+            got["x"] = module.input_of(args[0]).detach()
             raise StopForward
 
         placed = {n: self.block.get_submodule(path_in_block(self.prefix, n)) for n in self.originals}

@@ -329,6 +329,21 @@ def test_past_its_budget_the_fp_stream_holds_one_stage_input_of_one_batch_with_t
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("mode", ["down", "writers"])
+def test_stage_by_stage_fp_stream_reads_the_online_rotation_as_the_capture_does(tiny_dir, monkeypatch, mode):
+    """An online-rotated Linear reads x·R: the stage-by-stage full-precision forward must give its
+    statistics the rotated input, and rotate its input on the way to later stages (o_proj before the
+    MLP), or D and the later stages' targets are wrong (they were, before the fix: different bits)."""
+    import hf_astroquant.stream as stream
+
+    kw = dict(bits=4, group_size=32, method="gptaq", online_rotation=mode)
+    captured = _quantize(tiny_dir, **kw).state_dict()
+    monkeypatch.setattr(stream, "FP_CAPTURE_BUDGET", 0)
+    staged = _quantize(tiny_dir, **kw).state_dict()
+    assert staged.keys() == captured.keys()
+    assert all(torch.equal(staged[k], captured[k]) for k in captured)
+
+
 @pytest.mark.parametrize("kw, present, absent", [
     (dict(method="gptq"), {"statistics", "solve"}, {"fp_stream", "preconditioning"}),
     (dict(method="rescomp", transform="rotate"), {"statistics", "solve", "fp_stream", "preconditioning"}, set()),
