@@ -206,6 +206,10 @@ def check_combinations(cfg: AstroQuantConfig) -> None:
     if cfg.online_rotation != "none" and cfg.gguf_type is not None:
         _fail("online_rotation", cfg.online_rotation, f"'none' with gguf_type={cfg.gguf_type!r} (GGUF files have no "
               "online rotation of a layer's input)")
+    if cfg.rotation_candidates > 1 and (cfg.online_rotation == "none" or m == "rtn"):
+        _fail("rotation_candidates", cfg.rotation_candidates, "1 unless online_rotation is 'down' or 'writers' and "
+              "the method solves against calibration data (it chooses each rotated layer's rotation by its "
+              f"solved output error); here online_rotation={cfg.online_rotation!r}, method={m!r}")
     if cfg.astro and m == "rtn":
         _fail("astro", cfg.astro, "False with method='rtn' (Astro needs the calibration Hessian)")
     if cfg.transform in ("scale", "adaptive") and m == "rtn":

@@ -20,12 +20,14 @@ among its hooks, so every statistic sees the rotated input); the solved layer ta
 from __future__ import annotations
 
 import logging
+import zlib
 
 import torch
 from torch import nn
 
 from . import offload
 from .adapters import output_projections
+from .algorithms.kron_rotation import rotate_rows
 from .blocks import text_config
 from .modules.input_rotation import InputRotation
 
@@ -70,6 +72,10 @@ def rotate_inputs(model: nn.Module, blocks, names: list[str], should_convert, se
 def attach(linear: nn.Linear, rotation: InputRotation) -> None:
     """W ← W·R, and x ↦ x·R before every forward of `linear` (ahead of any other pre-hook)."""
     linear.weight.data = rotation.fold_into(linear.weight.data)
+    _read_through(linear, rotation)
+
+
+def _read_through(linear: nn.Linear, rotation: InputRotation) -> None:
     linear.__dict__[_ROTATION] = rotation
     linear.__dict__[_HOOK] = linear.register_forward_pre_hook(
         lambda module, args: (rotation(args[0]), *args[1:]), prepend=True)
@@ -92,3 +98,31 @@ def detach_left_in_full_precision(model: nn.Module) -> list[str]:
         module.weight.data = rotation.fold_into(module.weight.data, inverse=True)
         undone.append(name)
     return undone
+
+
+def candidate_rotations(current: InputRotation, name: str, seed: int, k: int) -> list[InputRotation]:
+    """rotation_candidates: `current` (the width's shared rotation), then k − 1 others drawn for the
+    Linear `name` (seeded by `seed`, the name and the candidate's index), on `current`'s device."""
+    device = current.signs.device
+    own = seed + _SEED_OFFSET + zlib.crc32(name.encode())
+    return [current] + [InputRotation.random(current.n, own + 1_000_003 * c).to(device) for c in range(1, k)]
+
+
+def rebased(m: torch.Tensor, old: InputRotation, new: InputRotation, both_sides: bool = False) -> torch.Tensor:
+    """M·Q with Q = R_oldᵀ·R_new, the change from the input basis x·R_old to x·R_new (fp64 inside, in M's
+    dtype and device): a weight or a rotated row space; with `both_sides`, Qᵀ·M·Q (H, D, G)."""
+    def times_q(x: torch.Tensor) -> torch.Tensor:
+        x = rotate_rows(x, old.signs.to(x), old.mix.to(x), inverse=True)
+        return rotate_rows(x, new.signs.to(x), new.mix.to(x))
+
+    out = times_q(m.double())
+    if both_sides:
+        out = times_q(out.t().contiguous()).t()
+    return out.to(m.dtype).contiguous()
+
+
+@torch.no_grad()
+def reattach(linear: nn.Linear, rotation: InputRotation) -> None:
+    """Make `linear` read x·R with R = `rotation` from here on (its weight is set by the caller)."""
+    linear.__dict__.pop(_HOOK).remove()
+    _read_through(linear, rotation)

@@ -204,6 +204,14 @@ OPTIONS: tuple[Option, ...] = (
            "(from_pretrained); the GPTQ, compressed-tensors and GGUF exports refuse such a checkpoint. Routed "
            "experts are not rotated. transform='rotate' cannot fold these: no rotation passes act(gate)·up, and "
            "its value/output rotation stays within each head."),
+    Option("rotation_candidates", "preconditioning", 1, Integer(1),
+           "with online_rotation: rotations tried per rotated layer; each layer keeps the one whose solved "
+           "weights have the smallest error on the full-precision output over the calibration data (1: every "
+           "layer of a width shares one rotation)",
+           "Candidate 0 is the width's shared rotation; the others are drawn per layer (seeded by seed and the "
+           "layer's name). Each candidate costs one more solve of the layer, on its statistics rotated into "
+           "that basis (no extra forward pass); the checkpoint stores each layer's rotation as before. "
+           "Measured on SmolLM2-135M in docs/results.md."),
     Option("kurtosis_threshold_attn", "preconditioning", 1.0, Number(text="a finite number (a robust z-score)"),
            "transform adaptive: kurtosis z-score above which an attention site gets rotation instead of scales"),
     Option("kurtosis_threshold_mlp", "preconditioning", 1.0, Number(text="a finite number (a robust z-score)"),

@@ -26,6 +26,8 @@ class QuantizationReport:
     transforms: dict[str, Any] = field(default_factory=dict)  # what transform= folded, per site
     routers: list[str] = field(default_factory=list)  # MoE routers: kept in full precision
     input_rotated: list[str] = field(default_factory=list)  # online_rotation: layers that rotate their input
+    # rotation_candidates: per rotated layer, the candidate kept (0: the width's shared rotation)
+    rotation_choice: dict[str, int] = field(default_factory=dict)
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)  # per experts module: tokens routed to each
     # expert Linears rounded to nearest instead of solved: tokens they saw (< min_expert_tokens; 0: never reached)
     expert_fallback: dict[str, int] = field(default_factory=dict)
@@ -60,7 +62,7 @@ PHASES = (
 
 
 _REPORT_FIELDS = ("layer_errors", "layer_error_kind", "damping", "skipped", "asym_alpha", "fp_stream_bytes", "seconds", "phase_seconds",
-                  "refine_loss")
+                  "refine_loss", "rotation_choice")
 
 
 def report_state(report: QuantizationReport) -> dict:

@@ -18,6 +18,7 @@ from torch import nn
 
 from .algorithms.factors import HessianFactors
 from .blocks import path_in_block, set_submodule
+from .online_rotation import input_rotation_of, rebased
 from .config import AstroQuantConfig
 from .memory import release_weight
 from .solving import LayerSolver, stage_factors
@@ -105,9 +106,13 @@ def _solve_in_one_forward(targets, names, x, kwargs, block, solver, done, input_
         if shared["x"] is not args[0]:  # q/k/v (gate/up) share one input tensor, so one H and its factors
             stats = input_hessian(name, args[0])
             shared.update(x=args[0], h=stats, f=stage_factors(stats, module.weight.device, solver.cfg.damp_percent))
+        rotation = input_rotation_of(module)
         solver(name, module, shared["h"], None, shared["f"])
         swap_in(name)
         done.add(name)
+        chosen = input_rotation_of(module)
+        if chosen is not rotation:  # rotation_candidates chose another: this call's input is x·R_old still
+            return (rebased(args[0], rotation, chosen), *args[1:])
 
     def release(module, args, output):  # the call that needed the solved weight is over
         release_weight(module)

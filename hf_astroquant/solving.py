@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 
@@ -11,12 +12,13 @@ from torch import nn
 from .algorithms import solve_linear
 from .algorithms.factors import HessianFactors
 from .algorithms.gptq import reconstruction_error
+from .algorithms.output_error import output_error
 from .algorithms.solve import SolverOptions
 from .config import AstroQuantConfig
 from .experts import BlockExperts
 from .memory import trim_heap
 from .modules import QuantLinear, make_layer
-from .online_rotation import input_rotation_of
+from .online_rotation import candidate_rotations, input_rotation_of, reattach, rebased
 from .report import QuantizationReport
 from .statistics import Stats
 
@@ -68,10 +70,11 @@ class LayerSolver:
             D = D.to(H.device) if D is not None else None
             G = G.to(H.device) if G is not None else None
         opts = dataclasses.replace(self.options, tensor_type=self.cfg.tensor_type_of(name))
-        try:
-            result, alpha = solve_linear(W, H, opts, D, G, factors)
-        except ValueError as exc:
-            raise ValueError(f"{name}: {exc}") from exc
+        rotation = input_rotation_of(linear)
+        if rotation is not None and self.cfg.rotation_candidates > 1:
+            W, H, result, alpha = self._solve_best_rotation(name, linear, W, D, G, factors, opts)
+        else:
+            result, alpha = _solved(name, W, H, opts, D, G, factors)
         err = reconstruction_error(W, result.weight, H)
         self.report.layer_errors[name] = err
         self.report.damping[name] = result.damp_percent
@@ -94,6 +97,41 @@ class LayerSolver:
             self.rounding_errors[name] = result.rounding_error
         del result
         trim_heap()
+
+
+    def _solve_best_rotation(self, name, linear, W, D, G, factors, opts):
+        """rotation_candidates: solve `linear` in the input basis of each candidate rotation and keep the
+        solution with the smallest error on the full-precision output (algorithms/output_error.py); the
+        Linear reads its input through the chosen rotation from here on. Returns (W, H, result, alpha)
+        in the chosen basis."""
+        current = input_rotation_of(linear)
+        device = factors.hessian.device
+        home = current if current.signs.device == device else copy.deepcopy(current).to(device)
+        best = None
+        for c, rotation in enumerate(candidate_rotations(home, name, self.cfg.seed, self.cfg.rotation_candidates)):
+            if c:
+                Wc, Dc, Gc = rebased(W, home, rotation), *(None if t is None else rebased(t, home, rotation, True)
+                                                          for t in (D, G))
+                fc = HessianFactors(rebased(factors.hessian, home, rotation, True), self.cfg.damp_percent)
+            else:
+                Wc, Dc, Gc, fc = W, D, G, factors
+            result, alpha = _solved(name, Wc, fc.hessian, opts, Dc, Gc, fc)
+            err = output_error(Wc, result.weight, fc.hessian, Dc, alpha)
+            if best is None or err < best[0]:
+                best = (err, c, rotation, Wc, fc.hessian, result, alpha)
+            del result
+        err, c, rotation, Wc, H, result, alpha = best
+        self.report.rotation_choice[name] = c
+        if c:
+            reattach(linear, rotation.to(linear.weight.device))
+        return Wc, H, result, alpha
+
+
+def _solved(name: str, W, H, opts, D, G, factors):
+    try:
+        return solve_linear(W, H, opts, D, G, factors)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from exc
 
 
 def rounded_layer(cfg: AstroQuantConfig, name: str, linear: nn.Linear, mse: bool):
