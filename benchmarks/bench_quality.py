@@ -134,6 +134,10 @@ for _base in ("gptaq-rotate-astro-w4", "gptaq-rotate-astro-w3", "gptaq-rotate-as
         ROWS[f"{_base}-writers-refine{_steps}-rounding"] = {**ROWS[f"{_base}-writers"], "refine_steps": _steps,
                                                             "refine_rounding_lr": 5e-3}
 
+# W4 (issue 24): ten times the Hessian damping (0.1 of its mean diagonal against 0.01), which regularizes
+# GPTAQ's compensation toward round-to-nearest where the out-of-domain calibration misleads it.
+ROWS["gptaq-rotate-astro-w4-writers-damp0.1"] = {**ROWS["gptaq-rotate-astro-w4-writers"], "damp_percent": 0.1}
+
 
 def parse_settings(items: list[str]) -> dict:
     """`KEY=VALUE` option overrides (`--set`); values read as JSON where they parse, else as text."""

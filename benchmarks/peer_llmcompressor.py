@@ -9,6 +9,8 @@ Runs in its own environment (llm-compressor pins its own transformers); see benc
     .peers/bin/python benchmarks/peer_llmcompressor.py --bits 3 --out benchmarks/results/peer_llmc_w3.json
     .peers/bin/python benchmarks/peer_llmcompressor.py --bits 2 --group-size 32 --transform spinquant \
         --out benchmarks/results/peers.jsonl   # a .jsonl --out: the row is appended
+    .peers/bin/python benchmarks/peer_llmcompressor.py --bits 4 --transform quip --dampening 0.1 \
+        --sitting peers --out benchmarks/results/peers.jsonl   # ten times the damping, as our W4 best
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def main() -> None:
     ap.add_argument("--transform-seed", type=int, default=None,
                     help="seed of the transform's random signs (default: compressed-tensors' own, an unseeded "
                          "torch.Generator, which starts from the same fixed state every run)")
+    ap.add_argument("--dampening", type=float, default=0.01,
+                    help="GPTQModifier's dampening_frac: the Hessian damping as a fraction of its mean diagonal "
+                         "(default 0.01, the protocol's and llm-compressor's; recorded in the row when not)")
     args = ap.parse_args()
     if args.transform_seed is not None:
         seed_transforms(args.transform_seed)
@@ -69,7 +74,7 @@ def main() -> None:
     if args.actorder != "none":
         weights["actorder"] = args.actorder
     recipe = [GPTQModifier(config_groups={"g0": {"targets": ["Linear"], "weights": weights}}, ignore=["lm_head"],
-                           dampening_frac=0.01)]
+                           dampening_frac=args.dampening)]
     if args.transform == "quip":
         from llmcompressor.modifiers.transform import QuIPModifier
 
@@ -85,6 +90,8 @@ def main() -> None:
     ppl = perplexity(model, test_ids, 2048, 8)
     row = {"tool": "llm-compressor GPTQ", "bits": args.bits, "group_size": args.group_size, "domain": args.domain,
            "actorder": args.actorder, "ppl": round(ppl, 2), "quant_seconds": round(seconds, 1)}
+    if args.dampening != 0.01:
+        row["dampening_frac"] = args.dampening
     if args.transform != "none":
         row.update(transform=args.transform, transform_type=args.transform_type)
         if args.transform_seed is not None:

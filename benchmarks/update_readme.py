@@ -116,6 +116,12 @@ def describe_peer(r: dict) -> str:
                          if x)
         text = describe(r).replace(" (desc_act, static_groups, mse)", "")
         text += f" + {pre}" if pre else ""
+        if r.get("astro") and r.get("astro_beta", 1.0) != 1.0:
+            text += f" (Astro β {r['astro_beta']})"
+        if r.get("rotation_candidates", 1) > 1:
+            text += f", {r['rotation_candidates']} rotation candidates per layer"
+        if r.get("damp_percent", 0.01) != 0.01:
+            text += f", damping {r['damp_percent']}"
         if r.get("refine_steps"):
             text += f", {r['refine_steps']} refine steps (lr {r.get('refine_lr', 'default')}"
             text += f"; rounding too, lr {r['refine_rounding_lr']})" if r.get("refine_rounding_lr") else ")"
@@ -128,7 +134,8 @@ def describe_peer(r: dict) -> str:
         return f"{tool} {r['version']} + {r['rotation']} rotation (act-order)"
     if r.get("transform"):
         rot = {"quip": "QuIP (v)", "spinquant": "SpinQuant (R1, R2)"}[r["transform"]]
-        return f"{tool} + {rot}, {r['transform_type']} (act-order {r.get('actorder', 'none')})"
+        damping = f", damping {r['dampening_frac']}" if "dampening_frac" in r else ""
+        return f"{tool} + {rot}, {r['transform_type']} (act-order {r.get('actorder', 'none')}){damping}"
     return f"{tool} (act-order {r.get('actorder', 'none')})"
 
 
@@ -201,7 +208,8 @@ def seed_groups(rows: list[dict]) -> list[tuple[str, dict, list[tuple[str, float
             return str(r["transform_seed"])
         return str(r.get("seed", 0)) if r["tool"] == "hf_astroquant" else "default"
 
-    studied = {key(r) for r in rows if "transform_seed" in r or r.get("seed")}
+    # a seed set explicitly, or a setting tried beside the seed study (damping)
+    studied = {key(r) for r in rows if {"transform_seed", "seed", "dampening_frac"} & r.keys()}
     groups: dict = {}
     for r in rows:
         if key(r) in studied:
@@ -225,10 +233,12 @@ def render_seeds(rows: list[dict]) -> str:
 
 
 def render_seeds_summary(rows: list[dict]) -> str:
-    """One line for the README: each studied configuration's mean and range, by tool."""
+    """One line for the README: the mean and range of each configuration run at three seeds or more."""
     best = best_preset_rows()
     parts = []
     for name, r, runs in seed_groups(rows):
+        if len(runs) < 3:
+            continue
         if r["tool"] == "hf_astroquant":
             label = "hf_astroquant " + ("`best`" if r.get("row") in best else f"`{r['row']}`")
         else:
@@ -554,6 +564,7 @@ def render_presets() -> str:
                                      .get(opts.get("online_rotation", "none"))) if x) or "none"
         method = opts["method"] + (f" + {opts['refine_steps']} refine steps" if opts.get("refine_steps") else "")
         method += " (scales + rounding)" if opts.get("refine_rounding_lr") else ""
+        method += f", damping {opts['damp_percent']}" if "damp_percent" in opts else ""
         lines.append(f"| `{quality}` | {bits} | {opts['group_size']} | {method} | {pre} | {r['ppl']:.2f} | "
                      f"{r['quant_seconds']} | `{row}` ({source}) |")
     return "\n".join(lines)

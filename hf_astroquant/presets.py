@@ -9,9 +9,10 @@ perplexity and time, rendered from benchmarks/results/ by `benchmarks/update_rea
     balanced  adds the residual-stream rotation (GPTAQ at 2 bits), about as fast as fast
     best      the lowest perplexity we measured at that width in no more than AutoRound's time:
               GPTAQ behind the residual rotation, Astro and an online rotation of the output
-              projections' input (online_rotation: down_proj's, at 4 bits o_proj's too); at 3 and
-              2 bits also block-output tuning of the scales and rounding (refine_steps,
-              refine_rounding_lr)
+              projections' input (online_rotation: down_proj's, at 4 bits o_proj's too); at 4 bits
+              ten times the Hessian damping (damp_percent=0.1: less compensation fitted to the
+              calibration text); at 3 and 2 bits block-output tuning of the scales and rounding
+              (refine_steps, refine_rounding_lr)
 
 The rotation of balanced and best folds exactly into every family but those with post-norms
 (Gemma 2/3, OLMo 2, GLM-4); there it is refused with the reason (docs/families.md), and fast, or
@@ -36,7 +37,7 @@ PRESETS: dict[tuple[str, int], tuple[dict[str, Any], str]] = {
     ("balanced", 3): (dict(bits=3, group_size=64, method="gptq", transform="rotate"), "gptq-rotate-w3"),
     ("balanced", 2): (dict(bits=2, group_size=32, method="gptaq", transform="rotate"), "gptaq-rotate-w2"),
     ("best", 4): (dict(bits=4, group_size=64, method="gptaq", transform="rotate", astro=True,
-                       online_rotation="writers"), "gptaq-rotate-astro-w4-writers"),
+                       online_rotation="writers", damp_percent=0.1), "gptaq-rotate-astro-w4-writers-damp0.1"),
     ("best", 3): (dict(bits=3, group_size=64, method="gptaq", transform="rotate", astro=True, online_rotation="down",
                        refine_steps=25, refine_rounding_lr=5e-3), "gptaq-rotate-astro-w3-online-refine25-rounding"),
     ("best", 2): (dict(bits=2, group_size=32, method="gptaq", transform="rotate", astro=True, online_rotation="down",
