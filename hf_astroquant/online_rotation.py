@@ -12,6 +12,10 @@ input element. Formats without an online rotation (GPTQ, compressed-tensors and 
 such a checkpoint. (With "writers", o_proj's input, the attention heads' outputs side by side, is
 mixed across heads, where transform="rotate" folds a rotation within each head only.)
 
+`rotation_candidates=N` lets each rotated Linear choose among its width's rotation and N − 1 drawn for
+it: the solver (solving.py) solves it in each basis, its statistics rebased (Qᵀ·H·Q, no extra forward),
+keeps the solution with the smallest full-precision output error, and `reattach`es that rotation.
+
 During calibration the rotation runs as a forward pre-hook of the full-precision Linear (first
 among its hooks, so every statistic sees the rotated input); the solved layer takes it over
 (`input_rotation_of`). A Linear the run leaves in full precision gets its weight back (W·R·Rᵀ).
