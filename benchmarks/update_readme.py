@@ -241,9 +241,12 @@ def render_seeds_summary(rows: list[dict]) -> str:
             continue
         if r["tool"] == "hf_astroquant":
             label = "hf_astroquant " + ("`best`" if r.get("row") in best else f"`{r['row']}`")
+            damping = r.get("damp_percent", 0.01)
         else:
             label = r["tool"] + {"quip": " + QuIP", "spinquant": " + SpinQuant"}.get(r.get("transform"), "")
-        parts.append(f"{label} " + "{:.2f} ({:.2f}-{:.2f}".format(*spread(runs)) + f", {len(runs)} seeds)")
+            damping = r.get("dampening_frac", 0.01)
+        parts.append(f"{label} at damping {damping}: " + "{:.2f} ({:.2f}-{:.2f}".format(*spread(runs))
+                     + f", {len(runs)} seeds)")
     return ("W4 across the random rotations' seeds, mean (range): " + "; ".join(parts)
             + " ([docs/results.md](docs/results.md#w4-how-much-is-the-draw-of-the-random-rotations)).")
 
