@@ -120,7 +120,7 @@ class LayerSolver:
             if best is None or err < best[0]:
                 best = (err, c, rotation, Wc, fc.hessian, result, alpha)
             del result
-        err, c, rotation, Wc, H, result, alpha = best
+        _, c, rotation, Wc, H, result, alpha = best
         self.report.rotation_choice[name] = c
         if c:
             reattach(linear, rotation.to(linear.weight.device))
