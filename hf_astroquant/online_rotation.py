@@ -31,7 +31,6 @@ from torch import nn
 
 from . import offload
 from .adapters import output_projections
-from .algorithms.kron_rotation import rotate_rows
 from .blocks import text_config
 from .modules.input_rotation import InputRotation
 
@@ -116,8 +115,7 @@ def rebased(m: torch.Tensor, old: InputRotation, new: InputRotation, both_sides:
     """M·Q with Q = R_oldᵀ·R_new, the change from the input basis x·R_old to x·R_new (fp64 inside, in M's
     dtype and device): a weight or a rotated row space; with `both_sides`, Qᵀ·M·Q (H, D, G)."""
     def times_q(x: torch.Tensor) -> torch.Tensor:
-        x = rotate_rows(x, old.signs.to(x), old.mix.to(x), inverse=True)
-        return rotate_rows(x, new.signs.to(x), new.mix.to(x))
+        return new.fold_into(old.fold_into(x, inverse=True))
 
     out = times_q(m.double())
     if both_sides:

@@ -18,9 +18,9 @@ from torch import nn
 
 from .algorithms.factors import HessianFactors
 from .blocks import path_in_block, set_submodule
-from .online_rotation import input_rotation_of, rebased
 from .config import AstroQuantConfig
 from .memory import release_weight
+from .online_rotation import input_rotation_of, rebased
 from .solving import LayerSolver, stage_factors
 from .statistics import NonFiniteInput, Stats, input_stats
 from .stream import CapturedFpInputs, StagewiseFpInputs, StopForward, pre_hooks, run_block

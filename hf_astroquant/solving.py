@@ -72,7 +72,7 @@ class LayerSolver:
         opts = dataclasses.replace(self.options, tensor_type=self.cfg.tensor_type_of(name))
         rotation = input_rotation_of(linear)
         if rotation is not None and self.cfg.rotation_candidates > 1:
-            W, H, result, alpha = self._solve_best_rotation(name, linear, W, D, G, factors, opts)
+            W, H, result, alpha = self._solve_best_rotation(name, linear, rotation, W, D, G, factors, opts)
         else:
             result, alpha = _solved(name, W, H, opts, D, G, factors)
         err = reconstruction_error(W, result.weight, H)
@@ -98,13 +98,11 @@ class LayerSolver:
         del result
         trim_heap()
 
-
-    def _solve_best_rotation(self, name, linear, W, D, G, factors, opts):
+    def _solve_best_rotation(self, name, linear, current, W, D, G, factors, opts):
         """rotation_candidates: solve `linear` in the input basis of each candidate rotation and keep the
         solution with the smallest error on the full-precision output (algorithms/output_error.py); the
         Linear reads its input through the chosen rotation from here on. Returns (W, H, result, alpha)
-        in the chosen basis."""
-        current = input_rotation_of(linear)
+        in the chosen basis. `current`: the rotation the Linear reads through now."""
         device = factors.hessian.device
         home = current if current.signs.device == device else copy.deepcopy(current).to(device)
         best = None
