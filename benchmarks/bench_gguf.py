@@ -80,7 +80,8 @@ def ours(kind: str, file_type: str, windows: torch.Tensor) -> tuple[Path, object
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         AutoTokenizer.from_pretrained(ckpt).save_pretrained(d)
-        export_gguf(d, path, overwrite=True)
+        path.unlink(missing_ok=True)  # this benchmark's own file (an older version's has no mark to replace it by)
+        export_gguf(d, path)
     return path, model, seconds
 
 

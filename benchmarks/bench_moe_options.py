@@ -132,7 +132,7 @@ def train(tok, out: Path) -> None:
     """Train the MoE (LM loss + load-balancing loss) and save it with its tokenizer under `out`."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from hf_astroquant.file_modes import apply_umask
+    from hf_astroquant.file_modes import apply_umask, written_since
 
     torch.set_num_threads(TRAIN["threads"])
     torch.manual_seed(TRAIN["seed"])
@@ -163,7 +163,7 @@ def train(tok, out: Path) -> None:
     info = dict(model=MODEL, train=TRAIN, held_out=HELD_OUT, data=data_info, windows_seen=TRAIN["steps"],
                 seconds=round(time.perf_counter() - start), loss_log=log, torch_threads=torch.get_num_threads())
     (tmp / "training.json").write_text(json.dumps(info, indent=1))
-    apply_umask(tmp)
+    apply_umask(written_since(tmp, {}))  # a fresh folder: every file in it is ours
     tmp.rename(out)
 
 

@@ -35,7 +35,7 @@ def smollm2_checkpoint() -> str:
         return str(out)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_astroquant.file_modes import apply_umask
+    from hf_astroquant.file_modes import apply_umask, written_since
     from hf_astroquant.gguf import drop_gguf_marker
 
     src = smollm2_gguf_dir()
@@ -44,7 +44,7 @@ def smollm2_checkpoint() -> str:
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    apply_umask(tmp)
+    apply_umask(written_since(tmp, {}))  # a fresh folder: every file in it is ours
     tmp.rename(out)
     return str(out)
 

@@ -12,7 +12,7 @@ from .config import AstroQuantConfig
 from .modules import QuantLinear, set_backend
 from .quantizer import AstroQuantizer
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"
 
 
 def _register() -> None:

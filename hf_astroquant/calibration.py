@@ -20,6 +20,16 @@ class CalibrationDataError(ValueError):
     """The calibration data cannot be turned into token windows."""
 
 
+def read_text_file(path: str | os.PathLike, what: str = "dataset") -> str:
+    """The contents of a UTF-8 text file; a binary or otherwise undecodable file is refused by name."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as err:
+        raise CalibrationDataError(f"{what} file {os.fspath(path)} is not UTF-8 text (byte 0x{err.object[err.start]:02x} "
+                                   f"at offset {err.start}); pass a plain-text file") from None
+
+
 def sample_windows(token_ids: torch.Tensor, n_samples: int, seqlen: int, seed: int) -> list[torch.Tensor]:
     """Draw `n_samples` windows of `seqlen` tokens from one long 1-D token sequence."""
     total = int(token_ids.numel())
@@ -35,9 +45,10 @@ def sample_windows(token_ids: torch.Tensor, n_samples: int, seqlen: int, seed: i
 def _token_windows(data: Any) -> list[torch.Tensor] | None:
     """Token windows given directly, or None when `data` is not token ids."""
     if isinstance(data, torch.Tensor):
-        if data.dim() != 2 or data.is_floating_point() or data.is_complex() or data.dtype == torch.bool:
+        if (data.dim() != 2 or data.is_floating_point() or data.is_complex() or data.dtype == torch.bool
+                or 0 in data.shape):
             raise CalibrationDataError(
-                f"a tensor dataset must be 2-D integer token ids (windows × tokens); got shape "
+                f"a tensor dataset must be 2-D integer token ids (windows × tokens, neither zero); got shape "
                 f"{tuple(data.shape)} and dtype {data.dtype}"
             )
         return [row.long() for row in data]
@@ -60,8 +71,7 @@ def _text_of(data: Any) -> tuple[str, str]:
         check_source(data)  # a readable file, or a known name on a reachable Hub
         name = os.fspath(data)
         if os.path.isfile(name):
-            with open(name, encoding="utf-8") as f:
-                return f.read(), f"text file {os.path.basename(name)}"
+            return read_text_file(name), f"text file {os.path.basename(name)}"
         return _load_named(name), name
     if isinstance(data, (list, tuple)):
         if not data:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,24 +91,35 @@ class Boolean:
 
 @dataclass(frozen=True)
 class Integer:
-    """An integer >= `minimum`, or one of `also` (special values such as -1)."""
+    """An integer in [`minimum`, `maximum`], or one of `also` (special values such as -1).
+
+    `maximum` bounds the options whose value scales the work or the memory of a run (beam width,
+    steps, candidates, windows), so a slip such as 10**6 is refused at once instead of exhausting
+    the machine hours later."""
 
     minimum: int | None = None
     also: tuple[int, ...] = ()
     text: str = ""  # the allowed text, when the default wording does not say it well
+    maximum: int | None = None
 
     @property
     def allowed(self) -> str:
-        return self.text or ("an integer" + ("" if self.minimum is None else f" >= {self.minimum}"))
+        if self.text:
+            return self.text
+        if self.maximum is not None:
+            return f"an integer in [{self.minimum}, {self.maximum}]"
+        return "an integer" + ("" if self.minimum is None else f" >= {self.minimum}")
 
     def __call__(self, v: Any) -> int:
-        if not _is_int(v) or (v not in self.also and self.minimum is not None and v < self.minimum):
+        if not _is_int(v) or (v not in self.also and (self.minimum is not None and v < self.minimum
+                                                       or self.maximum is not None and v > self.maximum)):
             raise Invalid(self.allowed)
         return v
 
     def bad_examples(self) -> list:
         low = [self.minimum - 1] if self.minimum is not None and self.minimum - 1 not in self.also else []
-        return low + [float(self.minimum or 1), str(self.minimum or 1), True]
+        high = [self.maximum + 1, 10**6 * self.maximum] if self.maximum is not None else []
+        return low + high + [float(self.minimum or 1), str(self.minimum or 1), True]
 
     def flag(self) -> dict:
         return dict(type=int, metavar="N")
@@ -238,6 +250,15 @@ def check_module_patterns(v: Any) -> list[str] | None:
         return None
     if isinstance(v, str) or not isinstance(v, (list, tuple)) or not all(isinstance(m, str) for m in v):
         raise Invalid("None or a list of module names/patterns (strings)")
+    for pattern in v:  # transformers matches each one as a regular expression
+        if not pattern:
+            raise Invalid("module names or regular expressions, none empty (an empty one matches every module)",
+                          shown=list(v))
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise Invalid(f"module names or valid regular expressions; {pattern!r} is not one ({err})",
+                          shown=list(v)) from None
     return list(v)
 
 
@@ -265,10 +286,28 @@ def check_devices(v: Any) -> list[str] | str | None:
         try:
             if not isinstance(d, str):
                 raise TypeError
-            torch.device(d)
+            device = torch.device(d)
         except (TypeError, RuntimeError):
             raise Invalid(_DEVICES_ALLOWED) from None
+        missing = missing_device(device)
+        if missing:
+            raise Invalid(f"devices this machine has; {d!r} is not one ({missing})", shown=list(v))
     return list(v)
+
+
+def missing_device(device) -> str | None:
+    """Why `device` (a torch.device) cannot be used on this machine, or None when it can."""
+    import torch
+
+    if device.type in ("cpu", "meta"):
+        return None
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        return f"this torch has no usable {device.type} device"
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        return f"this machine has {count} {device.type} device{'s' if count != 1 else ''}"
+    return None
 
 
 _DATASET_ALLOWED = ("a list of strings, a list of token-id lists, a 2-D tensor of token ids, a text file path, "

@@ -25,7 +25,7 @@ from typing import Any
 
 from .algorithms.gguf_types import FILE_TYPES
 from .config import AstroQuantConfig
-from .file_modes import apply_umask, current_umask
+from . import output_dir
 from .gguf import drop_gguf_marker, gguf_base_model_info
 from .modules.kernels import BACKENDS
 
@@ -42,6 +42,17 @@ class ShellParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """A shell type: an integer >= 1 (window sizes and counts: 0 would divide by zero or evaluate nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: a positive integer (>= 1)")
+    return value
 
 
 # --------------------------------------------------------------------------- config options as flags
@@ -84,6 +95,9 @@ def resolve_source(model: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     if model.lower().endswith(".gguf"):
         if not path.is_file():
             raise CliError(f"GGUF file {model} does not exist")
+        from .gguf_header import check_gguf_file
+
+        check_gguf_file(path)  # a corrupt or hostile header: one-line GGUFFileError before any reader sees it
         info = gguf_base_model_info(path)
         return str(path.parent), {"gguf_file": path.name}, info
     if path.exists():
@@ -122,6 +136,8 @@ def _placement(args) -> dict:
         kwargs["max_memory"] = budget
         kwargs.setdefault("device_map", "auto")
     if args.offload_folder:
+        if Path(args.offload_folder).exists() and not Path(args.offload_folder).is_dir():
+            raise CliError(f"--offload-folder {args.offload_folder} exists and is not a directory")
         kwargs["offload_folder"] = args.offload_folder
     return kwargs
 
@@ -140,35 +156,37 @@ def _load_tokenizer(name: str, load_kwargs: dict):
     return AutoTokenizer.from_pretrained(name, **{k: v for k, v in load_kwargs.items() if k == "gguf_file"})
 
 
+def _tokenizer_of(name: str, shown: str, load_kwargs: dict, needed: bool):
+    """The tokenizer `name` (shown to the user as `shown`); when it cannot be loaded, a one-line CliError if
+    the run `needed` it (text calibration data, evaluation), else a note and None (saved without one)."""
+    try:
+        return _load_tokenizer(name, load_kwargs)
+    except (OSError, ValueError, TypeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if Path(name).is_dir() and not any((Path(name) / f).is_file() for f in TOKENIZER_FILES):
+            reason = f"the directory has none of {', '.join(TOKENIZER_FILES)}"
+        if needed:
+            raise CliError(f"cannot load the tokenizer of {shown!r} ({reason}); pass --tokenizer NAME_OR_DIR") from err
+        print(f"hf-astroquant: no tokenizer saved with the model: cannot load the tokenizer of {shown!r} ({reason})",
+              file=sys.stderr)
+        return None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
 def _peak_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CliError(f"{out} exists and is not empty; pass --overwrite to replace it")
-
-
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    """A fresh temporary sibling of `out` to write into (renamed into place when complete, so an
-    interrupted run never leaves a half-written `out`)."""
-    _check_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-
-
-def _finish_out(tmp: Path, out: Path) -> None:
-    tmp.chmod(0o777 & ~current_umask())  # mkdtemp made it private
-    apply_umask(tmp)
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        tmp.rename(out)
+def _apart_from(args, cfg) -> dict[str, dict[str, Any]]:
+    """The local paths a quantize run reads, and the folders it fills: its --out keeps apart from both."""
+    data = cfg.dataset if isinstance(cfg.dataset, (str, os.PathLike)) else None
+    return {"inputs": {"MODEL": args.model, "--tokenizer": args.tokenizer, "--dataset": data,
+                       "--eval-data": args.eval_data},
+            "folders": {"--offload-folder": args.offload_folder, "--resume-dir": cfg.resume_dir}}
 
 
 def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
@@ -196,13 +214,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise CliError(f"--method {cfg.method} needs calibration data: pass --dataset FILE|wikitext2|c4")
     check_source(cfg.dataset)
     eval_text = evaluation_text(args.eval_data) if args.eval_data else None
-    _check_out(out, args.overwrite)
-    try:
-        tok = _load_tokenizer(args.tokenizer or source, load_kwargs)
-    except OSError as err:
-        raise CliError(f"cannot load the tokenizer of {args.tokenizer or args.model!r}: {err}") from err
+    _placement(args)  # its flags are checked here too, not after a first load
+    output_dir.check_apart(out, **_apart_from(args, cfg))
+    output_dir.check_replaceable(out, args.overwrite)
+    needed = cfg.needs_calibration_data or eval_text is not None
+    tok = _tokenizer_of(args.tokenizer or source, args.tokenizer or args.model, load_kwargs, needed)
     cfg = config_from_args(args, tokenizer=tok)
-    tmp_out = _prepare_out(out, args.overwrite)
+    tmp_out = output_dir.prepare(out, args.overwrite, **_apart_from(args, cfg))
     try:
         model, seconds, ppl, eval_ids = _load_and_quantize(args, cfg, source, load_kwargs, tok, eval_text)
         model.name_or_path = args.model
@@ -220,11 +238,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             report["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
         model.astroquant_report = report
         model.save_pretrained(tmp_out)
-        tok.save_pretrained(tmp_out)
+        if tok is not None:
+            tok.save_pretrained(tmp_out)
         write_card(tmp_out, model_id=out.name)  # again: the tokenizer is saved now; the final name, never a path
-        _finish_out(tmp_out, out)
+        output_dir.finish(tmp_out, out)
     except BaseException:
-        shutil.rmtree(tmp_out, ignore_errors=True)
+        output_dir.discard(tmp_out)
         raise
     print_table("hf-astroquant quantize: summary", _quantize_summary(args, cfg, model, out, seconds, ppl))
     return 0
@@ -304,8 +323,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     load = {}
     if args.backend:
         load["quantization_config"] = AstroQuantConfig(backend=args.backend)
+    tok = _tokenizer_of(args.tokenizer or str(directory), args.tokenizer or str(directory), {}, needed=True)
     model = AutoModelForCausalLM.from_pretrained(str(directory), **load)
-    tok = _load_tokenizer(args.tokenizer or str(directory), {})
     report = read_report(directory)
     rows: list[tuple[str, Any]] = [("model", str(directory))]
     if args.data:
@@ -348,18 +367,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CliError(f"--gguf-type is a GGUF option; use it with --format gguf, not --format {args.format}")
     if args.format != "gptq" and args.checkpoint_format is not None:
         raise CliError(f"--checkpoint-format is a GPTQ option; --format {args.format} has none")
-    tmp_out = _prepare_out(out, args.overwrite)
+    tmp_out = output_dir.prepare(out, args.overwrite, {"DIR": src})
     try:
         rows = _EXPORTERS[args.format](src, tmp_out, args)
         if (src / REPORT_FILE).is_file():
             shutil.copy2(src / REPORT_FILE, tmp_out / REPORT_FILE)
         write_card(tmp_out, model_id=out.name)  # a name, never a path of this machine
-        _finish_out(tmp_out, out)
+        output_dir.finish(tmp_out, out)
     except ExportError as err:
-        shutil.rmtree(tmp_out, ignore_errors=True)
+        output_dir.discard(tmp_out)
         raise CliError(f"cannot export to {_FORMAT_NAMES[args.format]}: {err}") from err
     except BaseException:
-        shutil.rmtree(tmp_out, ignore_errors=True)
+        output_dir.discard(tmp_out)
         raise
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     print_table("hf-astroquant export", [("source", str(src)), ("output", str(out))] + rows
@@ -459,7 +478,9 @@ def _add_quantize(sub) -> None:
                    "(with config.json) or a local .gguf file")
     q.add_argument("--out", required=True, metavar="DIR",
                    help="output directory; it appears only when complete (a crash leaves no half-written DIR)")
-    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier hf-astroquant output at --out (never a folder it did not write, nor one "
+                        "holding files added since)")
     q.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the model is loaded and calibrated in (default: float32)")
     q.add_argument("--device-map", default=None, metavar="MAP",
                    help="transformers device_map, e.g. auto, cpu, cuda:0 (default: the model's own placement)")
@@ -471,9 +492,9 @@ def _add_quantize(sub) -> None:
                    help="also measure perplexity before and after on this text: wikitext2-raw (WikiText-2 test, "
                         "shipped: works offline), wikitext2 (the same split from the Hub) or a local text file "
                         "(default: no evaluation)")
-    q.add_argument("--eval-seqlen", type=int, default=2048, metavar="N",
+    q.add_argument("--eval-seqlen", type=positive_int, default=2048, metavar="N",
                    help="tokens per perplexity window (default: 2048)")
-    q.add_argument("--eval-windows", type=int, default=None, metavar="N",
+    q.add_argument("--eval-windows", type=positive_int, default=None, metavar="N",
                    help="evaluate at most this many windows (default: all)")
     q.add_argument("--base-model", default=None, metavar="ORG/NAME",
                    help="Hub id of the model MODEL was made from, for the card's base_model (default: found from "
@@ -490,8 +511,8 @@ def _add_eval(sub) -> None:
                    help="text for perplexity: wikitext2 (WikiText-2 test from the Hub), wikitext2-raw (the same "
                         "split's raw file, shipped: works offline), a local text file, or '' to skip "
                         "(default: wikitext2)")
-    e.add_argument("--seqlen", type=int, default=2048, metavar="N", help="tokens per window (default: 2048)")
-    e.add_argument("--max-windows", type=int, default=None, metavar="N",
+    e.add_argument("--seqlen", type=positive_int, default=2048, metavar="N", help="tokens per window (default: 2048)")
+    e.add_argument("--max-windows", type=positive_int, default=None, metavar="N",
                    help="evaluate at most this many windows (default: all)")
     e.add_argument("--baseline", default=None, metavar="MODEL",
                    help="also evaluate this full-precision model (Hub id, directory or .gguf file)")
@@ -501,8 +522,8 @@ def _add_eval(sub) -> None:
                    help="forward path of the packed layers (default: auto, the fastest that runs each layer)")
     e.add_argument("--tasks", default=None, metavar="TASK,TASK",
                    help="comma-separated lm-eval tasks (needs pip install lm-eval)")
-    e.add_argument("--limit", type=int, default=None, metavar="N", help="lm-eval: examples per task (default: all)")
-    e.add_argument("--batch-size", type=int, default=1, metavar="N", help="lm-eval batch size (default: 1)")
+    e.add_argument("--limit", type=positive_int, default=None, metavar="N", help="lm-eval: examples per task (default: all)")
+    e.add_argument("--batch-size", type=positive_int, default=1, metavar="N", help="lm-eval batch size (default: 1)")
     e.add_argument("--no-write", dest="write", action="store_false",
                    help="do not record the results in DIR's report and card")
     e.set_defaults(func=cmd_eval)
@@ -527,7 +548,8 @@ def _add_export(sub) -> None:
     x.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
                    help="dtype of the unquantized tensors; gptq writes float16 scales always, compressed-tensors "
                         "writes scales in this dtype (float16 holds ours exactly) (default: float16)")
-    x.add_argument("--overwrite", action="store_true", help="replace a non-empty DIR2")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier hf-astroquant output at DIR2 (never a folder or .gguf file it did not write)")
     x.set_defaults(func=cmd_export)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .checks import Invalid
-from .options import (ASYM_ALPHA_CHOICES, GROUPS, OPTIONS, SUPPORTED_BITS, SUPPORTED_METHODS,  # noqa: F401
+from .options import (ASYM_ALPHA_CHOICES, GROUPS, MAX_CALIBRATION_TOKENS, OPTIONS, SUPPORTED_BITS, SUPPORTED_METHODS,  # noqa: F401
                       SUPPORTED_ROUNDING, SUPPORTED_TRANSFORMS, Option)
 
 QUANT_METHOD = "astroquant"
@@ -166,6 +166,10 @@ def check_combinations(cfg: AstroQuantConfig) -> None:
     """Rules between options. Each combination that cannot do what it says is refused here, with what
     to set instead: no option silently changes what another one does."""
     m = cfg.method
+    if cfg.n_samples * cfg.seqlen > MAX_CALIBRATION_TOKENS:
+        _fail("n_samples", cfg.n_samples, f"at most {MAX_CALIBRATION_TOKENS // cfg.seqlen} with seqlen={cfg.seqlen} "
+              f"(n_samples × seqlen is bounded by {MAX_CALIBRATION_TOKENS:,} calibration tokens, 64 times the "
+              "defaults' 262,144)")
     if cfg.gguf_type is not None:
         for name in GGUF_FIXED:
             if getattr(cfg, name) != cfg.option(name).default:

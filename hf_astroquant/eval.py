@@ -12,12 +12,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .model_limits import check_token_ids, check_window_length
+
 
 @torch.no_grad()
 def perplexity(model, token_ids: torch.Tensor, seqlen: int = 2048, max_windows: int | None = None,
                progress: bool = True) -> float:
     """exp(mean NLL) of `model` over `token_ids` (1-D) cut into windows of `seqlen` tokens."""
+    if not isinstance(seqlen, int) or seqlen < 1 or (max_windows is not None and max_windows < 1):
+        raise ValueError(f"seqlen={seqlen!r} and max_windows={max_windows!r}: allowed are integers >= 1 "
+                         "(max_windows also None: every window)")
     ids = token_ids.reshape(-1)
+    check_token_ids(ids, model, "evaluation text")
+    check_window_length(seqlen, model, "seqlen")
     n_windows = ids.numel() // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
@@ -85,8 +92,9 @@ def evaluation_text(data: str) -> tuple[str, str]:
     - a local text file.
     """
     if os.path.isfile(data):
-        with open(data, encoding="utf-8") as f:
-            text = f.read()
+        from .calibration import read_text_file
+
+        text = read_text_file(data, "evaluation")
         if not text.strip():
             raise ValueError(f"evaluation file {data} contains no text")
         return text, f"text file {os.path.basename(data)}"

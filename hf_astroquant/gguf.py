@@ -24,22 +24,36 @@ _SOURCE_KEYS = ("general.source.huggingface.repository", "general.source.url", "
 
 def gguf_base_model_info(path: str | Path) -> dict:
     """The card's `source` (the file's name), `base_model` (a Hub id, when the metadata names one)
-    and `license` for a GGUF file."""
+    and `license` for a GGUF file. A file whose header is corrupt or hostile raises GGUFFileError (a
+    ValueError, one line) before gguf-py reads it; without gguf-py installed nothing more is known."""
     from .export.hub import hub_id_of
+    from .gguf_header import GGUFFileError, check_gguf_file
 
     info = {"source": Path(path).name, "base_model": None, "license": None}
     try:
+        check_gguf_file(path)
         from gguf import GGUFReader
-
-        fields = GGUFReader(str(path)).fields
-    except Exception:  # gguf not installed or an old file: nothing more is known
+    except ImportError:
         return info
+    try:
+        fields = GGUFReader(str(path)).fields
+    except Exception as err:  # a header we accepted but gguf-py refuses: still one line
+        raise GGUFFileError(f"{path}: gguf-py cannot read it: {type(err).__name__}: {err}") from err
     field = fields.get("general.license")
-    info["license"] = field.contents() if field is not None else None
+    info["license"] = _text(field)
     for key in _SOURCE_KEYS:
         field = fields.get(key)
-        hub_id = hub_id_of(field.contents()) if field is not None else None
+        hub_id = hub_id_of(_text(field))
         if hub_id:
             info["base_model"] = hub_id
             break
     return info
+
+
+def _text(field) -> str | None:
+    """A GGUF field's value when it is one string (the checked header guarantees UTF-8), else None."""
+    from .gguf_header import STRING
+
+    if field is None or len(field.types) != 1 or int(field.types[0]) != STRING:
+        return None
+    return field.contents()

@@ -25,6 +25,12 @@ SUPPORTED_METHODS = ("rtn", "gptq", "gptaq", "rescomp")
 SUPPORTED_ROUNDING = ("gptq", "successive", "beam")
 ASYM_ALPHA_CHOICES = ASYM_ALPHA_WORDS
 SUPPORTED_TRANSFORMS = ("none", "rotate", "scale", "adaptive")
+# Bounds on the options that scale a run's work or memory: generous (tens of times what anyone has
+# measured a gain with), so they refuse only slips such as 10**6 before anything long starts.
+MAX_WINDOWS = 65536  # calibration windows, and windows per batch
+MAX_SEQLEN = 1 << 20  # tokens per calibration window
+MAX_STEPS = 100_000  # optimizer steps (Astro, refinement)
+MAX_CALIBRATION_TOKENS = 1 << 24  # n_samples × seqlen
 GROUPS = {
     "grid": "What is quantized, and onto which grid",
     "solver": "How each weight matrix is solved",
@@ -122,13 +128,13 @@ OPTIONS: tuple[Option, ...] = (
            "gptq (greedy sweep), beam (beam_width candidates per row) or successive (reverse-order decoding "
            "toward the target; method gptq only)",
            "beam and successive fit every grid up front (static_groups); successive decodes in act-order."),
-    Option("beam_width", "solver", 4, Integer(1), "partial solutions kept per row with rounding beam (1 = greedy)"),
-    Option("fp_samples", "solver", None, Maybe(Integer(1), ("all",)),
+    Option("beam_width", "solver", 4, Integer(1, maximum=64), "partial solutions kept per row with rounding beam (1 = greedy)"),
+    Option("fp_samples", "solver", None, Maybe(Integer(1, maximum=MAX_WINDOWS), ("all",)),
            "asymmetric solvers: how many calibration windows (the first) also run through the full-precision "
            "blocks; fewer save time and memory, at the price of a noisier D",
            none_word="all"),
-    Option("block_size", "solver", 128, Integer(1), "GPTQ lazy-batch width (speed only; results do not change)"),
-    Option("refine_steps", "solver", 0, Integer(0),
+    Option("block_size", "solver", 128, Integer(1, maximum=65536), "GPTQ lazy-batch width (speed only; results do not change)"),
+    Option("refine_steps", "solver", 0, Integer(0, maximum=MAX_STEPS),
            "after each block is solved, Adam steps that tune its layers' scales toward the block's full-precision "
            "output (0: off)",
            "Codes and zero points stay as solved, so the packed format is unchanged; the tuned scales are kept "
@@ -142,7 +148,7 @@ OPTIONS: tuple[Option, ...] = (
            "(on the log of each scale)",
            "Measured with 50 steps on SmolLM2-135M's best W2 g32 preset: 1e-3 164.61, 5e-3 136.26, 1e-2 137.34 "
            "(docs/results.md)."),
-    Option("refine_batch_size", "solver", 8, Integer(1), "calibration windows per refine step"),
+    Option("refine_batch_size", "solver", 8, Integer(1, maximum=MAX_WINDOWS), "calibration windows per refine step"),
     Option("refine_rounding_lr", "solver", 0.0, Number(0, 1), "with refine_steps: Adam's learning rate for each "
            "weight's rounding offset, so a code may move one level from the solved one (0: codes stay as solved)",
            "The code used is clamp(round(x + r), 0, 2^bits - 1), where x is the value the solver rounded (in levels: "
@@ -164,12 +170,12 @@ OPTIONS: tuple[Option, ...] = (
            bad=(12, 1.5), shell=dict(metavar="NAME_OR_DIR")),
            "tokenizer for text calibration data (a Hub id or a directory; default: the model's)", none_word="MODEL's",
            saved=False),
-    Option("n_samples", "calibration", 128, Integer(1), "calibration windows drawn from text data"),
-    Option("seqlen", "calibration", 2048, Integer(1), "tokens per calibration window"),
+    Option("n_samples", "calibration", 128, Integer(1, maximum=MAX_WINDOWS), "calibration windows drawn from text data"),
+    Option("seqlen", "calibration", 2048, Integer(1, maximum=MAX_SEQLEN), "tokens per calibration window"),
     Option("seed", "calibration", 0, Integer(0),
            "seed for drawing the calibration windows, the random rotations (transform, online_rotation) and the "
            "refinement's batches"),
-    Option("calibration_batch_size", "calibration", None, Maybe(Integer(1), ("auto",)),
+    Option("calibration_batch_size", "calibration", None, Maybe(Integer(1, maximum=MAX_WINDOWS), ("auto",)),
            "windows per forward pass; auto: all at once when they fit a 4 GiB activation budget", none_word="auto"),
     Option("calibrate_all_experts", "calibration", False, Boolean(),
            "mixture-of-experts models: every expert's statistics over every calibration token (the block's output "
@@ -188,7 +194,7 @@ OPTIONS: tuple[Option, ...] = (
            "Proximal gradient on H only (algorithms/astro.py); the checkpoint format and inference are unchanged."),
     Option("astro_beta", "preconditioning", 1.0, Number(0), "weight of Astro's group-extent term (0 turns it off)",
            "1 trades the reshaping error against GPTQ's predicted rounding error exactly."),
-    Option("astro_steps", "preconditioning", 25, Integer(1), "FISTA steps of Astro's proximal gradient"),
+    Option("astro_steps", "preconditioning", 25, Integer(1, maximum=MAX_STEPS), "FISTA steps of Astro's proximal gradient"),
     Option("astro_lr", "preconditioning", 1.0, Number(0, 1, low_open=True), "Astro's step size as a fraction of 1/L"),
     Option("transform", "preconditioning", "none", OneOf(SUPPORTED_TRANSFORMS),
            "transforms folded into the weights before calibration: rotate, scale, or adaptive (per site, "
@@ -207,7 +213,7 @@ OPTIONS: tuple[Option, ...] = (
            "(from_pretrained); the GPTQ, compressed-tensors and GGUF exports refuse such a checkpoint. Routed "
            "experts are not rotated. transform='rotate' cannot fold these: no rotation passes act(gate)·up, and "
            "its value/output rotation stays within each head."),
-    Option("rotation_candidates", "preconditioning", 1, Integer(1),
+    Option("rotation_candidates", "preconditioning", 1, Integer(1, maximum=16),
            "with online_rotation: rotations tried per rotated layer; each layer keeps the one whose solved "
            "weights have the smallest error on the full-precision output over the calibration data (1: every "
            "layer of a width shares one rotation)",

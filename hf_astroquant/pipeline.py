@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import offload, resume
+from . import digests, offload, resume
 from . import stream as calibration_stream
 from .algorithms import gguf_types
 from .blocks import block_targets, find_blocks, place_layer, text_config
@@ -102,6 +102,7 @@ class _Run:
         self.device = offload.execution_device(self.blocks[0])
         self.pre = Preconditioner(model, cfg, self.blocks, self.names) if cfg.transform != "none" else None
         self.checkpoints, self.state, self.first, self.earlier_seconds = None, None, 0, 0.0
+        self.digests: dict[int, str] = {}  # with resume_dir: block i's weights digest, taken when the loop reads it
         self.fp_stagewise = False  # the full-precision inputs outgrew FP_CAPTURE_BUDGET: made stage by stage
 
     def rotate_inputs(self) -> None:
@@ -152,9 +153,9 @@ class _Run:
         cfg = self.cfg
         if cfg.resume_dir is None:
             return
-        sample = resume.embedding_sample(self.model)
+        # (before any transform: the weights outside the blocks as loaded, by content)
         self.checkpoints = resume.ResumeDir(cfg.resume_dir, resume.fingerprint(cfg, self.model, self.windows,
-                                                                                self.batch_size, sample))
+                                                                                self.batch_size, self.blocks))
         self.state = self.checkpoints.load()
         if self.state is not None and self.state["blocks_done"] > 0 and cfg.transform not in ("none", "rotate"):
             raise ValueError(f"resume_dir with transform={cfg.transform!r}: the scales searched for finished "
@@ -166,8 +167,11 @@ class _Run:
         self.first = self.state["blocks_done"]
         self.earlier_seconds = restore_report(self.report, self.state["report"])
         for i in range(self.first):
+            # the block's weights as the loop would have read them (after the model-wide rotations,
+            # functions of the weights and the fingerprinted options), hashed before they are replaced
+            self.checkpoints.check_block(self.names[i], digests.block_digest(self.blocks[i]))
             resume.load_block(self.model, self.names[i], self.blocks[i], self.should_convert, self.cfg,
-                        self.checkpoints.block_tensors(i))
+                              self.checkpoints.block_tensors(i))
         self.report.resumed_blocks = self.first
         logger.warning("astroquant: resuming from %s: %d of %d blocks were already done", self.cfg.resume_dir,
                        self.first, len(self.blocks))
@@ -178,10 +182,18 @@ class _Run:
         self.report.close_phases()
         return self.report
 
+    def read_block(self, i: int) -> None:
+        """With resume_dir: take block i's weights digest, now that the loop has it in memory (onloaded),
+        before anything rewrites it. (With transform "scale"/"adaptive" the block's scales are folded
+        in by then; such runs never reuse finished blocks: `open_resume_dir`.)"""
+        if self.checkpoints is not None:
+            self.digests[i] = digests.block_digest(self.blocks[i])
+
     def finish_block(self, i: int, packed: dict[str, torch.Tensor] | None, inputs, fp_inputs) -> None:
         if self.checkpoints is not None:
             self.stamp()
-            self.checkpoints.save_block(i, packed, inputs, fp_inputs, report_state(self.report), len(self.blocks))
+            self.checkpoints.save_block(i, self.names[i], self.digests.pop(i), packed, inputs, fp_inputs,
+                                        report_state(self.report), len(self.blocks))
 
     def todo(self) -> list[int]:
         return list(range(self.first, len(self.blocks)))
@@ -193,6 +205,7 @@ class _Run:
             packed = {} if self.checkpoints is not None else None
             targets = block_targets(self.names[i], self.blocks[i], self.should_convert)
             homes = offload.onload(targets)
+            self.read_block(i)
             for lname, linear in targets.items():
                 W = linear.weight.data
                 res, layer = rounded_layer(cfg, lname, linear, mse=cfg.mse)
@@ -311,6 +324,7 @@ class _Run:
         name, block, report = self.names[i], self.blocks[i], self.report
         targets = block_targets(name, block, self.should_convert)
         homes = {**onload_experts(block, name), **offload.onload(targets)}
+        self.read_block(i)
         experts = BlockExperts(block, name)
         solver.experts = experts if experts.owners else None
         fp_inputs, fp_source = fp_stream[0], None

@@ -15,10 +15,10 @@ from torch import nn
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from . import coverage, experts
+from . import coverage, experts, model_limits
 from .calibration import prepare_calibration
 from .config import AstroQuantConfig
-from .export import guard
+from .export import guard, validate
 from .export.hub import base_model_info, install_save_hooks
 from .linear_like import LINEAR_LIKE, features
 from .modules import QUANTIZED_LAYERS, empty_layer, set_backend
@@ -66,6 +66,8 @@ class AstroQuantizer(HfQuantizer):
             model, cfg.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None), add_default_skips=True
         )
         if not self.pre_quantized:
+            if self.calibration is not None:  # before the weights load: data the model cannot read fails now
+                model_limits.check_windows(self.calibration[0], model)
             return
         names = cfg.quantized_modules
         if names is None:  # older or hand-written configs: every Linear not excluded
@@ -81,6 +83,7 @@ class AstroQuantizer(HfQuantizer):
             )
         expected = {}
         rotated = set(cfg.input_rotated_modules or ())
+        guard.check_rotated_listed(rotated, names, {n for n in names if cfg.tensor_type_of(n) is not None})
         for name in names:
             linear = modules[name]
             layer = empty_layer(*features(linear), cfg, cfg.tensor_type_of(name), linear.bias is not None,
@@ -127,6 +130,8 @@ class AstroQuantizer(HfQuantizer):
             coverage.warn_full_precision(left, len(blocks))
             model.astroquant_report["full_precision_weights"] = left
             model.astroquant_report["full_precision_outside_blocks"] = coverage.outside_blocks(model, block_name)
+        else:  # the packed values, before any forward path reads them (export/validate.py)
+            validate.check_model(model, bool(cfg.sym))
         for module in model.modules():
             if isinstance(module, QUANTIZED_LAYERS):
                 for buf in module.buffers():

@@ -15,6 +15,7 @@ import logging
 import torch
 from torch import nn
 
+from .algorithms.grid import FP16_TINY
 from .algorithms.scale_tuning import TunedScales, output_loss
 from .blocks import path_in_block, set_submodule
 from .modules import QuantLinear
@@ -96,7 +97,8 @@ def _store(layers: dict[str, QuantLinear], grids: dict) -> None:
     for n, m in layers.items():
         scales, codes = grids[n]
         m._drop_fast()  # (the reference path runs during calibration: a safeguard)
-        m.scales.copy_(scales.to(m.scales.dtype))
+        # a scale tuned below the smallest positive fp16 would round to 0, which loading refuses
+        m.scales.copy_(scales.clamp(min=FP16_TINY).to(m.scales.dtype))
         if codes is not None:
             m.qweight.copy_(pack_rows(codes.round().to(torch.int32) if codes.is_floating_point() else codes, m.bits))
 

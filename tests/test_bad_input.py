@@ -29,6 +29,10 @@ EXTRA_BAD = {
     "fp_samples": [("all", "integer")],
     "calibration_batch_size": [("auto", "integer")],
     "astro_beta": [(float("inf"), "finite number >= 0")],
+    "modules_to_not_convert": [(["mlp.("], r"'mlp\.\(' is not one \(missing \)"), ([""], "none empty")],
+    "beam_width": [(10**6, r"an integer in \[1, 64\]")],
+    "rotation_candidates": [(17, r"an integer in \[1, 16\]")],
+    "n_samples": [(10**6, r"an integer in \[1, 65536\]")],
 }
 
 

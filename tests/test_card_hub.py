@@ -1,7 +1,8 @@
-"""Model card, remote-code stub, load guard and the Hub upload path (intercepted at
+"""Model card (no remote code), load guard and the Hub upload path (intercepted at
 huggingface_hub's commit API: nothing leaves the machine)."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ from transformers import AutoModelForCausalLM
 import hf_astroquant
 from hf_astroquant import AstroQuantConfig
 from hf_astroquant.export.card import PLOT_FILE, REPORT_FILE, render_card
-from hf_astroquant.export.hub import STUB_FILE, push_folder
+from hf_astroquant.export.hub import OLD_STUB_MODULE, push_folder
 from tiny import calib_ids, save_tiny, tiny_tokenizer
 
 SNIPPET_RE = r"```python\n(.*?)```"
@@ -37,7 +38,7 @@ def _logits(model):
         return model(calib_ids(2, 16, seed=9)).logits
 
 
-def test_save_writes_card_plot_report_and_stub(quantized):
+def test_save_writes_card_plot_report_and_no_remote_code(quantized):
     model, q = quantized
     card = ModelCard.load(q / "README.md")
     assert card.data.license == "mit" and card.data.base_model == "org/tiny-base"  # carried from the base card
@@ -49,8 +50,21 @@ def test_save_writes_card_plot_report_and_stub(quantized):
     assert len(report["layer_errors"]) == 14 and report["quantized_packed_bytes"] < report["quantized_fp16_bytes"]
     assert '"bits": 4' in card.text and "relative reconstruction error" in card.text
     config = json.loads((q / "config.json").read_text())
-    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_astroquant.AstroQuantLlamaForCausalLM"}
-    assert "import hf_astroquant" in (q / STUB_FILE).read_text()
+    assert "auto_map" not in config and not list(q.glob("*.py"))
+    # the card asks for the import only; it names trust_remote_code only to say it is not needed
+    assert "import hf_astroquant" in card.text and "trust_remote_code=True)" not in card.text
+    assert "No\n`trust_remote_code=True`" in card.text
+
+
+def test_a_resave_drops_the_remote_code_map_of_older_versions(quantized, tmp_path):
+    _, q = quantized
+    old = tmp_path / "old"
+    shutil.copytree(q, old)
+    config = json.loads((old / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": f"{OLD_STUB_MODULE}.AstroQuantLlamaForCausalLM"}
+    (old / "config.json").write_text(json.dumps(config))
+    AutoModelForCausalLM.from_pretrained(str(old)).save_pretrained(tmp_path / "new")
+    assert "auto_map" not in json.loads((tmp_path / "new" / "config.json").read_text())
 
 
 def test_the_card_names_the_error_each_method_records(quantized, tmp_path):
@@ -101,42 +115,29 @@ def test_reload_and_resave_keeps_report_and_card(quantized, tmp_path):
 
 
 NO_PLUGIN = r"""
-import sys, torch
+import sys
 from transformers import AutoModelForCausalLM
 path, mode = sys.argv[1:3]
-if mode == "plain":
-    try:
-        AutoModelForCausalLM.from_pretrained(path)
-    except RuntimeError as err:
-        print("REFUSED", err)
-    else:
-        print("LOADED")
+try:
+    AutoModelForCausalLM.from_pretrained(path, trust_remote_code=(mode == "remote"))
+except RuntimeError as err:
+    print("REFUSED", err)
 else:
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
-    print(type(model.model.layers[0].mlp.up_proj).__name__, "hf_astroquant" in sys.modules)
-    ids = torch.load(sys.argv[3])
-    with torch.no_grad():
-        torch.save(model(ids).logits, sys.argv[4])
+    print("LOADED")
+print("hf_astroquant" in sys.modules)
 """
 
 
-def test_without_the_plugin_loading_fails_loudly_and_remote_code_loads(quantized, tmp_path):
-    model, q = quantized
-    plain = subprocess.run([sys.executable, "-c", NO_PLUGIN, str(q), "plain"], capture_output=True, text=True,
-                           timeout=300)
-    assert "REFUSED" in plain.stdout and "ignore_mismatched_sizes" in plain.stdout, plain.stdout + plain.stderr[-2000:]
-    assert "LOADED" not in plain.stdout
-    ids = calib_ids(2, 16, seed=9)
-    torch.save(ids, tmp_path / "ids.pt")
-    remote = subprocess.run([sys.executable, "-c", NO_PLUGIN, str(q), "remote", str(tmp_path / "ids.pt"),
-                             str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300)
-    assert remote.returncode == 0, remote.stderr[-2000:]
-    assert remote.stdout.split() == ["QuantLinear", "True"]
-    assert torch.equal(torch.load(tmp_path / "out.pt"), _logits(model))
+@pytest.mark.parametrize("mode", ["plain", "remote"])
+def test_without_the_plugin_loading_fails_loudly_and_runs_no_code(quantized, mode):
+    _, q = quantized
+    run = subprocess.run([sys.executable, "-c", NO_PLUGIN, str(q), mode], capture_output=True, text=True, timeout=300)
+    assert "REFUSED" in run.stdout and "ignore_mismatched_sizes" in run.stdout, run.stdout + run.stderr[-2000:]
+    assert "LOADED" not in run.stdout
+    assert run.stdout.split()[-1] == "False"  # trust_remote_code found nothing to import
 
 
 def _tamper(q, tmp_path, edit):
-    import shutil
 
     bad = tmp_path / "bad"
     shutil.copytree(q, bad)
@@ -164,7 +165,6 @@ def test_tampered_checkpoint_is_refused(quantized, tmp_path, edit, message):
 
 @pytest.mark.parametrize("damage", ["truncate", "header"])
 def test_corrupt_safetensors_is_refused(quantized, tmp_path, damage):
-    import shutil
 
     _, q = quantized
     bad = tmp_path / "bad"
@@ -183,7 +183,7 @@ def test_model_push_to_hub_uploads_our_card_and_loads_back(quantized, hub):
     assert hub.repos == [("me/tiny-astro-w4", True)]
     folder = hub.root / "me--tiny-astro-w4"
     names = {p.name for p in folder.iterdir()}
-    assert {"README.md", "config.json", "model.safetensors", PLOT_FILE, REPORT_FILE, STUB_FILE} <= names
+    assert {"README.md", "config.json", "model.safetensors", PLOT_FILE, REPORT_FILE} <= names
     card = (folder / "README.md").read_text()
     assert "from_pretrained('me/tiny-astro-w4')" in card and "hf_astroquant" in card
     assert "automatically generated" not in card  # not transformers' generic card

@@ -39,7 +39,11 @@ def test_split_experts_compute_exactly_what_the_fused_module_computes(family):
     lists = expert_lists(model)
     assert lists and all(isinstance(m, ExpertList) and len(m) == 4 for m in lists.values())
     assert not any(layout_of(m) for m in model.modules())  # nothing fused left
-    assert torch.equal(_logits(model), ref)
+    # Same arithmetic, other kernels: the fused module multiplies each expert's tokens through a slice of a
+    # 3-D weight (batched or grouped matmul), the split one through a Linear, and BLAS blocks the reduction by
+    # ISA (bit-equal on AVX-512, not on AMD's AVX2-only EPYC). So: equal to float32 rounding, far below the
+    # 0.5-0.9 that two swapped experts give on these logits (measured on every family here).
+    torch.testing.assert_close(_logits(model), ref, rtol=1e-5, atol=1e-5)
     for experts in lists.values():  # every expert on every token: the routed output is unchanged
         experts.all_tokens = True
     assert torch.allclose(_logits(model), ref, atol=1e-5, rtol=0)

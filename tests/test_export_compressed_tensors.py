@@ -199,8 +199,12 @@ def test_refusals(tmp_path):
         export_compressed_tensors(tmp_path / "plain", tmp_path / "y")
     with pytest.raises(ValueError, match="dtype=torch.float32 is not valid; allowed: torch.float16, torch.bfloat16"):
         export_compressed_tensors(saved, tmp_path / "z", dtype=torch.float32)
-    with pytest.raises(ValueError, match="must differ from the source"):
+    with pytest.raises(ValueError, match="the export directory .* is the checkpoint read itself"):
         export_compressed_tensors(saved, saved)
+    with pytest.raises(ValueError, match="the export directory .* lies inside the checkpoint read"):
+        export_compressed_tensors(saved, saved / "sub")
+    with pytest.raises(ValueError, match="the export directory .* holds the checkpoint read"):
+        export_compressed_tensors(saved, saved.parent)
 
 
 def test_sharded_checkpoint_keeps_its_index(tmp_path):

@@ -149,8 +149,12 @@ def test_bad_arguments(tmp_path):
         export_gptq(saved, tmp_path / "x", checkpoint_format="v3")
     with pytest.raises(ValueError, match="dtype=torch.float32 is not valid"):
         export_gptq(saved, tmp_path / "x", dtype=torch.float32)
-    with pytest.raises(ValueError, match="must differ from the source"):
+    with pytest.raises(ValueError, match="the export directory .* is the checkpoint read itself"):
         export_gptq(saved, saved)
+    with pytest.raises(ValueError, match="the export directory .* lies inside the checkpoint read"):
+        export_gptq(saved, saved / "sub")
+    with pytest.raises(ValueError, match="the export directory .* holds the checkpoint read"):
+        export_gptq(saved, saved.parent)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "f").write_text("x")
     with pytest.raises(FileExistsError, match="exists and is not empty"):

@@ -176,8 +176,11 @@ def test_full_precision_export_and_its_refusals(integer_grid_checkpoint, tmp_pat
         export_gguf(fp, tmp_path / "q.gguf", "Q4_K_M")
     with pytest.raises(ValueError, match="'Q4_K_X' is not valid; allowed: F32, F16, Q4_0"):
         export_gguf(fp, tmp_path / "q.gguf", "Q4_K_X")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        export_gguf(tmp_path, tmp_path / "q.gguf")
+        export_gguf(tmp_path / "empty", tmp_path / "q.gguf")
+    with pytest.raises(ValueError, match="lies inside the checkpoint read"):
+        export_gguf(tmp_path / "empty", tmp_path / "empty" / "q.gguf")
 
 
 def test_a_different_type_than_the_checkpoint_is_refused(exported, tmp_path):

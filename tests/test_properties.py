@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -11,9 +12,19 @@ from hypothesis import strategies as st
 from hf_astroquant import AstroQuantConfig
 from hf_astroquant.algorithms.grid import dequantize, fit_grid, fit_groups, quantize
 from hf_astroquant.config import SUPPORTED_BITS, SUPPORTED_METHODS, SUPPORTED_ROUNDING
+from hf_astroquant.options import MAX_CALIBRATION_TOKENS
 from hf_astroquant.modules.packing import pack_cols, pack_rows, packed_rows, unpack_cols, unpack_rows
 
 SETTINGS = settings(max_examples=60, deadline=None)
+
+
+def _is_regex(text: str) -> bool:
+    """A pattern modules_to_not_convert accepts (transformers matches each as a regular expression)."""
+    try:
+        re.compile(text)
+    except re.error:
+        return False
+    return True
 
 
 @st.composite
@@ -84,7 +95,8 @@ def _valid_configs():
         alpha=st.floats(0.0, 1.0), n_samples=st.integers(1, 10_000), seqlen=st.integers(1, 1 << 16),
         seed=st.integers(0, 2**63 - 1), block_size=st.integers(1, 1024),
         calibration_batch_size=st.one_of(st.none(), st.integers(1, 512)),
-        modules_to_not_convert=st.one_of(st.none(), st.lists(st.text(min_size=1, max_size=12), max_size=3)),
+        modules_to_not_convert=st.one_of(st.none(), st.lists(st.text(min_size=1, max_size=12).filter(_is_regex),
+                                                             max_size=3)),
         beam_width=st.integers(1, 16),
     ).flatmap(lambda d: st.builds(lambda a, r: {**d, "asym_alpha": a, "rounding": r},
                                   st.just(None) if d["method"] == "rtn" else st.one_of(
@@ -102,6 +114,7 @@ def _follow_the_rules(d):
         d["desc_act"] = True
     if d["method"] == "rescomp" and d["bits"] < 3:
         d["bits"] = 3
+    d["n_samples"] = min(d["n_samples"], MAX_CALIBRATION_TOKENS // d["seqlen"])  # the calibration token bound
     return d
 
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 import torch
 
 # Smallest positive fp16 subnormal: a scale must stay representable after the fp16 round trip.
-_FP16_TINY = 2.0**-24
+FP16_TINY = 2.0**-24
 
 
 def _round_scale(scale: torch.Tensor) -> torch.Tensor:
-    return scale.clamp(min=_FP16_TINY).to(torch.float16).to(torch.float32).clamp(min=_FP16_TINY)
+    return scale.clamp(min=FP16_TINY).to(torch.float16).to(torch.float32).clamp(min=FP16_TINY)
 
 
 def _grid_from_range(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, sym: bool):

@@ -14,10 +14,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Iterator
 
+import gguf
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType
@@ -26,10 +28,12 @@ from ..algorithms.gguf_grid import fit_gguf_grid, quantize_codes
 from ..algorithms.gguf_types import FILE_TYPES, output_type, token_embedding_type
 from ..config import CHECKPOINT_FORMAT, QUANT_METHOD
 from .gguf_blocks import pack
-from .gguf_writer import (FULL_PRECISION_FILE_TYPES, GGUFTensor, architecture_of, export_gguf_full_precision,
-                          text_config, text_name, write_gguf)
+from ..output_dir import OutputError, check_apart, clean_leftovers
+from .gguf_writer import (FULL_PRECISION_FILE_TYPES, WRITTEN_BY, GGUFTensor, architecture_of,
+                          export_gguf_full_precision, text_config, text_name, write_gguf)
 from .source import SERVABLE_KEYS, ExportError, shards
 
+logger = logging.getLogger("hf_astroquant")
 GGUF_TYPES = tuple(FULL_PRECISION_FILE_TYPES) + tuple(FILE_TYPES)
 ROWS_PER_CHUNK = 4096  # rows of an embedding rounded at once (bounded memory for 150k-token vocabularies)
 
@@ -123,17 +127,46 @@ def export_gguf(src: str | Path, out: str | Path, gguf_type: str | None = None, 
     src, out = Path(src), Path(out)
     if gguf_type is not None and gguf_type not in GGUF_TYPES:
         raise ValueError(f"gguf_type={gguf_type!r} is not valid; allowed: {', '.join(GGUF_TYPES)}")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    check_apart(out, {"the checkpoint read": src})
     if out.is_dir():
         raise IsADirectoryError(f"{out} is a directory; name the .gguf file to write")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    if out.exists() and not written_by_us(out):
+        raise OutputError(f"{out} is not a GGUF file that hf-astroquant wrote; overwrite replaces only such a file: "
+                          "move it away or name another output")
+    for line in clean_leftovers(out):
+        logger.warning("%s", line)
     config_path = src / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{src} has no config.json: not a saved transformers model directory")
     config = json.loads(config_path.read_text())
     q = config.get("quantization_config")
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}-gguf")
+    try:
+        summary, file_type = _write(src, partial, config, q, gguf_type, name)
+        os.replace(partial, out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return dict(summary, path=str(out), gguf_type=file_type)
+
+
+def written_by_us(path: Path) -> bool:
+    """Whether `path` is a well-formed GGUF file whose general.quantized_by names us."""
+    from ..gguf_header import GGUFFileError, check_gguf_file
+
+    try:
+        check_gguf_file(path)
+        field = gguf.GGUFReader(str(path)).fields.get(gguf.Keys.General.QUANTIZED_BY)
+        return field is not None and field.contents() == WRITTEN_BY
+    except (GGUFFileError, OSError, ValueError):
+        return False
+
+
+def _write(src: Path, partial: Path, config: dict, q: dict | None, gguf_type: str | None, name: str | None):
+    """(write_gguf's summary, the file type) for the file written to `partial`."""
     if q:
         file_type = _check_quantized(src, q, gguf_type)
         summary = write_gguf(partial, src, quantized_tensors(src, config, q), file_type=FILE_TYPES[file_type][1],
@@ -146,5 +179,4 @@ def export_gguf(src: str | Path, out: str | Path, gguf_type: str | None = None, 
                               f"a full-precision model is written as {' or '.join(FULL_PRECISION_FILE_TYPES)}")
         file_type = gguf_type
         summary = export_gguf_full_precision(src, partial, gguf_type, name=name)
-    os.replace(partial, out)
-    return dict(summary, path=str(out), gguf_type=file_type)
+    return summary, file_type

@@ -14,12 +14,15 @@ import gguf
 import numpy as np
 import torch
 
+from ..gguf_header import check_gguf_file
 from .gguf_writer import architecture_of, text_config, text_name, unpermute_rows
 
 
 def weights_from_gguf(path: str | Path, model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """({parameter name of `model`: the file's tensor, decoded, in the parameter's shape},
-    {Linear module name: its tensor type in the file}). A tied output reads token_embd."""
+    {Linear module name: its tensor type in the file}). A tied output reads token_embd. A corrupt or
+    hostile header raises GGUFFileError (a ValueError) before gguf-py reads the file."""
+    check_gguf_file(path)
     config = model.config.to_dict()
     arch = architecture_of(config)
     cfg = text_config(config, arch)

@@ -651,6 +651,9 @@ def read_model_config(model_dir: Path) -> dict:
     return config
 
 
+WRITTEN_BY = "hf-astroquant"
+
+
 def write_gguf(out_path: str | Path, model_dir: str | Path, tensors: Iterable[GGUFTensor], *,
                file_type: LlamaFileType | int, name: str | None = None, tokenizer_pre: str | None = None) -> dict:
     """Write the GGUF file `out_path` for the model in `model_dir` (its config.json and tokenizer
@@ -669,6 +672,7 @@ def write_gguf(out_path: str | Path, model_dir: str | Path, tensors: Iterable[GG
     writer = gguf.GGUFWriter(str(out_path), arch.name, use_temp_file=True)
     try:
         writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_quantized_by(WRITTEN_BY)  # marks the file ours: `--overwrite` replaces only such a file
         writer.add_name(name or Path(str(config.get("_name_or_path") or model_dir.name)).name or model_dir.name)
         extra = write_architecture(writer, cfg, arch, model_type)
         writer.add_file_type(int(file_type))

@@ -1,11 +1,13 @@
-"""Saving extras and the Hub: model card, run report, remote-code stub, upload.
+"""Saving extras and the Hub: model card, run report, upload.
 
 `install_save_hooks(model)` gives a quantized model (fresh or reloaded) its own `save_pretrained`
 and `push_to_hub`: transformers' versions write the weights and config, then ours add
-`astroquant_report.json`, the card (README.md + plot) and `modeling_astroquant.py`, the
-remote-code stub that `config.json`'s `auto_map` names, so `trust_remote_code=True` loads the
-checkpoint without an explicit `import hf_astroquant`. (transformers' own `push_to_hub` would
+`astroquant_report.json` and the card (README.md + plot). (transformers' own `push_to_hub` would
 replace README.md with a generic card, hence the override.)
+
+No remote code is written: loading needs `import hf_astroquant`, never `trust_remote_code=True`,
+which would run whatever Python file a repository holds (anyone can upload a hostile one under a
+card that looks like ours).
 
 `push_folder` uploads a directory in one commit through `huggingface_hub.HfApi.create_commit`,
 with the card re-rendered so that its usage snippet names the repository.
@@ -24,12 +26,11 @@ from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 
-from ..file_modes import apply_umask
+from ..file_modes import apply_umask, snapshot, written_since
 from .card import REPORT_FILE, is_ours, read_report, render_card, write_card, write_report
 
 logger = logging.getLogger("hf_astroquant")
-STUB_FILE = "modeling_astroquant.py"
-_AUTO_CLASSES = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForImageTextToText", "AutoModel")
+OLD_STUB_MODULE = "modeling_astroquant"  # the remote-code stub that versions before 0.1.1 wrote
 _SKIP_UPLOAD = re.compile(r"(^|/)(\.|__pycache__/)|\.tmp$")
 
 
@@ -96,54 +97,22 @@ def base_model_info(name_or_path: str | os.PathLike | None) -> dict[str, Any]:
     return info
 
 
-def _transformers_base_class(model) -> type | None:
-    for cls in type(model).__mro__:
-        if cls.__module__.startswith("transformers.models."):
-            return cls
-    return None
-
-
-def remote_code_stub(model) -> tuple[str, dict[str, str]] | None:
-    """(source of modeling_astroquant.py, auto_map) for `model`'s architecture, or None when the
-    model's class is not one of transformers' (its own remote code would be replaced)."""
-    from transformers.models.auto import modeling_auto
-
-    base = _transformers_base_class(model)
-    if base is None:
-        return None
-    mappings = {
-        "AutoModelForCausalLM": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        "AutoModelForSeq2SeqLM": modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
-        "AutoModelForImageTextToText": modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
-        "AutoModel": modeling_auto.MODEL_MAPPING_NAMES,
-    }
-    stub_name = f"AstroQuant{base.__name__}"
-    auto_map = {auto: f"{STUB_FILE[:-3]}.{stub_name}" for auto in _AUTO_CLASSES
-                if base.__name__ in mappings[auto].values()}
-    if not auto_map:
-        return None
-    source = (
-        '"""Remote-code stub written by hf_astroquant: loading this checkpoint with\n'
-        "trust_remote_code=True imports hf_astroquant, which registers the 'astroquant' quantization\n"
-        'format with transformers before the weights are read."""\n\n'
-        "import hf_astroquant  # noqa: F401  (pip install hf-astroquant)\n"
-        f"from transformers import {base.__name__}\n\n\n"
-        f"class {stub_name}({base.__name__}):\n"
-        "    pass\n"
-    )
-    return source, auto_map
-
-
-def write_extras(model, directory: str | Path, stub: tuple[str, dict[str, str]] | None) -> None:
-    """Report, remote-code stub (`remote_code_stub(model)`) and card for a quantized model just saved
-    into `directory`."""
+def write_extras(model, directory: str | Path) -> None:
+    """Report and card for a quantized model just saved into `directory`."""
     directory = Path(directory)
     report = dict(read_report(directory))
     report.update(getattr(model, "astroquant_report", None) or {})
     write_report(directory, report)
-    if stub is not None and getattr(model.config, "auto_map", None) == stub[1]:  # never beside someone's own code
-        (directory / STUB_FILE).write_text(stub[0])
     write_card(directory)
+
+
+def drop_old_remote_code(config) -> None:
+    """Forget the `auto_map` that versions before 0.1.1 wrote for their remote-code stub: we no longer
+    write the stub (its file would be missing) nor ask anyone to load with trust_remote_code."""
+    auto_map = getattr(config, "auto_map", None)
+    if isinstance(auto_map, dict) and auto_map and all(
+            str(v).startswith(OLD_STUB_MODULE + ".") for v in auto_map.values()):
+        del config.auto_map
 
 
 def _saved_report_of(model) -> dict[str, Any]:
@@ -159,17 +128,16 @@ def install_save_hooks(model) -> None:
     if getattr(model, "astroquant_report", None) is None:
         model.astroquant_report = _saved_report_of(model)
     save_original = model.save_pretrained  # the bound class method
-    stub = remote_code_stub(model)
 
     @functools.wraps(save_original)
     def save_pretrained(save_directory, *args, push_to_hub: bool = False, **kwargs):
         hub_kwargs = {k: kwargs.pop(k) for k in ("repo_id", "private", "token", "commit_message", "create_pr",
                                                   "revision") if k in kwargs}
-        if stub is not None and getattr(model.config, "auto_map", None) in (None, stub[1]):
-            model.config.auto_map = stub[1]
+        drop_old_remote_code(model.config)
+        before = snapshot(save_directory)
         result = save_original(save_directory, *args, **kwargs)
-        write_extras(model, save_directory, stub)
-        apply_umask(save_directory)
+        write_extras(model, save_directory)
+        apply_umask(written_since(save_directory, before))
         if push_to_hub:
             repo_id = hub_kwargs.pop("repo_id", None) or Path(save_directory).name
             push_folder(save_directory, repo_id, **hub_kwargs)
@@ -223,5 +191,4 @@ def push_folder(folder: str | Path, repo_id: str, private: bool | None = None, t
                              commit_message=commit_message or "Upload quantized model (hf_astroquant)")
 
 
-__all__ = ["REPORT_FILE", "base_model_info", "install_save_hooks", "push_folder", "remote_code_stub",
-           "write_extras"]
+__all__ = ["REPORT_FILE", "base_model_info", "install_save_hooks", "push_folder", "write_extras"]

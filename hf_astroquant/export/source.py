@@ -107,8 +107,9 @@ def reordered_modules(src: Path, in_features: dict[str, int], group_size: int) -
 
 
 def check_out_dir(src: Path, out: Path, overwrite: bool) -> None:
-    if out.resolve() == src.resolve():
-        raise ValueError("the export directory must differ from the source directory")
+    from ..output_dir import check_apart
+
+    check_apart(out, {"the checkpoint read": src}, flag="the export directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
 
