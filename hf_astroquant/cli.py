@@ -26,6 +26,7 @@ from typing import Any
 from .algorithms.gguf_types import FILE_TYPES
 from .config import AstroQuantConfig
 from . import output_dir
+from .file_modes import snapshot, written_since
 from .gguf import drop_gguf_marker, gguf_base_model_info
 from .modules.kernels import BACKENDS
 
@@ -349,9 +350,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report["lm_eval"] = scores
         rows += [(f"lm-eval {k}", f"{v:.4f}") for k, v in sorted(scores.items())]
     if args.write:
+        before = snapshot(directory)
         write_report(directory, report)
         if is_ours(directory / "README.md"):
             write_card(directory)
+        output_dir.record_written(directory, written_since(directory, before))
     print_table("hf-astroquant eval", rows)
     return 0
 

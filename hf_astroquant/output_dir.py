@@ -61,6 +61,25 @@ def check_apart(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | No
                               "not into it")
 
 
+def output_files(directory: str | os.PathLike) -> set[str] | None:
+    """The files a completed command of ours recorded writing into `directory` (its MANIFEST), or None
+    when it has no readable one."""
+    return _manifest_files(Path(directory))
+
+
+def _write_manifest(directory: Path, files) -> None:
+    (directory / MANIFEST).write_text(json.dumps({"written_by": "hf-astroquant", "files": sorted(files)}, indent=1))
+
+
+def record_written(directory: str | os.PathLike, paths) -> None:
+    """Add `paths` (files a command of ours just wrote into an output of ours) to its MANIFEST; a folder
+    without one is not ours to list."""
+    directory = Path(directory)
+    ours = _manifest_files(directory)
+    if ours is not None:
+        _write_manifest(directory, ours | {Path(p).relative_to(directory).as_posix() for p in paths} - {MANIFEST})
+
+
 def _manifest_files(directory: Path) -> set[str] | None:
     """The files a completed command of ours recorded writing into `directory`, or None."""
     try:
@@ -155,8 +174,7 @@ def finish(tmp: Path, out: str | os.PathLike) -> None:
     """Record what `tmp` holds in its manifest, give its files the umask's modes and put it in place of `out`."""
     out = Path(out)
     tmp.chmod(0o777 & ~current_umask())  # mkdtemp made it private
-    (tmp / MANIFEST).write_text(json.dumps({"written_by": "hf-astroquant",
-                                            "files": [p for p in _present(tmp) if p != MANIFEST]}, indent=1))
+    _write_manifest(tmp, [p for p in _present(tmp) if p != MANIFEST])
     apply_umask(written_since(tmp, {}))  # a folder of our own: every file in it is one we wrote
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}-x"

@@ -248,3 +248,24 @@ def test_the_umask_pass_does_not_follow_links(tmp_path):
     apply_umask(written + [folder / "link"])
     assert _mode(private) == 0o600 and _mode(folder / "new") == 0o666 & ~current_umask()
     assert os.path.islink(folder / "link")
+
+
+def test_push_of_an_output_uploads_only_what_we_wrote(fp, tmp_path, capsys, hub, caplog):
+    out = tmp_path / "q"
+    assert _run(["quantize", fp, "--out", out, *RTN], capsys)[0] == 0
+    (out / "my-api-key.txt").write_text("secret")  # dropped there later by someone
+    assert _run(["push", out, "me/q"], capsys)[0] == 0
+    pushed = {p.name for p in (hub.root / "me--q").iterdir()}
+    assert "model.safetensors" in pushed and "my-api-key.txt" not in pushed and MANIFEST not in pushed
+    assert "not uploading my-api-key.txt" in caplog.text
+
+
+def test_eval_write_records_its_new_files_so_overwrite_still_works(fp, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert _run(["quantize", fp, "--out", out, *RTN], capsys)[0] == 0
+    (tmp_path / "eval.txt").write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    before = set(json.loads((out / MANIFEST).read_text())["files"])
+    assert _run(["eval", out, "--data", tmp_path / "eval.txt", "--seqlen", "32"], capsys)[0] == 0
+    after = set(json.loads((out / MANIFEST).read_text())["files"])
+    assert before <= after and after == set(_tree(out)) - {MANIFEST}
+    assert _run(["quantize", fp, "--out", out, "--overwrite", *RTN], capsys)[0] == 0

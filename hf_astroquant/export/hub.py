@@ -27,6 +27,7 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 
 from ..file_modes import apply_umask, snapshot, written_since
+from ..output_dir import MANIFEST, output_files
 from .card import REPORT_FILE, is_ours, read_report, render_card, write_card, write_report
 
 logger = logging.getLogger("hf_astroquant")
@@ -181,11 +182,20 @@ def push_folder(folder: str | Path, repo_id: str, private: bool | None = None, t
             card.data.tags = sorted(set(card.data.tags or []) | set(tags))
         card_bytes = str(card).encode()
         operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_bytes))
+    ours = output_files(folder)  # a CLI output lists what it wrote: nothing else in the folder is uploaded
+    left_out = []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
         if not path.is_file() or _SKIP_UPLOAD.search(rel) or (rel == "README.md" and card_bytes is not None):
             continue
+        if ours is not None and rel not in ours:
+            left_out.append(rel)
+            continue
         operations.append(CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)))
+    if left_out:
+        logger.warning("push: not uploading %s: hf-astroquant did not write %s (its list of files, %s, does not "
+                       "name %s)", ", ".join(left_out[:5]), "them" if len(left_out) > 1 else "it", MANIFEST,
+                       "them" if len(left_out) > 1 else "it")
     return api.create_commit(repo_id=repo_id, operations=operations, repo_type="model", revision=revision,
                              create_pr=create_pr,
                              commit_message=commit_message or "Upload quantized model (hf_astroquant)")
