@@ -147,7 +147,8 @@ def clean_leftovers(out: str | os.PathLike) -> list[str]:
         pid = int(m["pid"]) if m["pid"] else None
         if pid is not None and _alive(pid):
             raise OutputError(f"another hf-astroquant run (process {pid}) is writing {out} (into {path}); wait for "
-                              "it to finish, or stop it, before writing the same output")
+                              "it to finish, or stop it, before writing the same output (if no such run is going "
+                              f"on, process {pid} is another program: delete {path})")
         if m["kind"] == "old" and not out.exists() and not out.is_symlink():
             path.rename(out)
             done.append(f"restored {out} (a run killed while replacing it had moved it to {path.name})")
