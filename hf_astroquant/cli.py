@@ -96,10 +96,7 @@ def resolve_source(model: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     if model.lower().endswith(".gguf"):
         if not path.is_file():
             raise CliError(f"GGUF file {model} does not exist")
-        from .gguf_header import check_gguf_file
-
-        check_gguf_file(path)  # a corrupt or hostile header: one-line GGUFFileError before any reader sees it
-        info = gguf_base_model_info(path)
+        info = gguf_base_model_info(path)  # checks the header first: a hostile one is refused before any reader
         return str(path.parent), {"gguf_file": path.name}, info
     if path.exists():
         if not path.is_dir() or not (path / "config.json").is_file():
@@ -216,13 +213,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     check_source(cfg.dataset)
     eval_text = evaluation_text(args.eval_data) if args.eval_data else None
     _placement(args)  # its flags are checked here too, not after a first load
-    output_dir.check_apart(out, **_apart_from(args, cfg))
-    output_dir.check_replaceable(out, args.overwrite)
-    needed = cfg.needs_calibration_data or eval_text is not None
-    tok = _tokenizer_of(args.tokenizer or source, args.tokenizer or args.model, load_kwargs, needed)
-    cfg = config_from_args(args, tokenizer=tok)
     tmp_out = output_dir.prepare(out, args.overwrite, **_apart_from(args, cfg))
     try:
+        needed = cfg.needs_calibration_data or eval_text is not None
+        tok = _tokenizer_of(args.tokenizer or source, args.tokenizer or args.model, load_kwargs, needed)
+        cfg = config_from_args(args, tokenizer=tok)
         model, seconds, ppl, eval_ids = _load_and_quantize(args, cfg, source, load_kwargs, tok, eval_text)
         model.name_or_path = args.model
         report = dict(model.astroquant_report or {})

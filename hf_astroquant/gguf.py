@@ -31,10 +31,10 @@ def gguf_base_model_info(path: str | Path) -> dict:
 
     info = {"source": Path(path).name, "base_model": None, "license": None}
     try:
-        check_gguf_file(path)
         from gguf import GGUFReader
-    except ImportError:
+    except ImportError:  # transformers cannot read the file without gguf-py either, and says so
         return info
+    check_gguf_file(path)
     try:
         fields = GGUFReader(str(path)).fields
     except Exception as err:  # a header we accepted but gguf-py refuses: still one line

@@ -61,12 +61,6 @@ def check_apart(out: str | os.PathLike, inputs: dict[str, str | os.PathLike | No
                               "not into it")
 
 
-def output_files(directory: str | os.PathLike) -> set[str] | None:
-    """The files a completed command of ours recorded writing into `directory` (its MANIFEST), or None
-    when it has no readable one."""
-    return _manifest_files(Path(directory))
-
-
 def _write_manifest(directory: Path, files) -> None:
     (directory / MANIFEST).write_text(json.dumps({"written_by": "hf-astroquant", "files": sorted(files)}, indent=1))
 
@@ -75,15 +69,16 @@ def record_written(directory: str | os.PathLike, paths) -> None:
     """Add `paths` (files a command of ours just wrote into an output of ours) to its MANIFEST; a folder
     without one is not ours to list."""
     directory = Path(directory)
-    ours = _manifest_files(directory)
+    ours = output_files(directory)
     if ours is not None:
         _write_manifest(directory, ours | {Path(p).relative_to(directory).as_posix() for p in paths} - {MANIFEST})
 
 
-def _manifest_files(directory: Path) -> set[str] | None:
-    """The files a completed command of ours recorded writing into `directory`, or None."""
+def output_files(directory: str | os.PathLike) -> set[str] | None:
+    """The files a completed command of ours recorded writing into `directory` (its MANIFEST), or None
+    when it has no readable one."""
     try:
-        files = json.loads((directory / MANIFEST).read_text()).get("files")
+        files = json.loads((Path(directory) / MANIFEST).read_text()).get("files")
     except (OSError, ValueError, AttributeError):
         return None
     return set(files) if isinstance(files, list) and all(isinstance(f, str) for f in files) else None
@@ -109,7 +104,7 @@ def check_replaceable(out: str | os.PathLike, overwrite: bool, flag: str = "--ou
     if not overwrite:
         raise OutputError(f"{flag} {out} exists and is not empty; pass --overwrite to replace an earlier "
                           "hf-astroquant output there")
-    ours = _manifest_files(out)
+    ours = output_files(out)
     if ours is None:
         raise OutputError(f"{flag} {out} was not written by hf-astroquant (it has no {MANIFEST}); --overwrite "
                           "replaces only an earlier hf-astroquant output: move it away or name another output")

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 import hf_astroquant  # noqa: F401
 from hf_astroquant import AstroQuantConfig, cli
 from hf_astroquant.model_limits import position_limit, vocab_limit
-from tiny import save_tiny, tiny_llama, tiny_tokenizer
+from tiny import save_tiny, save_tiny_with_tokenizer, tiny_llama, tiny_tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 CALIB = ["--n-samples", "2", "--seqlen", "16", "--group-size", "32"]
@@ -19,8 +19,7 @@ CALIB = ["--n-samples", "2", "--seqlen", "16", "--group-size", "32"]
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp("input")
-    save_tiny(root / "fp", layers=1, hidden=64, inter=128)
-    tiny_tokenizer().save_pretrained(root / "fp")
+    save_tiny_with_tokenizer(root / "fp", layers=1, hidden=64, inter=128)
     save_tiny(root / "notok", layers=1, hidden=64, inter=128)
     GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=128, n_positions=32,
                                bos_token_id=1, eos_token_id=1)).save_pretrained(root / "gpt2")

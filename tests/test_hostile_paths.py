@@ -17,17 +17,14 @@ from hf_astroquant import AstroQuantConfig, cli
 from hf_astroquant.export.gguf_export import export_gguf
 from hf_astroquant.file_modes import current_umask
 from hf_astroquant.output_dir import MANIFEST
-from tiny import save_tiny, tiny_tokenizer
+from tiny import save_tiny_with_tokenizer
 
 RTN = ["--method", "rtn", "--bits", "4", "--group-size", "32"]
 
 
 @pytest.fixture(scope="module")
 def fp(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
-    save_tiny(root / "fp", layers=1, hidden=64, inter=128)
-    tiny_tokenizer().save_pretrained(root / "fp")
-    return root / "fp"
+    return save_tiny_with_tokenizer(tmp_path_factory.mktemp("hostile") / "fp", layers=1, hidden=64, inter=128)
 
 
 def _run(argv, capsys):

@@ -26,6 +26,13 @@ def save_tiny(path, **kw):
     return model
 
 
+def save_tiny_with_tokenizer(path, **kw):
+    """A tiny Llama checkpoint with its tokenizer beside it, as a model folder a user points the CLI at."""
+    save_tiny(path, **kw)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 def calib_ids(n=16, seqlen=32, seed=1):
     g = torch.Generator().manual_seed(seed)
     # a little structure (repeated n-grams) so that activations are correlated like text
