@@ -1,6 +1,6 @@
 """Astro on SmolLM2-135M without the pipeline: what the reshaping alone does.
 
-    python benchmarks/bench_astro.py --out benchmarks/results/astro.json
+    python benchmarks/bench_astro.py   # a note under the table `preconditioning` (benchmarks/results/rows.jsonl)
 
 1. The reshaped full-precision model: H of every Linear from the full-precision model on the
    protocol's calibration windows, every Linear reshaped with Astro's defaults for 3 bits g64
@@ -14,13 +14,12 @@
 With `--betas`, part 1 is repeated for each β (from the original weights each time) and part 2
 is left out: the reshaped full-precision model's perplexity change as a function of β.
 
-    python benchmarks/bench_astro.py --betas 1 0.5 0.25 0.1 --out benchmarks/results/astro-beta.json
+    python benchmarks/bench_astro.py --betas 1 0.5 0.25 0.1
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
+import results_rows  # noqa: E402
 
 ABLATION_BLOCKS = (1, 16, 29)
 # (penalty, β, FISTA steps)
@@ -37,9 +37,23 @@ PENALTIES = [("predicted", 1.0, 25), ("predicted", 0.5, 25), ("predicted", 1.0, 
 GRIDS = {"recommended": dict(desc_act=True, static_groups=True, mse=True), "plain": {}}
 
 
+def note_row(r: dict, **kw) -> dict:
+    """The result as a note under the preconditioning table (a row of results_rows with a "note")."""
+    if "by_beta" in r:
+        by = "; ".join(f"β = {b}: {v['reshaped_fp_ppl']} ({v['ppl_change_percent']:+.2f} %)" for b, v in r["by_beta"].items())
+        note = (f"The reshaped full-precision model's perplexity by β (`bench_astro.py --betas`, {r['bits']} bits "
+                f"g{r['group_size']}; unreshaped {r['fp_ppl']}): {by}.")
+        return results_rows.row("preconditioning", "astro-beta", {**r, "note": note}, **kw)
+    abl = "; ".join(f"{g} grid: " + ", ".join(f"{k} {v}" for k, v in a.items()) for g, a in r["ablation_error_vs_gptq"].items())
+    note = (f"Astro alone (`bench_astro.py`, {r['bits']} bits g{r['group_size']} defaults): the reshaped full-precision "
+            f"model's perplexity {r['reshaped_fp_ppl']} against {r['fp_ppl']} ({r['ppl_change_percent']:+.2f} %); "
+            f"reshaping every Linear took {r['reshape_seconds']} s. Solved-layer error after Astro then GPTQ, over "
+            f"GPTQ's own, on the Linears of blocks {', '.join(map(str, r['ablation_blocks']))}: {abl}.")
+    return results_rows.row("preconditioning", "astro", {**r, "note": note}, **kw)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--betas", type=float, nargs="+", help="only part 1, once per β")
     args = ap.parse_args()
@@ -94,7 +108,7 @@ def main() -> None:
         for beta in args.betas:
             result["by_beta"][str(beta)] = reshaped_model(beta=beta)
             print(beta, result["by_beta"][str(beta)], flush=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        results_rows.append_rows([note_row(result)])
         return
 
     # 2. ablation (before the weights are reshaped in place)
@@ -121,8 +135,7 @@ def main() -> None:
 
     # 1. reshape every Linear with the defaults, then perplexity
     result.update(reshaped_model())
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    results_rows.append_rows([note_row(result)])
 
 
 if __name__ == "__main__":

@@ -4,15 +4,14 @@ kernel, logits compared with ours.
     GPTQMODEL_PYTHON=/path/to/venv/bin/python python benchmarks/bench_export.py
 
 GPTQModel (`pip install torch==2.13.0 gptqmodel==7.6.0`, best in its own venv) runs in the Python
-named by GPTQMODEL_PYTHON (default: this one). Each configuration appends one JSON line to
-benchmarks/results/export.jsonl. The error is ‖Δ‖/‖logits‖ over 2 × 256 tokens of WikiText-2 test;
+named by GPTQMODEL_PYTHON (default: this one). Each configuration writes its row to the table `export`
+of benchmarks/results/rows.jsonl (results_rows.py). The error is ‖Δ‖/‖logits‖ over 2 × 256 tokens of WikiText-2 test;
 `truth` is our checkpoint evaluated in fp32 (the same codes, no fp16 rounding).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
+import results_rows  # noqa: E402
 
 LOAD = r"""
 import os, sys
@@ -57,7 +57,6 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(ckpt)
     calib = protocol.calibration_windows(tok, "out", n=32, seqlen=512)
     ids = protocol.wikitext_test_ids(tok)[: 2 * 256].view(2, 256)
-    results = Path(__file__).resolve().parent / "results" / "export.jsonl"
     for name in args.configs:
         options, fmt = CONFIGS[name]
         with tempfile.TemporaryDirectory() as tmp:
@@ -83,9 +82,8 @@ def main() -> None:
                "gptqmodel_vs_ours_fp16": float(f"{rel(theirs, ours):.3g}"),
                "gptqmodel_vs_truth": float(f"{rel(theirs, truth):.3g}"),
                "ours_fp16_vs_truth": float(f"{rel(ours, truth):.3g}")}
-        print(json.dumps(row))
-        with results.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        command = results_rows.command([__file__, "--configs", name], env=("GPTQMODEL_PYTHON",))
+        results_rows.append_rows([results_rows.row("export", name, row, command=command)])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The full-precision stream of GPTAQ/ResComp, stage by stage against every input at once, on SmolLM2-135M.
 
-    python benchmarks/bench_fp_stream.py [--windows 64] [--out benchmarks/results/fp_stream.json]
+    python benchmarks/bench_fp_stream.py [--windows 64]   # the table `fp_stream` of benchmarks/results/rows.jsonl
 
 The asymmetric solvers need, for every Linear, the input the full-precision block gives it (X̃).
 Two ways to have it, both giving the same checkpoint bit for bit (checked here):
@@ -60,26 +60,22 @@ def child(mode: str, windows: int, out: str) -> None:
     }))
 
 
-START, END = "<!-- fp_stream:start -->", "<!-- fp_stream:end -->"
 LABELS = {"captured": "captured in one forward (the default under the budget)", "stagewise": "stage by stage"}
 
 
-def render(result: dict) -> str:
-    """The table of docs/big-models.md (rendered by update_readme.py)."""
-    lines = ["| full-precision inputs | stream MiB | full-precision forwards s | quantize s | peak RSS above the model MiB |",
-             "|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {LABELS[r['mode']]} | {r['fp_stream_bytes'] / 2**20:.0f} | {r['fp_stream_seconds']} | "
-                     f"{r['seconds']} | {r['peak_rss_above_model_mb']} |")
-    lines.append("")
-    lines.append(f"Bit-identical: {'yes' if result['bit_identical'] else 'NO'} ({result['tensors']} tensors).")
-    return "\n".join(lines)
+def table_rows(result: dict, **kw) -> list[dict]:
+    """The result in the schema of results_rows: one row per mode, then the bit-identity (a note row)."""
+    import results_rows
+
+    note = f"Bit-identical: {'yes' if result['bit_identical'] else 'NO'} ({result['tensors']} tensors)."
+    return [results_rows.row("fp_stream", r["mode"], {**r, "inputs": LABELS[r["mode"]]}, **kw) for r in result["rows"]] + [
+        results_rows.row("fp_stream", "bit-identity", {k: v for k, v in result.items() if k != "rows"} | {"note": note},
+                         **kw)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "fp_stream.json"))
     ap.add_argument("--child", nargs=3, metavar=("MODE", "WINDOWS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -97,8 +93,9 @@ def main() -> None:
         identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     result = {"rows": rows, "bit_identical": identical, "tensors": len(a),
               "protocol": "SmolLM2-135M fp32, GPTAQ W4 g64, Python-docs windows of 512 tokens, one process per row"}
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    import results_rows
+
+    results_rows.append_rows(table_rows(result, command=results_rows.command([__file__, "--windows", str(args.windows)])))
 
 
 if __name__ == "__main__":

@@ -22,19 +22,19 @@ Each row gives llama.cpp's perplexity, the file size, llama.cpp's greedy decode 
 (embedding / output replaced by the file's), so `ppl_gap` is llama.cpp against PyTorch. `torch-int4`
 is our PyTorch int4 path's decode speed (bench_speed.py's measure, W4 bf16) for reference; `decode`
 measures llama.cpp's decode speed (128 tokens, median of 3 interleaved rounds) of every file made
-so far again, in one sitting (run it last, on an otherwise idle machine: it replaces the per-row
-speeds in the tables).
+so far again, in one sitting (run it last, on an otherwise idle machine: it replaces the decode
+speed of each file's row).
 `rounded`: for the files `--files` names (our GPTQ files by default), our PyTorch perplexity of
 the file's own weights, plain and with llama.cpp's 8-bit rounding of each quantized matmul's input,
 against llama.cpp's with an F32 KV cache: how much of the llama.cpp / PyTorch gap that rounding is.
-Appends one JSON line per row to benchmarks/results/gguf.jsonl.
+Each row goes to the table `gguf` of benchmarks/results/rows.jsonl (results_rows.py; `rounded` to
+`gguf-rounded`, not rendered).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -46,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
+import results_rows  # noqa: E402
 
 TYPES = ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")
 BEST = dict(method="gptaq", astro=True)
@@ -56,7 +57,7 @@ TOOLS = protocol.CACHE / "llamacpp-tools" / "bin"  # llama-imatrix, llama-quanti
 
 
 def f16_file() -> Path:
-    from hf_astroquant.export.gguf_export import export_gguf
+    from hf_astroquant.gguf.export import export_gguf
 
     path = WORK / "smollm2-f16.gguf"
     if not path.exists():
@@ -69,7 +70,7 @@ def ours(kind: str, file_type: str, windows: torch.Tensor) -> tuple[Path, object
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_astroquant import AstroQuantConfig
-    from hf_astroquant.export.gguf_export import export_gguf
+    from hf_astroquant.gguf.export import export_gguf
 
     ckpt = protocol.smollm2_checkpoint()
     options = dict(gguf_type=file_type, dataset=windows, **(BEST if kind == "best" else {}))
@@ -129,7 +130,7 @@ def imatrix_file(tok, calib: torch.Tensor) -> tuple[Path, float]:
 
 
 def measure_file(path: Path, windows: torch.Tensor, prompt: list[int]) -> dict:
-    from hf_astroquant.serving import llamacpp_harness as llamacpp
+    from engines import llamacpp_harness as llamacpp
 
     ppl = llamacpp.perplexity(path, windows)
     speed = llamacpp.decode_speed(path, prompt, new_tokens=64)
@@ -144,8 +145,8 @@ def rounding_explains_the_gap(windows: torch.Tensor, pattern: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     from hf_astroquant.eval import perplexity
-    from hf_astroquant.export.gguf_read import weights_from_gguf
-    from hf_astroquant.serving import llamacpp_harness as llamacpp
+    from hf_astroquant.gguf.read import weights_from_gguf
+    from engines import llamacpp_harness as llamacpp
 
     out = {}
     for path in sorted(WORK.glob(pattern)):
@@ -166,7 +167,7 @@ def rounding_explains_the_gap(windows: torch.Tensor, pattern: str) -> dict:
 def run_row(name: str, test_windows: torch.Tensor, calib: torch.Tensor, prompt: list[int], tok,
             files: str) -> dict:
     from hf_astroquant.eval import perplexity
-    from hf_astroquant.serving import llamacpp_harness as llamacpp
+    from engines import llamacpp_harness as llamacpp
 
     row: dict = {"row": name}
     if name == "torch-int4":
@@ -214,14 +215,13 @@ def main() -> None:
     ap.add_argument("--files", default="smollm2-gptq-*.gguf",
                     help="the `rounded` row's files (a pattern in the bench's cache folder); every quantized one: "
                          "'smollm2-*-*.gguf'")
-    ap.add_argument("--out", default=str(protocol.REPO / "benchmarks" / "results" / "gguf.jsonl"))
     args = ap.parse_args()
     unknown = sorted(set(args.rows) - set(ROWS))
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {ROWS}")
     from transformers import AutoTokenizer
 
-    from hf_astroquant.serving import llamacpp_harness as llamacpp
+    from engines import llamacpp_harness as llamacpp
 
     if llamacpp.unavailable_reason():
         raise SystemExit(llamacpp.unavailable_reason())
@@ -233,10 +233,16 @@ def main() -> None:
     prompt = ids[-128:].tolist()
     for name in args.rows:
         row = run_row(name, test_windows, calib, prompt, tok, args.files)
-        row.update(ppl_windows=args.windows, threads=2, machine=os.uname().machine)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+        row.update(ppl_windows=args.windows, threads=2)
+        command = results_rows.command([__file__, "--rows", name, "--windows", str(args.windows)]
+                                       + ["--files", args.files] * (name == "rounded"), env=("LLAMACPP_PYTHON",))
+        if name == "decode":  # a later measurement of each file's decode speed: updates that column of its row
+            rows = [results_rows.row("gguf", "fp16" if stem == "f16" else stem, {"decode_tok_s": speed}, command=command)
+                    for stem, speed in row["decode_tok_s"].items()]
+            results_rows.append_rows(rows, merge=True)
+        else:
+            table = "gguf-rounded" if name == "rounded" else "gguf"
+            results_rows.append_rows([results_rows.row(table, name, row, command=command)])
 
 
 if __name__ == "__main__":

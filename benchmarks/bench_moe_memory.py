@@ -1,7 +1,6 @@
 """Memory of calibrating a mixture-of-experts model: one block and one expert's statistics at a time.
 
-    python benchmarks/bench_moe_memory.py [--cap 100MB] [--out benchmarks/results/moe_memory.json]
-    python benchmarks/bench_moe_memory.py --render-only   # docs/big-models.md's table from the JSON
+    python benchmarks/bench_moe_memory.py [--cap 100MB]   # the tables `moe_memory`, `moe_memory-components`
 
 A synthetic Qwen3-MoE (random init, seed 0: 2 blocks, hidden 1024, 64 experts with
 moe_intermediate 512, top-8; 413 MB of fp32 weights per block, 0.84 GB in all) is built once under
@@ -18,7 +17,7 @@ matrices of H's size that GPTQ's inversion needs beside it (L, then H⁻¹, then
 reports its peak RSS (``ru_maxrss``) above its RSS after the imports, split into transformers'
 loading (everything before hf_astroquant's calibration starts) and the calibration (the kernel's
 peak counter reset when it starts), and its wall time; the two checkpoints are compared tensor for
-tensor (bit for bit). The JSON states one block's weights, its activations (the hidden states in and
+tensor (bit for bit). The rows state one block's weights, its activations (the hidden states in and
 out for all windows), one expert's statistics, what all 64 experts' Hessians would take at once, and
 the ratio of the offloaded calibration's peak to block + activations + one expert's statistics.
 Calibration: 16 random windows of 256 tokens, one batch, W4 g128, GPTQ.
@@ -26,7 +25,6 @@ Calibration: 16 random windows of 256 tokens, one batch, W4 g128, GPTQ.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -43,8 +41,6 @@ SHAPE = dict(hidden_size=1024, moe_intermediate_size=512, intermediate_size=2048
 N_SAMPLES, SEQLEN = 16, 256
 CACHE = Path(os.environ.get("ASTROQUANT_CACHE", Path.home() / ".cache" / "hf_astroquant"))
 MODEL = CACHE / "moe-qwen3-1024x64x2-fp32"
-DOC = HERE.parent / "docs" / "big-models.md"
-START, END = "<!-- moe_memory:start -->", "<!-- moe_memory:end -->"
 
 
 def config():
@@ -193,50 +189,34 @@ def summarize(b: dict, offloaded: dict, full: dict, checks: dict, cap_bytes: int
     }
 
 
-def _run_rows(r: dict) -> list[str]:
-    mb = lambda x: f"{x / 1e6:,.0f} MB"  # noqa: E731
-    rows = ["| run | placement | peak RSS above baseline: loading | calibration | calibration wall time (all) |",
-            "|---|---|---|---|---|"]
-    cap = f"`device_map=\"auto\", max_memory={{\"cpu\": \"{r['cap_bytes'] // 10**6}MB\"}}` + offload_folder"
-    for label, run in ((cap, r["offloaded"]), ("no device map (all in memory)", r["in_memory"])):
-        rows.append(f"| {label} | {', '.join(run['placement'])} | {mb(run['load_peak_above_base'])} | "
-                    f"**{mb(run['calibration_peak_above_base'])}** | {run['calibration_seconds']:.0f} s "
-                    f"({run['seconds']:.0f} s) |")
-    return rows
+def table_rows(r: dict, **kw) -> list[dict]:
+    """The result in the schema of results_rows: the two runs in `moe_memory`, the components and the
+    summary (a note row) in `moe_memory-components`."""
+    import results_rows
+    from bench_offload import cap_run
 
-
-def render(r: dict) -> str:
-    """The markdown between the moe_memory markers of docs/big-models.md."""
     mb = lambda x: f"{x / 1e6:,.0f} MB"  # noqa: E731
     off = r["offloaded"]
-    return "\n".join(_run_rows(r) + [
-        "", "| component | bytes |", "|---|---|",
-        f"| model (fp32) | {mb(r['model_bytes'])} ({r['model_over_cap']}× the cap) |",
-        f"| one block's weights (64 experts, attention, router) | {mb(r['block_bytes'])} |",
-        f"| its activations (hidden states in and out, all windows) | {mb(r['activation_bytes'])} |",
-        f"| one expert's statistics (H of gate/up and of down, + GPTQ's two factors) | "
-        f"{mb(r['one_expert_stats_bytes'])} ({mb(r['one_expert_hessians_bytes'])} of Hessians) |",
-        f"| all 64 experts' Hessians at once (never held) | {mb(r['all_experts_hessians_bytes'])} |",
-        f"| one block packed (W4 g128, from the checkpoint) | {mb(r['packed_block_bytes'])} |",
-        "",
-        f"Offloaded calibration peak / (block + activations + one expert's statistics) = "
-        f"**{r['calibration_peak_over_block_activations_one_expert']}** (what calibration added to the RSS it "
-        f"started from: {r['calibration_added_over_block_activations_one_expert']}); against block + "
-        f"activations + all experts' Hessians it would be {r['calibration_peak_over_block_activations_all_experts']}. "
-        f"Tokens routed per expert {off['expert_tokens_min']}–{off['expert_tokens_max']} (experts rounded to "
-        f"nearest for lack of tokens: {off['expert_fallbacks']}). Checkpoints bit-identical: "
-        f"**{r['checkpoints_bit_identical']}** ({r['tensors_compared']} tensors). {r['calibration']}.",
-    ])
-
-
-def render_doc(result_path: Path) -> None:
-    text = DOC.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{START} ... {END} not found in {DOC}")
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    DOC.write_text(f"{head}{START}\n{render(json.loads(result_path.read_text()))}\n{END}{tail}")
-    print(f"rendered {DOC.relative_to(HERE.parent)}")
+    runs = {"offloaded": cap_run(r["cap_bytes"]), "in_memory": "no device map (all in memory)"}
+    parts = [("model", "model (fp32)", r["model_bytes"], f"({r['model_over_cap']}× the cap)"),
+             ("block", "one block's weights (64 experts, attention, router)", r["block_bytes"], ""),
+             ("activations", "its activations (hidden states in and out, all windows)", r["activation_bytes"], ""),
+             ("one-expert", "one expert's statistics (H of gate/up and of down, + GPTQ's two factors)",
+              r["one_expert_stats_bytes"], f"({mb(r['one_expert_hessians_bytes'])} of Hessians)"),
+             ("all-experts", "all 64 experts' Hessians at once (never held)", r["all_experts_hessians_bytes"], ""),
+             ("packed-block", "one block packed (W4 g128, from the checkpoint)", r["packed_block_bytes"], "")]
+    note = (f"Offloaded calibration peak / (block + activations + one expert's statistics) = "
+            f"**{r['calibration_peak_over_block_activations_one_expert']}** (what calibration added to the RSS it "
+            f"started from: {r['calibration_added_over_block_activations_one_expert']}); against block + "
+            f"activations + all experts' Hessians it would be {r['calibration_peak_over_block_activations_all_experts']}. "
+            f"Tokens routed per expert {off['expert_tokens_min']}–{off['expert_tokens_max']} (experts rounded to "
+            f"nearest for lack of tokens: {off['expert_fallbacks']}). Checkpoints bit-identical: "
+            f"**{r['checkpoints_bit_identical']}** ({r['tensors_compared']} tensors). {r['calibration']}.")
+    summary = {k: v for k, v in r.items() if k not in runs}
+    return ([results_rows.row("moe_memory", k, {"run": name, **r[k]}, **kw) for k, name in runs.items()]
+            + [results_rows.row("moe_memory-components", k, {"component": name, "bytes": n, "also": also}, **kw)
+               for k, name, n, also in parts]
+            + [results_rows.row("moe_memory-components", "summary", {**summary, "note": note}, **kw)])
 
 
 def measure(cap: str) -> dict:
@@ -258,21 +238,15 @@ def measure(cap: str) -> dict:
 
 
 def main() -> None:
+    import results_rows
     from bench_offload import parser
 
-    ap = parser(__doc__, "moe_memory.json")
-    ap.add_argument("--render-only", action="store_true", help="only render docs/big-models.md from --out")
-    args = ap.parse_args()
+    args = parser(__doc__).parse_args()
     if args.child:
         child(args)
         return
-    out = Path(args.out)
-    if not args.render_only:
-        result = measure(args.cap)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
-        print(json.dumps(result, indent=1))
-    render_doc(out)
+    result = measure(args.cap)
+    results_rows.append_rows(table_rows(result, command=results_rows.command([__file__, "--cap", args.cap])))
 
 
 if __name__ == "__main__":

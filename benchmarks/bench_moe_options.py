@@ -1,12 +1,12 @@
 """calibrate_all_experts and min_expert_tokens measured on a small *trained* Qwen3-MoE (issue 21).
 
     nice -n 5 python benchmarks/bench_moe_options.py --threads 1 --seeds 0 1 --all-min-tokens 16 256
-    python benchmarks/bench_moe_options.py --render-only   # docs/big-models.md's table from the JSON
 
 No real MoE checkpoint is reachable offline and a random-init MoE gives meaningless perplexities,
 so the first run trains one (deterministic: fixed seeds, one torch thread, 700 steps of one
 2048-token window each; about 22 minutes on the shared 2-core machine) and keeps it under
-~/.cache/hf_astroquant/ (ASTROQUANT_CACHE); later runs reuse it. Rows already in --out are kept and not run again.
+~/.cache/hf_astroquant/ (ASTROQUANT_CACHE); later runs reuse it. Each run is a row of the table `moe_options`
+of benchmarks/results/rows.jsonl (results_rows.py); runs already there are not run again.
 
 - Model: Qwen3MoeForCausalLM, hidden 192, 4 layers, 4 heads / 2 KV heads (head_dim 48), 16 experts
   top-2 (norm_topk_prob), moe_intermediate 192, tied embeddings, SmolLM2 tokenizer (vocab 49152).
@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
+import results_rows  # noqa: E402
 
 SEQ = 2048  # training window = evaluation window (a model trained shorter would extrapolate RoPE)
 MODEL = dict(vocab_size=49152, hidden_size=192, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
@@ -264,39 +265,34 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-SETTINGS = (("rtn", "round to nearest"), ("routed-min0", "routed, min_expert_tokens 0"),
-            ("routed-min16", "routed, min_expert_tokens 16 (default)"), ("routed-min64", "routed, min_expert_tokens 64"),
-            ("routed-min256", "routed, min_expert_tokens 256"), ("all-min16", "calibrate_all_experts=True"))
+SETTINGS = {"rtn": "round to nearest", "routed-min0": "routed, min_expert_tokens 0",
+            "routed-min16": "routed, min_expert_tokens 16 (default)", "routed-min64": "routed, min_expert_tokens 64",
+            "routed-min256": "routed, min_expert_tokens 256", "all-min16": "calibrate_all_experts=True"}  # the docs'
 
 
-def summary(saved: dict) -> str:
-    """docs/big-models.md's table: perplexity per setting, width and calibration seed (from --out)."""
-    rows = saved["rows"]
-    cols = sorted({(r["bits"], r["calibration_seed"]) for r in rows if "bits" in r}, key=lambda c: (-c[0], c[1]))
-    ppl = {(r["row"], r.get("calibration_seed")): r for r in rows}
-    head = " | ".join(f"W{b} g64, seed {s}" for b, s in cols)
-    lines = [f"| setting | {head} |", "|---" * (len(cols) + 1) + "|"]
-    for key, label in SETTINGS:
-        cells = []
-        for b, seed in cols:
-            r = ppl.get((f"{key}-w{b}" if key == "rtn" else f"gptq-w{b}-{key}", seed))
-            cells.append("" if r is None else f"{r['ppl']:.2f}" + (
-                f" ({r['experts_fallback']} rounded)" if r.get("experts_fallback") else ""))
-        lines.append(f"| {label} | {' | '.join(cells)} |")
-    fp = next(r["ppl"] for r in rows if r["row"] == "fp")
-    return "\n".join(lines + ["", f"Full precision {fp:.2f}; 64 experts in all (16 per layer, 4 layers)."])
+def label(name: str, seed: int | None, n_calib: int, domain: str) -> str:
+    """A run's identity in the table `moe_options`: its row, calibration seed, windows and domain."""
+    return name if name == "fp" else " ".join([name, f"calibration-seed={seed}"] + [f"n-calib={n_calib}"] * (
+        n_calib != 16) + [f"domain={domain}"] * (domain != "out"))
 
 
-def render_doc(out: Path) -> None:
-    doc = protocol.REPO / "docs" / "big-models.md"
-    text, start, end = doc.read_text(), "<!-- moe_options:start -->", "<!-- moe_options:end -->"
-    head, rest = text.split(start)
-    doc.write_text(head + start + "\n" + summary(json.loads(out.read_text())) + "\n" + end + rest.split(end)[1])
+def table_row(row: dict, **kw) -> dict:
+    """A run in the schema of results_rows, with the docs table's name of its setting (`setting`); the fp
+    row is the note under the table."""
+    columns = dict(row)
+    if row["row"] == "fp":
+        experts, layers = MODEL["num_experts"], MODEL["num_hidden_layers"]
+        columns["note"] = (f"Full precision {row['ppl']:.2f}; {experts * layers} experts in all ({experts} per layer, "
+                           f"{layers} layers).")
+    elif row.get("n_calib") == 16 and row.get("domain") == "out":
+        key = row["row"].split("-", 2)[2] if row["row"].startswith("gptq-") else row["row"].split("-")[0]
+        columns["setting"] = SETTINGS.get(key)
+    return results_rows.row("moe_options", label(row["row"], row.get("calibration_seed"), row.get("n_calib"),
+                                                 row.get("domain")), columns, **kw)
 
 
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(protocol.REPO / "benchmarks" / "results" / "moe_options.json"))
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--min-tokens", type=int, nargs="+", default=[0, 16, 64, 256],
                     help="min_expert_tokens values with calibrate_all_experts=False")
@@ -309,8 +305,7 @@ def parse_args():
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--ppl-windows", type=int, default=8, help="WikiText-2 test windows of 2048 tokens (147: all)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for quantization and evaluation")
-    ap.add_argument("--only", nargs="*", help="run only these row names (the others are kept from --out)")
-    ap.add_argument("--render-only", action="store_true", help="only render docs/big-models.md from --out")
+    ap.add_argument("--only", nargs="*", help="run only these row names")
     return ap.parse_args()
 
 
@@ -328,37 +323,28 @@ def fp_reference(tok, ckpt: str, test_ids: torch.Tensor, args) -> tuple[dict, di
 
 def main() -> None:
     args = parse_args()
-    if args.render_only:
-        return render_doc(Path(args.out))
     tok = tokenizer()
     ckpt = trained_model(tok)
     torch.set_num_threads(args.threads)
     test_ids = protocol.wikitext_test_ids(tok)
-    out = Path(args.out)
-    saved = json.loads(out.read_text()) if out.exists() else {"meta": {}, "rows": []}
-    results = saved["rows"]
-    if not any(r["row"] == "fp" for r in results):
-        fp_row, saved["meta"]["routing_fp"] = fp_reference(tok, ckpt, test_ids, args)
-        results.insert(0, fp_row)
-    training = json.loads((Path(ckpt) / "training.json").read_text())
-    training.pop("loss_log")
-    saved["meta"].update(model=NAME, path=ckpt, training=training, ppl_windows=args.ppl_windows,
-                         torch=torch.__version__, command=" ".join(sys.argv))
-    done = {(r["row"], r.get("calibration_seed"), r.get("n_calib"), r.get("domain")) for r in results}
+    done = {r["label"] for r in results_rows.read_rows() if r["table"] == "moe_options"}
+    if "fp" not in done:
+        fp_row, routing = fp_reference(tok, ckpt, test_ids, args)
+        training = json.loads((Path(ckpt) / "training.json").read_text())
+        training.pop("loss_log")
+        results_rows.append_rows([table_row({**fp_row, "routing_fp": routing, "model": NAME, "path": ckpt,
+                                             "training": training, "ppl_windows": args.ppl_windows,
+                                             "torch": torch.__version__})])
     for seed in args.seeds:
         windows = protocol.calibration_windows(tok, args.domain, args.n_calib, args.seqlen, seed)
         for name, opts in rows(args.bits, args.min_tokens, args.all_min_tokens).items():
-            if (name, seed, args.n_calib, args.domain) in done or (args.only and name not in args.only):
+            if label(name, seed, args.n_calib, args.domain) in done or (args.only and name not in args.only):
                 continue
             row = run_row(name, opts, ckpt, windows, test_ids, args.ppl_windows)
             row.update(calibration_seed=seed, n_calib=args.n_calib, seqlen=args.seqlen, domain=args.domain,
                        threads=args.threads)
-            results.append(row)
-            print(json.dumps(row), flush=True)
-            out.write_text(json.dumps(saved, indent=1) + "\n")
-    out.write_text(json.dumps(saved, indent=1) + "\n")
-    print(markdown(results))
-    render_doc(out)
+            results_rows.append_rows([table_row(row)])
+    print(markdown([r["columns"] for r in results_rows.read_rows() if r["table"] == "moe_options"]))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Calibration of a model several times larger than its memory cap (accelerate disk offload).
 
-    python benchmarks/bench_offload.py [--cap 100MB] [--out benchmarks/results/offload.json]
+    python benchmarks/bench_offload.py [--cap 100MB]   # the table `offload` of benchmarks/results/rows.jsonl
 
 A synthetic Llama (8 blocks, hidden 2048, MLP 5632: 206 MB of fp32 weights per block, 1.7 GB in
 all) is built once under ~/.cache/hf_astroquant and quantized twice, each run in a fresh process:
@@ -17,7 +17,7 @@ activations, where "activations" counts what calibrating one block must hold at 
 block's input and output hidden states for all windows, the widest Linear input (the MLP
 activation before down_proj), and that Linear's Hessian H with the two matrices of its size
 that inverting it needs beside it (GPTQ's Cholesky factor L, then H⁻¹, then U; torch has no
-in-place triangular inverse), 3·in² fp32. The JSON also gives the ratio without those two
+in-place triangular inverse), 3·in² fp32. The summary row also gives the ratio without those two
 factors. Calibration: 16 random windows of 256 tokens, one batch, W4 g128, GPTQ.
 """
 
@@ -110,11 +110,32 @@ def budget() -> dict:
             "model_bytes": L * block + embed}
 
 
-def parser(doc: str, out: str) -> argparse.ArgumentParser:
-    """The command line of a two-run memory benchmark: --cap, --out, and the child run's hidden flags."""
+def cap_run(cap_bytes: int) -> str:
+    """The tables' name of the offloaded run."""
+    return f"`device_map=\"auto\", max_memory={{\"cpu\": \"{cap_bytes // 10**6}MB\"}}` + offload_folder"
+
+
+def table_rows(r: dict, **kw) -> list[dict]:
+    """The result in the schema of results_rows: the two runs, then the summary (a note row)."""
+    import results_rows
+
+    mb = lambda b: f"{b / 1e6:,.0f} MB"  # noqa: E731
+    runs = {"offloaded": cap_run(r["cap_bytes"]), "unconstrained": "no device map (all in memory)"}
+    note = (f"Model {mb(r['model_bytes'])} ({r['model_over_cap']}× the cap); one block {mb(r['block_bytes'])}; its "
+            f"activations {mb(r['activation_bytes'])} (hidden states in/out, the MLP activation, and down_proj's "
+            f"Hessian with the two factors of its size that inverting it needs). Offloaded peak / (block + "
+            f"activations) = **{r['peak_over_block_plus_activations']}** (counting one Hessian only: "
+            f"{r['peak_over_block_plus_activations_one_hessian']}). Checkpoints bit-identical: "
+            f"**{r['checkpoints_bit_identical']}** ({r['tensors_compared']} tensors). {r['calibration']}.")
+    summary = {k: v for k, v in r.items() if k not in runs}
+    return [results_rows.row("offload", k, {"run": name, **r[k]}, **kw) for k, name in runs.items()] + [
+        results_rows.row("offload", "summary", {**summary, "note": note}, **kw)]
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The command line of a two-run memory benchmark: --cap and the child run's hidden flags."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cap", default="100MB", help="max_memory for the CPU in the offloaded run")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / out))
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--save", help=argparse.SUPPRESS)
@@ -123,7 +144,7 @@ def parser(doc: str, out: str) -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = parser(__doc__, "offload.json").parse_args()
+    args = parser(__doc__).parse_args()
     if args.child:
         child(args)
         return
@@ -159,9 +180,9 @@ def main() -> None:
         "checkpoints_bit_identical": same, "tensors_compared": n,
         "max_rss_of_this_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result, indent=1))
+    import results_rows
+
+    results_rows.append_rows(table_rows(result, command=results_rows.command([__file__, "--cap", args.cap])))
 
 
 if __name__ == "__main__":

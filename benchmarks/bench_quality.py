@@ -1,15 +1,18 @@
 """Quality and quantization time of hf_astroquant on SmolLM2-135M, by the shared protocol.
 
-    python benchmarks/bench_quality.py --rows fp rtn-w4 gptq-w4 rtn-w3 gptq-w3 --out benchmarks/results/ours.jsonl
+    python benchmarks/bench_quality.py --rows fp rtn-w4 gptq-w4 rtn-w3 gptq-w3 --table results
 
 Each row: perplexity (WikiText-2 test, 8 windows of 2048 tokens), calibration time (the
 pipeline inside from_pretrained), total from_pretrained time, peak RSS, and the checkpoint's
-packed bytes against the fp16 bytes of the Linears it replaces.
+packed bytes against the fp16 bytes of the Linears it replaces; written to the table `--table`
+of benchmarks/results/rows.jsonl (results_rows.py), labelled with the row's name and settings, so
+a rerun replaces it.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import resource
 import sys
@@ -21,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
+import results_rows  # noqa: E402
 
 # The protocol: asymmetric, group size 64, damping 0.01. Rows name every solver setting they use:
 # BASE also states the settings that were the defaults when the grid was measured (no act-order,
@@ -151,6 +155,66 @@ def parse_settings(items: list[str]) -> dict:
     return out
 
 
+TABLES = ("results", "defaults", "ablation", "ablation-ppl", "preconditioning", "peers", "seeds")
+SOLVERS = {"rtn": "round-to-nearest", "gptq": "GPTQ", "gptaq": "GPTAQ", "rescomp": "ResComp"}
+ONLINE = {"down": "online down_proj rotation", "writers": "online o_proj + down_proj rotation"}
+
+
+def describe(r: dict) -> str:
+    """The row's method and the solver settings that differ from plain GPTQ (the tables' method column)."""
+    if r.get("bits") == 32:
+        return "full precision (fp32)"
+    name = SOLVERS[r.get("method", "gptq")]
+    if r.get("method") == "rescomp" and r.get("asym_alpha") == 0:
+        name = "GPTQ + ResComp residual"  # asym_alpha=0: no full-precision stream
+    extras = [k for k in ("desc_act", "static_groups", "mse") if r.get(k)]
+    if r.get("asym_alpha") is not None:
+        extras.append(f"asym_alpha={r['asym_alpha']}")
+    if r.get("rounding", "gptq") != "gptq":
+        extras.append(r["rounding"] + (f" K={r['beam_width']}" if r["rounding"] == "beam" else ""))
+    if r.get("fp_samples"):
+        extras.append(f"fp_samples={r['fp_samples']}")
+    return f"hf_astroquant {name}" + (f" ({', '.join(extras)})" if extras else "")
+
+
+def configuration(r: dict) -> str:
+    """describe() with the preconditioning, damping and refinement spelled out (the peers tables)."""
+    pre = [x for x in (r.get("transform", "none"), "Astro" if r.get("astro") else None,
+                       ONLINE.get(r.get("online_rotation", "none"))) if x and x != "none"]
+    text = describe(r).replace(" (desc_act, static_groups, mse)", "") + (f" + {' + '.join(pre)}" if pre else "")
+    if r.get("astro") and r.get("astro_beta", 1.0) != 1.0:
+        text += f" (Astro β {r['astro_beta']})"
+    if r.get("damp_percent", 0.01) != 0.01:
+        text += f", damping {r['damp_percent']}"
+    if r.get("refine_steps"):
+        text += f", {r['refine_steps']} refine steps (lr {r.get('refine_lr', 'default')}"
+        text += f"; rounding too, lr {r['refine_rounding_lr']})" if r.get("refine_rounding_lr") else ")"
+    return text
+
+
+def preconditioning(r: dict) -> str:
+    """Astro (and its β) and the transform, or 'none' (the preconditioning table's column)."""
+    astro = ("Astro" + (f" β={r['astro_beta']}" if r.get("astro_beta", 1.0) != 1.0 else "")) if r.get("astro") else ""
+    return " + ".join(p for p in (astro, r.get("transform", "none")) if p and p != "none") or "none"
+
+
+def table_row(row: dict, table: str, settings: dict, sitting: str | None = None, **kw) -> dict:
+    """`row` (run_row's, with the run's domain and seed) in the schema of results_rows: labelled with the
+    row's name, its calibration seed when not 0 and its `--set` settings, so a rerun replaces it."""
+    name, seed, domain, windows = row["row"], row.get("calibration_seed", 0), row.get("domain", "out"), row.get(
+        "ppl_windows", 8)
+    sets = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(settings.items())]
+    protocol_args = {"seed": seed, "domain": domain, "windows": windows}
+    changed = {k: v for k, v in protocol_args.items() if v != {"seed": 0, "domain": "out", "windows": 8}[k]}
+    names = {"seed": "calibration-seed", "domain": "domain", "windows": "ppl-windows"}
+    label = " ".join([name] + [f"{names[k]}={v}" for k, v in changed.items()] + sets)
+    args = (["--rows", name] + [x for k, v in changed.items() for x in (f"--{k}", str(v))]
+            + ["--set", *sets] * bool(sets) + ["--table", table] + ["--sitting", sitting] * bool(sitting))
+    kw.setdefault("command", results_rows.command([__file__, *args]))
+    columns = {**row, "name": describe(row), "configuration": configuration(row), "preconditioning": preconditioning(row)}
+    return results_rows.row(table, label, columns, sitting=sitting, **kw)
+
+
 def run_row(name: str, ckpt: str, windows: torch.Tensor, test_ids: torch.Tensor, n_windows: int,
             settings: dict | None = None) -> dict:
     import hf_astroquant
@@ -198,9 +262,11 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8, help="perplexity windows of 2048 tokens (147 = all)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="option overrides for the rows (recorded in each row), e.g. refine_lr=0.005")
-    ap.add_argument("--sitting", help="label of the sitting, recorded in each row")
-    ap.add_argument("--out", required=True, help="JSON-lines file; each row is appended as it finishes")
+    ap.add_argument("--sitting", help="label of the sitting, recorded in each row (default: the date)")
+    ap.add_argument("--table", default="results", choices=TABLES,
+                    help="the table of benchmarks/results/rows.jsonl the rows go to (see update_readme.py)")
     args = ap.parse_args()
+    args.sitting = args.sitting or datetime.date.today().isoformat()  # one sitting for all the rows
     from transformers import AutoTokenizer
 
     ckpt = protocol.smollm2_checkpoint()
@@ -213,16 +279,13 @@ def main() -> None:
 
         if len(args.rows) > 1:
             subprocess.run([sys.executable, __file__, "--rows", name, "--domain", args.domain, "--seed", str(args.seed), "--windows",
-                            str(args.windows), "--out", args.out, "--set", *args.set]
-                           + (["--sitting", args.sitting] if args.sitting else []), check=True)
+                            str(args.windows), "--table", args.table, "--set", *args.set]
+                           + ["--sitting", args.sitting], check=True)
             continue
-        row = run_row(name, ckpt, windows, test_ids, args.windows, parse_settings(args.set))
-        if args.sitting:
-            row["sitting"] = args.sitting
+        settings = parse_settings(args.set)
+        row = run_row(name, ckpt, windows, test_ids, args.windows, settings)
         row.update(domain=args.domain, calibration_seed=args.seed, ppl_windows=args.windows, torch_threads=torch.get_num_threads())
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+        results_rows.append_rows([table_row(row, args.table, settings, args.sitting)])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Inference speed and memory of packed models against full precision, same process, same prompts.
 
-    python benchmarks/bench_speed.py --out benchmarks/results/speed.jsonl
+    python benchmarks/bench_speed.py   # the table `speed` of benchmarks/results/rows.jsonl
 
 Models: SmolLM2-135M (the protocol's checkpoint) and a synthetic TinyLlama-shaped model (1.1 B
 parameters, random weights: quality is irrelevant, memory bandwidth dominates). Each is measured
@@ -12,7 +12,7 @@ Each row runs in a fresh process: load (peak RSS after loading), decode tokens/s
 (greedy generate of 64 new tokens after a 32-token prompt, minus the prompt's own forward),
 prefill tokens/s (one forward of batch x seqlen), checkpoint bytes on disk.
 
-    python benchmarks/bench_speed.py --device cuda --out benchmarks/results/speed-cuda.jsonl
+    python benchmarks/bench_speed.py --device cuda   # the table `speed-cuda` (not rendered)
 
 runs the GPU rows instead: fp16 and bf16 against 4/3/2 bits with fp16 activations (the Triton
 kernel) and 4 bits with bf16 activations (the aten int4 kernel), plus peak GPU memory. The model is
@@ -22,8 +22,6 @@ loaded on CPU and moved to the GPU, where each packed layer prepares its CUDA pa
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import resource
 import subprocess
 import sys
@@ -34,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
+import results_rows  # noqa: E402
 
 SYNTH = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
              num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
@@ -141,20 +140,8 @@ def measure(model_name: str, variant: str, dtype_name: str, backend: str, device
     row["peak_rss_gib"] = round(rss_gib(), 2)
     if cuda:
         row["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    row.update(torch_threads=torch.get_num_threads(), torch=torch.__version__, machine=machine())
+    row.update(torch_threads=torch.get_num_threads(), torch=torch.__version__)
     return row
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 ROWS = [(m, v, d) for m in ("smollm2", "synthetic-1.1b")
@@ -167,18 +154,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["smollm2", "synthetic-1.1b"], choices=["smollm2", "synthetic-1.1b"])
     ap.add_argument("--backend", default="auto", help="forward path of the packed rows (auto, reference, int4, int8, triton)")
-    ap.add_argument("--out", required=True, help="JSON-lines file; each row is appended as it finishes")
+    ap.add_argument("--table", help="the table of benchmarks/results/rows.jsonl the rows go to (default: speed, "
+                                    "with --device cuda speed-cuda)")
+    ap.add_argument("--sitting", help="label of the sitting, recorded in each row (default: the date)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the rows run (default: cpu)")
     ap.add_argument("--build-only", action="store_true", help="build the checkpoints, measure nothing")
     ap.add_argument("--row", nargs=3, metavar=("MODEL", "VARIANT", "DTYPE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device on this machine")
+    args.table = args.table or ("speed-cuda" if args.device == "cuda" else "speed")
     if args.row:
         row = measure(*args.row, args.backend, args.device)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+        label = " ".join(args.row) + (f" {args.backend}" if args.backend != "auto" else "")
+        command = results_rows.command([__file__, "--models", args.row[0], "--backend", args.backend, "--device",
+                                        args.device, "--table", args.table])
+        results_rows.append_rows([results_rows.row(args.table, label, row, command=command, sitting=args.sitting)])
         return
     for model in args.models:  # build the checkpoints first, outside the measured processes
         fp_checkpoint(model)
@@ -189,7 +180,8 @@ def main() -> None:
     for model, variant, dtype in CUDA_ROWS if args.device == "cuda" else ROWS:
         if model in args.models:
             subprocess.run([sys.executable, __file__, "--row", model, variant, dtype, "--backend", args.backend,
-                            "--device", args.device, "--out", args.out], check=True)
+                            "--device", args.device, "--table", args.table]
+                           + ["--sitting", args.sitting] * bool(args.sitting), check=True)
 
 
 if __name__ == "__main__":

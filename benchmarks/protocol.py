@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +20,10 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("ASTROQUANT_SHARED", REPO.parent / "shared"))
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE = Path(os.environ.get("ASTROQUANT_CACHE", Path.home() / ".cache" / "hf_astroquant"))
+# The serving-engine harnesses are test helpers outside the package (tests/engines/): benchmarks import
+# them as tests do, `from engines import vllm_harness`.
+if str(REPO / "tests") not in sys.path:
+    sys.path.append(str(REPO / "tests"))
 
 
 def smollm2_gguf_dir() -> str:
@@ -81,26 +86,31 @@ def calibration_windows(tokenizer, domain: str = "out", n: int = 64, seqlen: int
 
 
 def peer_arguments(doc: str):
-    """The arguments every peer script takes: width, group, the sitting's label, where the row goes."""
+    """The arguments every peer script takes: width, group, the sitting's label, the table the row goes to."""
     import argparse
 
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=int, required=True)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--sitting", default="peers", help="label of the sitting (rows compare within one)")
-    ap.add_argument("--out", required=True, help="results file: a .jsonl gets the row appended, a .json holds it")
+    ap.add_argument("--table", default="peers", choices=["peers", "seeds", "results"],
+                    help="the table of benchmarks/results/rows.jsonl the row goes to (see update_readme.py)")
     return ap
 
 
-def record_row(out: str, row: dict) -> None:
-    """Add the process's peak RSS to `row`, then append it to `out` (.jsonl) or write it (.json); print it."""
-    import json
+def peer_label(row: dict, configuration: str, *extra: str) -> str:
+    """A peer row's identity in its table: the configuration, width and group, and what else tells runs apart."""
+    return ", ".join([configuration, f"W{row['bits']} g{row['group_size']}", *extra])
+
+
+def record_row(args, row: dict, configuration: str, *extra: str, name: str | None = None) -> None:
+    """Add the process's peak RSS to `row`, then write it to the table `args.table` of
+    benchmarks/results/rows.jsonl (results_rows.py), with its configuration (and `name`, the results table's)."""
     import resource
 
+    import results_rows
+
     row["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    if out.endswith(".jsonl"):
-        with open(out, "a") as f:
-            f.write(json.dumps(row) + "\n")
-    else:
-        Path(out).write_text(json.dumps(row, indent=1) + "\n")
-    print(json.dumps(row))
+    columns = {**row, "configuration": configuration, "name": name or configuration}
+    results_rows.append_rows([results_rows.row(args.table, peer_label(row, configuration, *extra), columns,
+                                               sitting=args.sitting)])

@@ -11,8 +11,9 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from .config import AstroQuantConfig
 from .modules import QuantLinear, set_backend
 from .quantizer import AstroQuantizer
+from .workflows import evaluate, push, quantize  # the CLI's workflows (hf_astroquant.workflows)
 
-__version__ = "0.1.1"
+__version__ = "0.2.0"
 
 
 def _register() -> None:
@@ -27,4 +28,5 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["AstroQuantConfig", "AstroQuantizer", "QuantLinear", "__version__", "set_backend"]
+__all__ = ["AstroQuantConfig", "AstroQuantizer", "QuantLinear", "__version__", "evaluate", "push", "quantize",
+           "set_backend"]

@@ -1,6 +1,6 @@
 """Where each decoder family keeps what the transforms fold through: one declarative table.
 
-A transform (preconditioning.py) rotates or scales the residual stream and the attention values.
+A transform (folding.py) rotates or scales the residual stream and the attention values.
 For that it needs, per block:
 
     norm sites   each norm that reads the residual stream (or the stream itself, where a block has

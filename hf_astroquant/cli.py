@@ -2,8 +2,8 @@
 
     hf-astroquant quantize MODEL --bits 4 --dataset FILE --out DIR   every AstroQuantConfig option
     hf-astroquant eval DIR [--data wikitext2|FILE] [--baseline MODEL] [--tasks ...]
-    hf-astroquant export DIR --format gptq|compressed-tensors --out DIR2
-    hf-astroquant export DIR --format gguf --out FILE.gguf [--gguf-type F16|F32]
+    hf-astroquant export DIR --format FORMAT --out OUT   every registered format (export/registry.py):
+                                                         gptq, compressed-tensors, gguf (OUT a .gguf file)
     hf-astroquant push DIR REPO_ID [--private]
 
 MODEL is a Hub id, a local model directory or a local .gguf file (de-quantized by transformers).
@@ -12,26 +12,15 @@ MODEL is a Hub id, a local model directory or a local .gguf file (de-quantized b
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import re
-import shutil
 import sys
-import tempfile
-import time
-from pathlib import Path
 from typing import Any
 
-from .algorithms.gguf_types import FILE_TYPES
 from .config import AstroQuantConfig
-from . import output_dir
-from .file_modes import snapshot, written_since
-from .gguf import drop_gguf_marker, gguf_base_model_info
 from .modules.kernels import BACKENDS
+from .workflows.sources import DTYPES
 
 logger = logging.getLogger("hf_astroquant")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class CliError(Exception):
@@ -85,108 +74,6 @@ def config_from_args(args: argparse.Namespace, config_cls: type = AstroQuantConf
     return config_cls(**options)
 
 
-# --------------------------------------------------------------------------- model sources
-
-def resolve_source(model: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """(path or id for from_pretrained, extra from_pretrained kwargs, base model info) for a Hub id, a
-    local directory, or a local GGUF file."""
-    from .export.hub import base_model_info
-
-    path = Path(model)
-    if model.lower().endswith(".gguf"):
-        if not path.is_file():
-            raise CliError(f"GGUF file {model} does not exist")
-        info = gguf_base_model_info(path)  # checks the header first: a hostile one is refused before any reader
-        return str(path.parent), {"gguf_file": path.name}, info
-    if path.exists():
-        if not path.is_dir() or not (path / "config.json").is_file():
-            raise CliError(f"{model} is neither a model directory (with config.json) nor a .gguf file")
-        return str(path), {}, base_model_info(model)
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):
-        raise CliError(f"{model!r} is not an existing path, a .gguf file or a Hub model id")
-    from . import hub_access
-
-    reason = hub_access.offline_unless_reachable()
-    if reason:
-        print(f"the Hugging Face Hub cannot be used ({reason}): {model} is read from the local cache only",
-              file=sys.stderr)
-    return model, {}, base_model_info(model)
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
-
-
-def _placement(args) -> dict:
-    """from_pretrained's device_map / max_memory / offload_folder from the quantize flags."""
-    kwargs: dict[str, Any] = {}
-    if args.device_map:
-        kwargs["device_map"] = args.device_map
-    if args.max_memory:
-        budget: dict[Any, str] = {}
-        for item in args.max_memory:
-            device, sep, size = item.partition("=")
-            if not sep or not device or not size:
-                raise CliError(f"--max-memory {item!r}: expected DEVICE=SIZE, e.g. cpu=8GiB or 0=20GiB")
-            budget[int(device) if device.isdigit() else device] = size
-        kwargs["max_memory"] = budget
-        kwargs.setdefault("device_map", "auto")
-    if args.offload_folder:
-        if Path(args.offload_folder).exists() and not Path(args.offload_folder).is_dir():
-            raise CliError(f"--offload-folder {args.offload_folder} exists and is not a directory")
-        kwargs["offload_folder"] = args.offload_folder
-    return kwargs
-
-
-def _load_fp(source: str, load_kwargs: dict, dtype: str, placement: dict):
-    from transformers import AutoModelForCausalLM
-
-    kwargs = dict(load_kwargs, dtype=_torch_dtype(dtype), **placement)
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    return drop_gguf_marker(model) if "gguf_file" in load_kwargs else model
-
-
-def _load_tokenizer(name: str, load_kwargs: dict):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(name, **{k: v for k, v in load_kwargs.items() if k == "gguf_file"})
-
-
-def _tokenizer_of(name: str, shown: str, load_kwargs: dict, needed: bool):
-    """The tokenizer `name` (shown to the user as `shown`); when it cannot be loaded, a one-line CliError if
-    the run `needed` it (text calibration data, evaluation), else a note and None (saved without one)."""
-    try:
-        return _load_tokenizer(name, load_kwargs)
-    except (OSError, ValueError, TypeError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if Path(name).is_dir() and not any((Path(name) / f).is_file() for f in TOKENIZER_FILES):
-            reason = f"the directory has none of {', '.join(TOKENIZER_FILES)}"
-        if needed:
-            raise CliError(f"cannot load the tokenizer of {shown!r} ({reason}); pass --tokenizer NAME_OR_DIR") from err
-        print(f"hf-astroquant: no tokenizer saved with the model: cannot load the tokenizer of {shown!r} ({reason})",
-              file=sys.stderr)
-        return None
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
-
-
-def _peak_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _apart_from(args, cfg) -> dict[str, dict[str, Any]]:
-    """The local paths a quantize run reads, and the folders it fills: its --out keeps apart from both."""
-    data = cfg.dataset if isinstance(cfg.dataset, (str, os.PathLike)) else None
-    return {"inputs": {"MODEL": args.model, "--tokenizer": args.tokenizer, "--dataset": data,
-                       "--eval-data": args.eval_data},
-            "folders": {"--offload-folder": args.offload_folder, "--resume-dir": cfg.resume_dir}}
-
-
 def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
     width = max(len(k) for k, _ in rows)
     print(f"\n{title}")
@@ -197,257 +84,64 @@ def print_table(title: str, rows: list[tuple[str, Any]]) -> None:
 
 # --------------------------------------------------------------------------- commands
 
+# quantize, eval, export and push are the workflows of hf_astroquant.workflows (callable from Python): the
+# commands turn flags into arguments and print the rows they return.
+
 def cmd_quantize(args: argparse.Namespace) -> int:
-    import torch
+    from .workflows import quantize
 
-    from .calibration import check_source
-    from .eval import evaluation_text, perplexity
-    from .export.card import write_card
-
-    out = Path(args.out)
-    # every argument, the data included, is checked before anything is loaded
-    cfg = config_from_args(args)
-    source, load_kwargs, info = resolve_source(args.model)
-    if cfg.needs_calibration_data and cfg.dataset is None:
-        raise CliError(f"--method {cfg.method} needs calibration data: pass --dataset FILE|wikitext2|c4")
-    check_source(cfg.dataset)
-    eval_text = evaluation_text(args.eval_data) if args.eval_data else None
-    _placement(args)  # its flags are checked here too, not after a first load
-    tmp_out = output_dir.prepare(out, args.overwrite, **_apart_from(args, cfg))
-    try:
-        needed = cfg.needs_calibration_data or eval_text is not None
-        tok = _tokenizer_of(args.tokenizer or source, args.tokenizer or args.model, load_kwargs, needed)
-        cfg = config_from_args(args, tokenizer=tok)
-        model, seconds, ppl, eval_ids = _load_and_quantize(args, cfg, source, load_kwargs, tok, eval_text)
-        model.name_or_path = args.model
-        report = dict(model.astroquant_report or {})
-        report.update({k: v for k, v in info.items() if v is not None})
-        for key, value in (("base_model", args.base_model), ("license", args.license)):
-            if value:
-                report[key] = value
-        if args.eval_data:
-            ppl["quantized"] = perplexity(model, eval_ids, args.eval_seqlen, args.eval_windows)
-            ppl["windows"] = min(eval_ids.numel() // args.eval_seqlen, args.eval_windows or 10**9)
-            report["perplexity"] = ppl
-        report["peak_rss_bytes"] = _peak_rss_bytes()
-        if torch.cuda.is_available():
-            report["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
-        model.astroquant_report = report
-        model.save_pretrained(tmp_out)
-        if tok is not None:
-            tok.save_pretrained(tmp_out)
-        write_card(tmp_out, model_id=out.name)  # again: the tokenizer is saved now; the final name, never a path
-        output_dir.finish(tmp_out, out)
-    except BaseException:
-        output_dir.discard(tmp_out)
-        raise
-    print_table("hf-astroquant quantize: summary", _quantize_summary(args, cfg, model, out, seconds, ppl))
+    cfg = config_from_args(args)  # the options first; the workflow checks the rest before loading anything
+    result = quantize(args.model, args.out, cfg, eval_data=args.eval_data, eval_seqlen=args.eval_seqlen,
+                      eval_windows=args.eval_windows, dtype=args.dtype, device_map=args.device_map,
+                      max_memory=args.max_memory, offload_folder=args.offload_folder, base_model=args.base_model,
+                      license=args.license, overwrite=args.overwrite)
+    print_table("hf-astroquant quantize: summary", result.rows)
     return 0
 
 
-def _load_and_quantize(args, cfg, source: str, load_kwargs: dict, tok, eval_text):
-    """(quantized model, seconds it took, perplexity record with the base model's, evaluation ids):
-    a GGUF source is de-quantized once first; the base model is evaluated before it is quantized."""
-    from transformers import AutoModelForCausalLM
-
-    from .eval import perplexity
-
-    eval_ids = None
-    base_src, base_kwargs = source, load_kwargs
-    with tempfile.TemporaryDirectory() as fp_dir:
-        if "gguf_file" in load_kwargs:  # de-quantize once; quantize from the plain checkpoint
-            print(f"de-quantizing {args.model} ...", file=sys.stderr)
-            fp = _load_fp(source, load_kwargs, args.dtype, {})
-            fp.save_pretrained(fp_dir)
-            del fp
-            base_src, base_kwargs = fp_dir, {}
-        ppl: dict[str, Any] = {}
-        if eval_text:
-            text, what = eval_text
-            eval_ids = tok(text, return_tensors="pt").input_ids[0]
-            ppl = {"data": what, "seqlen": args.eval_seqlen}
-            fp = _load_fp(base_src, base_kwargs, args.dtype, _placement(args))
-            ppl["base"] = perplexity(fp, eval_ids, args.eval_seqlen, args.eval_windows)
-            del fp
-        start = time.perf_counter()
-        kwargs = dict(base_kwargs, dtype=_torch_dtype(args.dtype), quantization_config=cfg, **_placement(args))
-        model = AutoModelForCausalLM.from_pretrained(base_src, **kwargs)
-        seconds = time.perf_counter() - start
-    return model, seconds, ppl, eval_ids
-
-
-def _quantize_summary(args, cfg, model, out: Path, seconds: float, ppl: dict) -> list[tuple[str, Any]]:
-    from . import coverage
-    from .export.card import error_label, format_bytes, read_report
-
-    report = read_report(out)
-    errs = sorted(report.get("layer_errors", {}).values())
-    rows = [("model", args.model), ("output", str(out)),
-            ("config", f"{cfg.bits}-bit g{cfg.group_size} {cfg.method}{' sym' if cfg.sym else ''}"
-                       f"{' act-order' if cfg.desc_act else ''}{' mse' if cfg.mse else ''}"),
-            ("layers quantized", len(model.config.quantization_config.quantized_modules or [])),
-            ("quantization time (load + calibrate)", f"{seconds:.1f} s"),
-            ("peak RSS", format_bytes(report["peak_rss_bytes"])),
-            ("checkpoint size", format_bytes(sum(p.stat().st_size for p in out.glob("*.safetensors"))))]
-    if report.get("quantized_fp16_bytes"):
-        rows.append(("quantized layers, packed / fp16", f"{report['quantized_packed_bytes'] / report['quantized_fp16_bytes']:.3f}"))
-    if report.get("expert_tokens"):
-        rows.append(("mixture of experts", coverage.experts_summary(report)))
-    if report.get("full_precision_weights"):
-        rows.append(("weights left in full precision in the blocks", coverage.summary(report["full_precision_weights"])))
-    if errs:
-        rows.append((f"{error_label(report)} per layer, median / max", f"{errs[len(errs) // 2]:.2e} / {errs[-1]:.2e}"))
-    rows.append(("base model (card)", report.get("base_model") or
-                 "unknown: rerun with --base-model ORG/NAME (or edit README.md's base_model) to link it"))
-    if args.eval_data:
-        rows.append((f"perplexity, full precision ({ppl['data']})", f"{ppl['base']:.2f}"))
-        rows.append((f"perplexity, quantized ({ppl['data']})", f"{ppl['quantized']:.2f}"))
-    return rows
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM
+    from .workflows import evaluate
 
-    from .eval import evaluation_text, lm_eval_scores, perplexity
-    from .export.card import is_ours, read_report, write_card, write_report
-
-    directory = Path(args.dir)
-    if not (directory / "config.json").is_file():
-        raise CliError(f"{directory} is not a saved model directory (no config.json)")
-    if not args.data and not args.tasks:
-        raise CliError("nothing to evaluate: pass --data (default wikitext2) or --tasks")
-    load = {}
-    if args.backend:
-        load["quantization_config"] = AstroQuantConfig(backend=args.backend)
-    tok = _tokenizer_of(args.tokenizer or str(directory), args.tokenizer or str(directory), {}, needed=True)
-    model = AutoModelForCausalLM.from_pretrained(str(directory), **load)
-    report = read_report(directory)
-    rows: list[tuple[str, Any]] = [("model", str(directory))]
-    if args.data:
-        text, what = evaluation_text(args.data)
-        ids = tok(text, return_tensors="pt").input_ids[0]
-        ppl = dict(report.get("perplexity") or {})
-        if ppl.get("data") != what or ppl.get("seqlen") != args.seqlen:
-            ppl = {}  # a perplexity on other text or windows is not comparable: start over
-        ppl.update({"data": what, "seqlen": args.seqlen,
-                    "windows": min(ids.numel() // args.seqlen, args.max_windows or 10**9)})
-        ppl["quantized"] = perplexity(model, ids, args.seqlen, args.max_windows)
-        rows.append((f"perplexity ({what}, seqlen {args.seqlen})", f"{ppl['quantized']:.2f}"))
-        if args.baseline:
-            source, load_kwargs, _ = resolve_source(args.baseline)
-            base = _load_fp(source, load_kwargs, args.dtype, {})
-            ppl["base"] = perplexity(base, ids, args.seqlen, args.max_windows)
-            rows.append((f"perplexity, baseline {args.baseline}", f"{ppl['base']:.2f}"))
-            del base
-        report["perplexity"] = ppl
-    if args.tasks:
-        scores = lm_eval_scores(model, tok, args.tasks.split(","), args.limit, args.batch_size)
-        report["lm_eval"] = scores
-        rows += [(f"lm-eval {k}", f"{v:.4f}") for k, v in sorted(scores.items())]
-    if args.write:
-        before = snapshot(directory)
-        write_report(directory, report)
-        if is_ours(directory / "README.md"):
-            write_card(directory)
-        output_dir.record_written(directory, written_since(directory, before))
-    print_table("hf-astroquant eval", rows)
+    result = evaluate(args.dir, data=args.data, seqlen=args.seqlen, max_windows=args.max_windows,
+                      baseline=args.baseline, dtype=args.dtype, tokenizer=args.tokenizer, backend=args.backend,
+                      tasks=args.tasks, limit=args.limit, batch_size=args.batch_size, write=args.write)
+    print_table("hf-astroquant eval", result.rows)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export.card import REPORT_FILE, format_bytes, write_card
-    from .export.source import ExportError
+    """Every format the same way (workflows.export over export/registry.py)."""
+    from .export.registry import get_exporter
+    from .workflows import export
 
-    src, out = Path(args.dir), Path(args.out)
-    if args.format == "gguf":
-        return _export_gguf(src, out, args)
-    if args.gguf_type is not None:
-        raise CliError(f"--gguf-type is a GGUF option; use it with --format gguf, not --format {args.format}")
-    if args.format != "gptq" and args.checkpoint_format is not None:
-        raise CliError(f"--checkpoint-format is a GPTQ option; --format {args.format} has none")
-    tmp_out = output_dir.prepare(out, args.overwrite, {"DIR": src})
+    exporter = get_exporter(args.format)
     try:
-        rows = _EXPORTERS[args.format](src, tmp_out, args)
-        if (src / REPORT_FILE).is_file():
-            shutil.copy2(src / REPORT_FILE, tmp_out / REPORT_FILE)
-        write_card(tmp_out, model_id=out.name)  # a name, never a path of this machine
-        output_dir.finish(tmp_out, out)
-    except ExportError as err:
-        output_dir.discard(tmp_out)
-        raise CliError(f"cannot export to {_FORMAT_NAMES[args.format]}: {err}") from err
-    except BaseException:
-        output_dir.discard(tmp_out)
-        raise
-    size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-    print_table("hf-astroquant export", [("source", str(src)), ("output", str(out))] + rows
-                + [("size", format_bytes(size))])
-    return 0
-
-
-def _export_gguf(src: Path, out: Path, args: argparse.Namespace) -> int:
-    """One .gguf file (not a directory): llama.cpp, Ollama and LM Studio read it as is."""
-    from .export.card import format_bytes
-    from .export.gguf_export import export_gguf
-    from .export.gguf_writer import GGUFWriteError
-    from .export.source import ExportError
-
-    if args.checkpoint_format is not None:
-        raise CliError("--checkpoint-format is a GPTQ option; --format gguf has none")
-    try:
-        summary = export_gguf(src, out, args.gguf_type, overwrite=args.overwrite)
+        summary = export(args.dir, args.out, args.format, overwrite=args.overwrite, **_export_options(exporter, args))
     except FileExistsError as err:
         raise CliError(f"{err}".replace("overwrite=True (--overwrite)", "--overwrite")) from err
-    except (ExportError, GGUFWriteError) as err:
-        raise CliError(f"cannot export to GGUF: {err}") from err
-    types = ", ".join(f"{k} {v}" for k, v in sorted(summary["tensor_types"].items()))
-    print_table("hf-astroquant export", [
-        ("source", str(src)), ("output", str(out)), ("format", f"gguf ({summary['gguf_type']})"),
-        ("architecture", summary["arch"]), ("tokenizer", f"{summary['tokenizer']} ({summary['tokenizer_pre']})"),
-        ("tensors", f"{summary['tensors']}: {types}"), ("size", format_bytes(summary["bytes"])),
-        ("run it", f"llama-cli -m {out}  (or: ollama create NAME with FROM {out} in a Modelfile)")])
+    print_table("hf-astroquant export", [("source", str(args.dir)), ("output", str(args.out))] + summary.rows)
     return 0
 
 
-def _export_gptq(src: Path, out: Path, args: argparse.Namespace) -> list[tuple[str, object]]:
-    from .export.engines import vllm_notes
-    from .export.gptq import export_gptq
+def _export_options(exporter, args: argparse.Namespace) -> dict[str, Any]:
+    """The chosen format's option values from the flags; another format's flag, given, is refused."""
+    from .export.registry import export_options
 
-    summary = export_gptq(src, out, checkpoint_format=args.checkpoint_format or "gptq",
-                          dtype=_torch_dtype(args.dtype), overwrite=True)
-    q = json.loads((out / "config.json").read_text())["quantization_config"]
-    notes = vllm_notes("gptq", q["bits"], q["sym"], summary.desc_act)
-    return [("format", f"gptq ({summary.checkpoint_format})"), ("desc_act", summary.desc_act),
-            ("quantized layers", summary.layers)] + [("vLLM", note) for note in notes]
-
-
-def _export_compressed_tensors(src: Path, out: Path, args: argparse.Namespace) -> list[tuple[str, object]]:
-    from .export.compressed_tensors import export_compressed_tensors
-    from .export.engines import vllm_notes
-
-    summary = export_compressed_tensors(src, out, dtype=_torch_dtype(args.dtype), overwrite=True)
-    rows = [("format", "compressed-tensors (pack-quantized)"), ("actorder", summary.actorder or "none"),
-            ("quantized layers", summary.layers), ("left in full precision", ", ".join(summary.ignored) or "none")]
-    if summary.largest_scale_rounding:
-        rows.append(("scales rounded to " + args.dtype, f"by at most {summary.largest_scale_rounding:.2%} (relative)"))
-    w = summary.weights
-    return rows + [("vLLM", note) for note in vllm_notes("compressed-tensors", w["num_bits"], w["symmetric"],
-                                                        summary.actorder == "group")]
-
-
-_EXPORTERS = {"gptq": _export_gptq, "compressed-tensors": _export_compressed_tensors}
-_FORMAT_NAMES = {"gptq": "GPTQ", "compressed-tensors": "compressed-tensors"}
+    own = {o.dest for o in exporter.options}
+    for option, owners in export_options():
+        if option.dest not in own and option.default is None and getattr(args, option.dest) is not None:
+            names, formats = " and ".join(e.display_name for e in owners), " or ".join(e.name for e in owners)
+            raise CliError(f"{option.flag} is a {names} option; --format {exporter.name} has none: use it with "
+                           f"--format {formats}")
+    return {o.dest: getattr(args, o.dest) for o in exporter.options}
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .export.hub import push_folder
+    from .workflows import push
 
-    folder = Path(args.dir)
-    if not (folder / "config.json").is_file():
-        raise CliError(f"{folder} is not a saved model directory (no config.json)")
-    info = push_folder(folder, args.repo_id, private=args.private, token=args.token,
-                       commit_message=args.commit_message, revision=args.revision, create_pr=args.create_pr)
-    print_table("hf-astroquant push", [("folder", str(folder)), ("repository", args.repo_id),
-                                       ("commit", getattr(info, "commit_url", info))])
+    result = push(args.dir, args.repo_id, private=args.private, token=args.token,
+                  commit_message=args.commit_message, revision=args.revision, create_pr=args.create_pr)
+    print_table("hf-astroquant push", result.rows)
     return 0
 
 
@@ -528,26 +222,25 @@ def _add_eval(sub) -> None:
 
 
 def _add_export(sub) -> None:
+    """`export`'s --format choices and each format's flags come from the registry (export/registry.py)."""
+    from .export.registry import export_options, exporters
+
+    formats = exporters()
+    described = [f"{name} ({e.engines})" if e.engines else name for name, e in formats.items()]
+    files = [e for e in formats.values() if e.file_suffix]  # the formats whose --out is one file
     x = sub.add_parser("export", help="write a copy in a serving engine's format")
     x.add_argument("dir", metavar="DIR", help="a directory saved by hf-astroquant quantize")
-    x.add_argument("--format", choices=("gptq", "compressed-tensors", "gguf"), required=True,
-                   help="the engine format to write: gptq (vLLM, SGLang, TGI, transformers, GPTQModel; symmetric "
-                        "grids for vLLM), compressed-tensors (vLLM and transformers, asymmetric grids included) or "
-                        "gguf (llama.cpp, Ollama, LM Studio: a checkpoint quantized with --gguf-type, or a "
-                        "full-precision model as F16/F32)")
+    x.add_argument("--format", choices=tuple(formats), required=True,
+                   help="the engine format to write: " + " or ".join(filter(None, [", ".join(described[:-1]),
+                                                                                   described[-1]])))
     x.add_argument("--out", required=True, metavar="DIR2",
-                   help="output directory, or the .gguf file for --format gguf (appears only when complete)")
-    x.add_argument("--gguf-type", choices=("F16", "F32") + tuple(FILE_TYPES), default=None, metavar="TYPE",
-                   help="--format gguf: for a full-precision DIR, F16 (default) or F32; a DIR quantized with "
-                        "--gguf-type is written in the type it was solved for (naming it is optional)")
-    x.add_argument("--checkpoint-format", choices=("gptq", "gptq_v2"), default=None,
-                   help="--format gptq only. gptq: v1, read by vLLM/SGLang/TGI/transformers; gptq_v2: GPTQModel "
-                        "(default: gptq)")
-    x.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16",
-                   help="dtype of the unquantized tensors; gptq writes float16 scales always, compressed-tensors "
-                        "writes scales in this dtype (float16 holds ours exactly) (default: float16)")
+                   help="output directory" + "".join(f", or the {e.file_suffix} file for --format {e.name}"
+                                                     for e in files) + " (appears only when complete)")
+    for option, _ in export_options():
+        x.add_argument(option.flag, **option.argparse_kwargs())
     x.add_argument("--overwrite", action="store_true",
-                   help="replace an earlier hf-astroquant output at DIR2 (never a folder or .gguf file it did not write)")
+                   help="replace an earlier hf-astroquant output at DIR2 (never a folder"
+                        + "".join(f" or {e.file_suffix} file" for e in files) + " it did not write)")
     x.set_defaults(func=cmd_export)
 
 

@@ -15,13 +15,12 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .checks import Invalid
-from .options import (ASYM_ALPHA_CHOICES, GROUPS, MAX_CALIBRATION_TOKENS, OPTIONS, SUPPORTED_BITS, SUPPORTED_METHODS,  # noqa: F401
-                      SUPPORTED_ROUNDING, SUPPORTED_TRANSFORMS, Option)
+from .options import GROUPS, MAX_CALIBRATION_TOKENS, OPTIONS, Option
 
 QUANT_METHOD = "astroquant"
 CHECKPOINT_FORMAT = "astroquant_v1"  # GPTQ int32 layout, true (not minus-one) zero points
 # ResComp's residual pulls every column toward W0 by more than a 2-bit grid can follow: measured
-# worse than GPTAQ there (SmolLM2-135M W2 g32: 221.7 against 208.8), as its reference code finds.
+# worse than GPTAQ there (docs/results.md#asymmetric-calibration), as its reference code finds.
 RESCOMP_MIN_BITS = 3
 # The options a GGUF type fixes per tensor, which must stay at their defaults beside gguf_type.
 GGUF_FIXED = ("bits", "group_size", "sym")
@@ -29,6 +28,9 @@ GGUF_FIXED = ("bits", "group_size", "sym")
 # Keys that `to_dict()` emits besides the options; accepted back by `__init__`.
 RECORD_KEYS = ("quant_method", "checkpoint_format", "calibration", "quantized_modules", "transforms_applied",
                 "gguf_tensor_types", "checkpoint_names", "input_rotated_modules")
+# Options of earlier versions, still found in saved configs: read and dropped. (rotation_candidates chose a
+# rotation per layer; the checkpoint stores each layer's rotation, so such files load as before.)
+RETIRED_OPTIONS = ("rotation_candidates",)
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -59,7 +61,7 @@ class AstroQuantConfig(QuantizationConfigMixin):
 
     def __init__(self, **kwargs: Any):
         names = self._option_names()
-        unknown = sorted(set(kwargs) - set(names) - set(RECORD_KEYS))
+        unknown = sorted(set(kwargs) - set(names) - set(RECORD_KEYS) - set(RETIRED_OPTIONS))
         if unknown:
             raise TypeError(f"{type(self).__name__} got unknown option(s) {unknown}; known options: {sorted(names)}")
         quant_method = kwargs.get("quant_method", QUANT_METHOD)
@@ -189,7 +191,7 @@ def check_combinations(cfg: AstroQuantConfig) -> None:
               "act-order), or rounding='gptq' / 'beam'")
     if m == "rescomp" and cfg.bits < RESCOMP_MIN_BITS:
         _fail("method", m, f"'gptq' or 'gptaq' at bits={cfg.bits} (ResComp's residual measured worse than GPTAQ "
-              "below 3 bits: 221.7 against 208.8 on SmolLM2-135M W2 g32; use method='gptaq')")
+              "below 3 bits, docs/results.md#asymmetric-calibration; use method='gptaq')")
     if m == "rtn" and (cfg.asym_alpha not in (None, 0.0) or cfg.rounding != "gptq"):
         _fail("method", m, "'gptq', 'gptaq' or 'rescomp' when asym_alpha or rounding is set "
               "(round-to-nearest uses no calibration data)")
@@ -210,10 +212,6 @@ def check_combinations(cfg: AstroQuantConfig) -> None:
     if cfg.online_rotation != "none" and cfg.gguf_type is not None:
         _fail("online_rotation", cfg.online_rotation, f"'none' with gguf_type={cfg.gguf_type!r} (GGUF files have no "
               "online rotation of a layer's input)")
-    if cfg.rotation_candidates > 1 and (cfg.online_rotation == "none" or m == "rtn"):
-        _fail("rotation_candidates", cfg.rotation_candidates, "1 unless online_rotation is 'down' or 'writers' and "
-              "the method solves against calibration data (it chooses each rotated layer's rotation by its "
-              f"solved output error); here online_rotation={cfg.online_rotation!r}, method={m!r}")
     if cfg.astro and m == "rtn":
         _fail("astro", cfg.astro, "False with method='rtn' (Astro needs the calibration Hessian)")
     if cfg.transform in ("scale", "adaptive") and m == "rtn":

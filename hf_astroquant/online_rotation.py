@@ -12,10 +12,6 @@ input element. Formats without an online rotation (GPTQ, compressed-tensors and 
 such a checkpoint. (With "writers", o_proj's input, the attention heads' outputs side by side, is
 mixed across heads, where transform="rotate" folds a rotation within each head only.)
 
-`rotation_candidates=N` lets each rotated Linear choose among its width's rotation and N − 1 drawn for
-it: the solver (solving.py) solves it in each basis, its statistics rebased (Qᵀ·H·Q, no extra forward),
-keeps the solution with the smallest full-precision output error, and `reattach`es that rotation.
-
 During calibration the rotation runs as a forward pre-hook of the full-precision Linear (first
 among its hooks, so every statistic sees the rotated input); the solved layer takes it over
 (`input_rotation_of`). A Linear the run leaves in full precision gets its weight back (W·R·Rᵀ).
@@ -24,7 +20,6 @@ among its hooks, so every statistic sees the rotated input); the solved layer ta
 from __future__ import annotations
 
 import logging
-import zlib
 
 import torch
 from torch import nn
@@ -101,30 +96,3 @@ def detach_left_in_full_precision(model: nn.Module) -> list[str]:
         module.weight.data = rotation.fold_into(module.weight.data, inverse=True)
         undone.append(name)
     return undone
-
-
-def candidate_rotations(current: InputRotation, name: str, seed: int, k: int) -> list[InputRotation]:
-    """rotation_candidates: `current` (the width's shared rotation), then k − 1 others drawn for the
-    Linear `name` (seeded by `seed`, the name and the candidate's index), on `current`'s device."""
-    device = current.signs.device
-    own = seed + _SEED_OFFSET + zlib.crc32(name.encode())
-    return [current] + [InputRotation.random(current.n, own + 1_000_003 * c).to(device) for c in range(1, k)]
-
-
-def rebased(m: torch.Tensor, old: InputRotation, new: InputRotation, both_sides: bool = False) -> torch.Tensor:
-    """M·Q with Q = R_oldᵀ·R_new, the change from the input basis x·R_old to x·R_new (fp64 inside, in M's
-    dtype and device): a weight or a rotated row space; with `both_sides`, Qᵀ·M·Q (H, D, G)."""
-    def times_q(x: torch.Tensor) -> torch.Tensor:
-        return new.fold_into(old.fold_into(x, inverse=True))
-
-    out = times_q(m.double())
-    if both_sides:
-        out = times_q(out.t().contiguous()).t()
-    return out.to(m.dtype).contiguous()
-
-
-@torch.no_grad()
-def reattach(linear: nn.Linear, rotation: InputRotation) -> None:
-    """Make `linear` read x·R with R = `rotation` from here on (its weight is set by the caller)."""
-    linear.__dict__.pop(_HOOK).remove()
-    _read_through(linear, rotation)

@@ -13,17 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checks import (ASYM_ALPHA_WORDS, Boolean, Custom, Integer, Maybe, Number, OneOf, check_asym_alpha,
-                     check_dataset, check_devices, check_directory, check_module_patterns, check_tokenizer,
-                     shell_asym_alpha)
-from .algorithms.gguf_types import FILE_TYPES
+from .checks import (Boolean, Custom, Integer, Maybe, Number, OneOf, check_asym_alpha, check_dataset, check_devices,
+                     check_directory, check_module_patterns, check_tokenizer, shell_asym_alpha)
+from .gguf.types import FILE_TYPES
 from .modules.kernels import BACKENDS
 from .online_rotation import ONLINE_ROTATIONS
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_METHODS = ("rtn", "gptq", "gptaq", "rescomp")
 SUPPORTED_ROUNDING = ("gptq", "successive", "beam")
-ASYM_ALPHA_CHOICES = ASYM_ALPHA_WORDS
 SUPPORTED_TRANSFORMS = ("none", "rotate", "scale", "adaptive")
 # Bounds on the options that scale a run's work or memory: generous (tens of times what anyone has
 # measured a gain with), so they refuse only slips such as 10**6 before anything long starts.
@@ -79,9 +77,9 @@ OPTIONS: tuple[Option, ...] = (
            "symmetric grid (zero point fixed at 2^(bits-1)) instead of asymmetric min/max"),
     Option("mse", "grid", None, Maybe(Boolean()),
            "search each group's clipping range for the smallest rounding error instead of plain min/max "
-           "(about 15% slower; measured better with the calibrated methods, worse with rtn)",
-           "Measured on SmolLM2-135M (docs/results.md): with GPTQ better at 3 and 4 bits (43.36 against 53.14 "
-           "at W3 g64), with round-to-nearest worse (78.90 against 66.77). The value chosen is saved.",
+           "(slower; measured better with the calibrated methods, worse with rtn)",
+           "None chooses by method: on for gptq, gptaq and rescomp, off for rtn (measured in "
+           "docs/results.md#results). The value chosen is saved.",
            none_word="on, off with --method rtn"),
     Option("gguf_type", "grid", None, Maybe(OneOf(tuple(FILE_TYPES))),
            "solve every Linear onto exactly the grid of its tensor's type in this llama.cpp file type (the _S/_M/_L "
@@ -103,15 +101,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("desc_act", "solver", True, Boolean(),
            "act-order: solve columns by descending Hessian diagonal",
            "The column-to-group map is recorded in g_idx. Plain left-to-right GPTQ over-fits out-of-domain "
-           "calibration data and measures worse than round-to-nearest (see docs/results.md)."),
+           "calibration data and measures worse than round-to-nearest (docs/results.md#results)."),
     Option("static_groups", "solver", True, Boolean(),
            "fit every group's grid up front on the original weights, so groups stay contiguous "
            "(needed by rounding beam and successive)"),
     Option("damp_percent", "solver", 0.01, Number(0, 1, low_open=True), "Hessian damping as a fraction of its "
            "mean diagonal",
-           "Larger values hold the solver nearer round-to-nearest, fitting less to the calibration text. Measured "
-           "on SmolLM2-135M's W4 best configuration (docs/results.md): 0.1 gave a mean of 21.37 over five seeds "
-           "against 21.52 at 0.01, so the W4 best preset uses 0.1."),
+           "Larger values hold the solver nearer round-to-nearest, fitting less to the calibration text; the W4 "
+           "best preset uses 0.1 (measured in docs/results.md#w4-ten-times-the-damping)."),
     Option("true_sequential", "solver", True, Boolean(),
            "each Linear of a block sees the outputs of the already-quantized Linears before it; off: one "
            "full-precision pass per block"),
@@ -141,13 +138,12 @@ OPTIONS: tuple[Option, ...] = (
            "only where they lower the block's output error over the calibration windows. The target is the "
            "full-precision stream's output when the solver carries one (gptaq, rescomp, asym_alpha), else the "
            "full-precision block's output on the same inputs. Each step runs the block forward and backward on "
-           "refine_batch_size windows. Measured on SmolLM2-135M with 50 steps (docs/results.md): W2 g32 best "
-           "174.07 -> 136.26 for about 24 s per block on 2 cores; W4 g64 best 22.13 -> 22.12, not worth it. "
-           "With refine_rounding_lr too, see that option."),
+           "refine_batch_size windows. It pays at 2 and 3 bits, not at 4 (measured in "
+           "docs/results.md#block-output-refinement). With refine_rounding_lr too, see that option."),
     Option("refine_lr", "solver", 5e-3, Number(0, 1, low_open=True), "Adam's learning rate for refine_steps "
            "(on the log of each scale)",
-           "Measured with 50 steps on SmolLM2-135M's best W2 g32 preset: 1e-3 164.61, 5e-3 136.26, 1e-2 137.34 "
-           "(docs/results.md)."),
+           "The default is the best of 1e-3, 5e-3 and 1e-2 with 50 steps at W2 g32 (measured in "
+           "docs/results.md#block-output-refinement)."),
     Option("refine_batch_size", "solver", 8, Integer(1, maximum=MAX_WINDOWS), "calibration windows per refine step"),
     Option("refine_rounding_lr", "solver", 0.0, Number(0, 1), "with refine_steps: Adam's learning rate for each "
            "weight's rounding offset, so a code may move one level from the solved one (0: codes stay as solved)",
@@ -156,9 +152,8 @@ OPTIONS: tuple[Option, ...] = (
            "moves at most one level, first where the solver's decision was nearest a tie; the rounding's gradient "
            "passes straight through. Only the greedy sweep (rounding='gptq') records x, so the other roundings "
            "are refused, and experts rounded to nearest for want of tokens keep their codes. The packed format "
-           "does not change. Measured on SmolLM2-135M (docs/results.md), at 5e-3: W2 g32 best, 50 steps: "
-           "136.26 (scales alone) -> 116.21; W3 g64 best, 25 steps: 35.58 (no refinement) -> 31.81; W4 g64 "
-           "best, 25 steps: 22.13 -> 22.19 (the block's error falls, WikiText-2's perplexity does not)."),
+           "does not change. At 5e-3 it lowers the perplexity at 2 and 3 bits, not at 4, where the block's error "
+           "falls but WikiText-2's perplexity does not (measured in docs/results.md#block-output-refinement)."),
     # ------------------------------------------------------------------ calibration
     Option("dataset", "calibration", None, Custom(check_dataset, "a list of strings, a list of token-id lists, "
            "a 2-D tensor of token ids, a text file path, a datasets.Dataset with a text column, or one of "
@@ -181,12 +176,13 @@ OPTIONS: tuple[Option, ...] = (
            "mixture-of-experts models: every expert's statistics over every calibration token (the block's output "
            "still mixes the routed experts only); off: each expert sees the tokens routed to it",
            "On costs about num_experts/top_k times the expert compute during calibration; measured on a small "
-           "trained MoE it never helped (docs/big-models.md)."),
+           "trained MoE it never helped (docs/big-models.md#mixture-of-experts-the-calibration-options)."),
     Option("min_expert_tokens", "calibration", 16, Integer(0),
            "mixture-of-experts models: an expert that saw fewer calibration tokens is rounded to nearest instead "
            "of solved (listed in the report and the model card); one that saw none always is",
            "Measured from 0 to 256 on a small trained MoE: no effect above the calibration-seed noise "
-           "(docs/big-models.md); 16 keeps near-empty Hessians out of the solver."),
+           "(docs/big-models.md#mixture-of-experts-the-calibration-options); 16 keeps near-empty Hessians out "
+           "of the solver."),
     # ------------------------------------------------------------------ preconditioning
     Option("astro", "preconditioning", False, Boolean(),
            "Astro: reshape each Linear's weights, inside the flat region of its objective, toward weights that "
@@ -213,15 +209,6 @@ OPTIONS: tuple[Option, ...] = (
            "(from_pretrained); the GPTQ, compressed-tensors and GGUF exports refuse such a checkpoint. Routed "
            "experts are not rotated. transform='rotate' cannot fold these: no rotation passes act(gate)·up, and "
            "its value/output rotation stays within each head."),
-    Option("rotation_candidates", "preconditioning", 1, Integer(1, maximum=16),
-           "with online_rotation: rotations tried per rotated layer; each layer keeps the one whose solved "
-           "weights have the smallest error on the full-precision output over the calibration data (1: every "
-           "layer of a width shares one rotation)",
-           "Candidate 0 is the width's shared rotation; the others are drawn per layer (seeded by seed and the "
-           "layer's name). Each candidate costs one more solve of the layer, on its statistics rotated into "
-           "that basis (no extra forward pass); the checkpoint stores each layer's rotation as before. "
-           "Measured on SmolLM2-135M's W4 best configuration (docs/results.md): 4 candidates gave 21.48 and "
-           "21.46 at seeds 0 and 1, against 21.52 and 21.23 with the shared rotation: no gain there."),
     Option("kurtosis_threshold_attn", "preconditioning", 1.0, Number(text="a finite number (a robust z-score)"),
            "transform adaptive: kurtosis z-score above which an attention site gets rotation instead of scales"),
     Option("kurtosis_threshold_mlp", "preconditioning", 1.0, Number(text="a finite number (a robust z-score)"),

@@ -4,13 +4,14 @@ For each decoder block, in order:
   1. the block's inputs X are what the already-quantized prefix of the model produces
      (optionally the full-precision stream X̃ is carried beside it: stream.py);
   2. the preconditioning transform, when one is asked for, folds its scales (preconditioner.py);
-  3. every Linear of the block is solved in execution order from its statistics (scheduling.py,
-     statistics.py, solving.py), against the input X̃ the full-precision block gave the same
-     Linear for the asymmetric solvers, and replaced by its packed `QuantLinear`;
-  4. the block's outputs (computed with quantized weights) become the next block's inputs, and
-     with `resume_dir` the finished block is checkpointed (resume.py).
-The pieces live in their own modules; this one holds the order they run in (`quantize_model`,
-`_Run`).
+  3. the block step (block_solve.py) solves every Linear of the block in execution order from its
+     statistics (statistics.py, layer_solve.py), against the input X̃ the full-precision block gave
+     the same Linear for the asymmetric solvers, and returns what it made (`BlockResult`);
+  4. the driver records it in the report, puts the packed layers in the model, and with
+     `resume_dir` checkpoints the finished block (resume.py); the block's outputs (computed with
+     quantized weights) become the next block's inputs.
+Data flows one way: each step returns what it made and this module passes it on. Tools and tests
+watch the loop through `listening` (a `BlockListener`), never by patching it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
@@ -25,33 +27,62 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import digests, offload, resume
-from . import stream as calibration_stream
-from .algorithms import gguf_types
+from .block_solve import BlockResult, calibrate_block, solve_devices
 from .blocks import block_targets, find_blocks, place_layer, text_config
 from .calibration import batch_windows, prepare_calibration
 from .config import AstroQuantConfig
-from .experts import BlockExperts, onload_experts, router_names, split_all
+from .experts import onload_experts, router_names, split_all
+from .gguf import types as gguf_types
+from .layer_solve import LayerSolver, SolvedLayer, rounded_layer
 from .linear_like import convert_conv1d
 from .memory import trim_heap
 from .online_rotation import detach_left_in_full_precision, rotate_inputs
 from .preconditioner import Preconditioner
-from .refinement import refine_block
 from .report import QuantizationReport, report_state, restore_report
-from .scheduling import quantize_block, solve_devices
-from .solving import LayerSolver, rounded_layer
-from .stream import (CapturedFpInputs, StagewiseFpInputs, auto_batch_size, capture_block_inputs, fp_stream_batches,
-                     run_block, run_block_capturing, tensor_bytes)
+from .stream import FullPrecisionStream, auto_batch_size, capture_block_inputs, fp_stream_batches
 
 logger = logging.getLogger("hf_astroquant")
 
 
+class BlockListener:
+    """Told what the block loop does (`listening`); a listener overrides what it wants to see. A listener
+    that raises stops the run (as a crash would: finished blocks stay checkpointed)."""
+
+    def before_block(self, i: int, name: str, stream: tuple[list, list], fp_stream: tuple[list, list] | None) -> None:
+        """Block i is next: its quantized-stream (inputs, kwargs per batch) and full-precision stream's."""
+
+    def before_solve(self, name: str, weight: torch.Tensor, hessian: torch.Tensor, d: torch.Tensor | None) -> None:
+        """The Linear `name` is about to be solved from exactly these W, normalized H and D."""
+
+    def after_block(self, i: int, name: str, result: BlockResult) -> None:
+        """Block i is done: recorded, installed in the model and (with resume_dir) checkpointed."""
+
+
+_LISTENERS: list[BlockListener] = []
+
+
+@contextmanager
+def listening(listener: BlockListener):
+    """Tell `listener` what every block loop run inside the `with` does."""
+    _LISTENERS.append(listener)
+    try:
+        yield listener
+    finally:
+        _LISTENERS.remove(listener)
+
+
+def _tell(event: str, *args) -> None:
+    for listener in list(_LISTENERS):
+        getattr(listener, event)(*args)
+
+
 def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Callable[[str], bool],
-                   stream_fp: bool = False, on_block: Callable | None = None,
+                   stream_fp: bool = False,
                    calibration: tuple[list[torch.Tensor], dict[str, Any]] | None = None) -> QuantizationReport:
     """Quantize every Linear inside the decoder blocks of `model` in place; return a report.
 
-    `stream_fp` carries the full-precision stream X̃ beside the quantized one; `on_block(i, fp_in,
-    q_in)` is called with both inputs of every block (the asymmetric solvers' entry point). With
+    `stream_fp` carries the full-precision stream X̃ beside the quantized one even for the solvers that
+    do not need it (a listener's `before_block` sees both streams). With
     `cfg.resume_dir`, every finished block is checkpointed and a later run with the same
     directory starts after the last one (see resume.py). `calibration` is `prepare_calibration`'s
     result when the caller has prepared it already (the quantizer does, before the model loads).
@@ -71,7 +102,7 @@ def quantize_model(model: nn.Module, cfg: AstroQuantConfig, should_convert: Call
         run.round_to_nearest()
     else:
         with torch.inference_mode(False), torch.no_grad():
-            run.calibrate(stream_fp, on_block)
+            run.calibrate(stream_fp)
     if run.report.input_rotated:
         left = detach_left_in_full_precision(model)  # (their weights are W again)
         run.report.input_rotated = [n for n in run.report.input_rotated if n not in left]
@@ -103,7 +134,6 @@ class _Run:
         self.pre = Preconditioner(model, cfg, self.blocks, self.names) if cfg.transform != "none" else None
         self.checkpoints, self.state, self.first, self.earlier_seconds = None, None, 0, 0.0
         self.digests: dict[int, str] = {}  # with resume_dir: block i's weights digest, taken when the loop reads it
-        self.fp_stagewise = False  # the full-precision inputs outgrew FP_CAPTURE_BUDGET: made stage by stage
 
     def rotate_inputs(self) -> None:
         """online_rotation: rotate the output projections' inputs (online_rotation.py); their channels
@@ -199,19 +229,24 @@ class _Run:
         return list(range(self.first, len(self.blocks)))
 
     def round_to_nearest(self) -> None:
-        cfg, report = self.cfg, self.report
-        report.layer_error_kind = "weight"
+        cfg = self.cfg
+        self.report.layer_error_kind = "weight"
         for i in tqdm(self.todo(), desc="astroquant rtn", unit="block"):
-            packed = {} if self.checkpoints is not None else None
-            targets = block_targets(self.names[i], self.blocks[i], self.should_convert)
+            name = self.names[i]
+            targets = block_targets(name, self.blocks[i], self.should_convert)
             homes = offload.onload(targets)
             self.read_block(i)
+            solved, packed = {}, {} if self.checkpoints is not None else None
             for lname, linear in targets.items():
-                W = linear.weight.data
+                W = linear.weight.data.float()
                 res, layer = rounded_layer(cfg, lname, linear, mse=cfg.mse)
-                place_layer(self.model, lname, layer, homes, packed)
-                report.layer_errors[lname] = float(((res.weight - W.float()) ** 2).sum() / (W.float() ** 2).sum())
+                solved[lname] = SolvedLayer(layer, float(((res.weight - W) ** 2).sum() / (W ** 2).sum()))
+                del res
+                place_layer(self.model, lname, layer, homes, packed)  # at once: one full-size weight at a time
+            result = BlockResult([], None, solved, [], {})
+            self.report.add_block(name, result)
             self.finish_block(i, packed, None, None)
+            _tell("after_block", i, name, result)
 
     def start_streams(self, fp_wanted: bool, asymmetric: bool, store: torch.device):
         """The first block's inputs: (quantized stream, kwargs[block][batch], full-precision stream or None,
@@ -234,126 +269,45 @@ class _Run:
                 fp_inputs = [x.to(store) for x in saved_fp]
         return inputs, kwargs_list, fp_inputs, fp_kwargs
 
-    def advance_fp_stream(self, block, fp_inputs, fp_kwargs, targets, asymmetric: bool, store: torch.device,
-                          block_name: str = "", stagewise_ok: bool = False):
-        """Run the full-precision block on its stream: (its outputs, for the asymmetric solvers where
-        the targets' full-precision inputs come from, else None). They are captured in this forward
-        while they fit `stream.FP_CAPTURE_BUDGET` (or always, unless `stagewise_ok`: experts are reached by
-        routing, which differs between the streams); once the next batch would pass it, for this block
-        and the later ones, each stage's input is made when its statistics ask (`StagewiseFpInputs`)."""
-        capture = asymmetric and not (stagewise_ok and self.fp_stagewise)
-        budget, held = calibration_stream.FP_CAPTURE_BUDGET, 0
-        outs, captured = [], []
-        with self.report.timing("fp_stream"):
-            for x, kw in zip(fp_inputs, fp_kwargs):
-                # the next batch is about the size of the last: stop capturing before it passes the budget
-                if capture and stagewise_ok and (budget <= 0 or captured and held + held // len(captured) > budget):
-                    logger.info("the full-precision inputs of %s would pass %d bytes: from here on they are made "
-                                "stage by stage", block_name, budget)
-                    self.report.fp_stream_bytes = max(self.report.fp_stream_bytes,
-                                                      tensor_bytes(outs + fp_inputs) + held)
-                    self.fp_stagewise, capture, captured = True, False, []
-                if capture:
-                    out, cap = run_block_capturing(block, x.to(self.device), kw, targets, store)
-                    captured.append(cap)
-                    held += tensor_bytes(cap.values())  # (batches share no tensor)
-                else:
-                    out = run_block(block, x.to(self.device), kw)
-                outs.append(out.to(store))
-        if not asymmetric:
-            source = None
-        elif capture:
-            source = CapturedFpInputs(captured)
-        else:
-            source = StagewiseFpInputs(block, block_name, targets, fp_inputs, fp_kwargs, self.device)
-        return outs, source
-
-    def refine_targets(self, block, stream) -> list[torch.Tensor]:
-        with self.report.timing("refine"), torch.no_grad():
-            return [run_block(block, x, kw) for x, kw in zip(*stream)]
-
-    def refine(self, name, block, solver, stream, targets, outputs) -> list[torch.Tensor]:
-        """Tune the solved layers' scales (and codes) toward `targets` (refinement.py); the block's new outputs."""
-        cfg = self.cfg
-        with self.report.timing("refine"):
-            outputs, before, after = refine_block(block, name, solver.packed, stream[0], stream[1], targets, outputs,
-                                                  cfg.refine_steps, cfg.refine_lr, cfg.refine_batch_size, cfg.seed,
-                                                  cfg.refine_rounding_lr, solver.rounding_errors)
-        solver.rounding_errors.clear()
-        self.report.refine_loss[name] = [before, after]
-        return outputs
-
-    def place_solved(self, solver: "LayerSolver", targets: dict, homes: dict) -> dict | None:
+    def install(self, result: BlockResult, targets: dict, homes: dict) -> dict | None:
         """Put every solved layer where its Linear lived; return its tensors for a checkpoint."""
         packed = {} if self.checkpoints is not None else None
         for lname, linear in targets.items():
-            if lname in solver.packed:
-                layer = solver.packed.pop(lname)
+            if lname in result.solved:
+                layer = result.solved[lname].layer
                 layer.set_backend("auto")  # calibration ran the reference path; inference picks
                 place_layer(self.model, lname, layer, homes, packed)
             elif lname in homes:  # never reached: keep it in full precision, offloaded as before
                 offload.restore(linear, homes[lname])
         return packed
 
-    def calibrate(self, stream_fp: bool, on_block: Callable | None) -> None:
+    def calibrate(self, stream_fp: bool) -> None:
         cfg = self.cfg
-        solver = LayerSolver(cfg, self.report)
+        solver = LayerSolver(cfg, self.report.timing, lambda *a: _tell("before_solve", *a) if _LISTENERS else None)
         devices = solve_devices(cfg, self.model)
         asymmetric = solver.options.needs_fp_stream
         # The full-precision stream X̃ lives on the CPU when the blocks run on an accelerator.
         store = torch.device("cpu") if self.device.type != "cpu" else self.device
+        fp = FullPrecisionStream(store, self.device, self.report.timing)
         inputs, kwargs_list, fp_inputs, fp_kwargs = self.start_streams(stream_fp or asymmetric, asymmetric, store)
         for i in tqdm(self.todo(), desc=f"astroquant {cfg.method}", unit="block", initial=self.first,
                       total=len(self.blocks)):
+            name, block = self.names[i], self.blocks[i]
             if self.pre is not None:
                 with self.report.timing("preconditioning"):
                     self.pre.before_block(i, inputs, kwargs_list[i])
-            if on_block is not None:
-                on_block(i, fp_inputs, inputs)
-            inputs, fp_inputs = self.calibrate_block(i, solver, devices, (inputs, kwargs_list[i]),
-                                                     (fp_inputs, fp_kwargs[i]), asymmetric, store)
+            stream, fp_stream = (inputs, kwargs_list[i]), None if fp_inputs is None else (fp_inputs, fp_kwargs[i])
+            _tell("before_block", i, name, stream, fp_stream)
+            targets = block_targets(name, block, self.should_convert)
+            homes = {**onload_experts(block, name), **offload.onload(targets)}
+            self.read_block(i)
+            result = calibrate_block(block, name, targets, solver, stream, fp_stream, fp, devices)
+            self.report.add_block(name, result)
+            self.finish_block(i, self.install(result, targets, homes), result.outputs, result.fp_outputs)
+            inputs, fp_inputs = result.outputs, result.fp_outputs
+            _tell("after_block", i, name, result)
+            del result, stream, fp_stream
             # Hook closures and the tracebacks of early-stopped forwards form reference cycles that
             # hold a block's tensors; collect them now rather than at some later block.
             gc.collect()
             trim_heap()
-
-    def calibrate_block(self, i: int, solver: "LayerSolver", devices, stream, fp_stream, asymmetric: bool,
-                        store: torch.device):
-        """Quantize block i from its quantized-stream inputs (`stream`: inputs, kwargs) and the
-        full-precision stream's (`fp_stream`); return both streams' next inputs."""
-        name, block, report = self.names[i], self.blocks[i], self.report
-        targets = block_targets(name, block, self.should_convert)
-        homes = {**onload_experts(block, name), **offload.onload(targets)}
-        self.read_block(i)
-        experts = BlockExperts(block, name)
-        solver.experts = experts if experts.owners else None
-        fp_inputs, fp_source = fp_stream[0], None
-        # refine_steps without a full-precision stream: the target is the fp block on the same inputs
-        refine_targets = self.refine_targets(block, stream) if self.cfg.refine_steps and fp_inputs is None else None
-        try:
-            if fp_inputs is not None:
-                experts.set_all_tokens(asymmetric)  # every expert's full-precision input on every token
-                fp_outputs, fp_source = self.advance_fp_stream(block, fp_inputs, fp_stream[1], targets, asymmetric,
-                                                               store, name, stagewise_ok=not experts.owners)
-            experts.set_all_tokens(self.cfg.calibrate_all_experts)
-            inputs, missed = quantize_block(targets, stream[0], stream[1], block, solver, self.cfg.true_sequential,
-                                            fp_source, name, devices)
-        finally:
-            report.expert_tokens.update(experts.finish())
-        if self.cfg.refine_steps:
-            inputs = self.refine(name, block, solver, stream, refine_targets or fp_outputs, inputs)
-        if fp_inputs is not None:  # the stream's inputs and outputs, and at their peak its Linears' inputs
-            # (stage by stage, that peak is known once every stage has taken its input)
-            report.fp_stream_bytes = max(report.fp_stream_bytes, tensor_bytes(fp_outputs + fp_inputs)
-                                         + (fp_source.peak_bytes if fp_source is not None else 0))
-            fp_inputs = fp_outputs
-        del fp_source
-        for lname in missed:
-            if lname in experts:  # no token was routed to it: the stated fallback
-                solver.round_to_nearest(lname, targets[lname], None)
-                continue
-            logger.warning("%s was never called during calibration; it stays in full precision", lname)
-            report.skipped.append(lname)
-        self.finish_block(i, self.place_solved(solver, targets, homes), inputs, fp_inputs)
-        solver.experts = None
-        return inputs, fp_inputs

@@ -1,4 +1,4 @@
-"""The preconditioning transforms (preconditioning.py) driven from the block loop."""
+"""The preconditioning transforms (folding.py) driven from the block loop."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from .online_rotation import input_rotation_of
 from .stream import run_block
 
 class Preconditioner:
-    """transform="rotate" | "scale" | "adaptive" (preconditioning.py), driven from the block loop:
+    """transform="rotate" | "scale" | "adaptive" (folding.py), driven from the block loop:
     the residual rotation before the first block's inputs are captured (checked on the model's
     logits), scales per block on the inputs the block sees (before its full-precision stream and
     its calibration; checked on the block's output)."""
 
     def __init__(self, model: nn.Module, cfg: AstroQuantConfig, blocks, names: list[str]):
-        from . import preconditioning as pc
+        from . import folding as pc
 
         self.pc, self.model, self.cfg, self.blocks, self.names = pc, model, cfg, blocks, names
         self.sites = pc.check_foldable(model, blocks, names, cfg.transform)

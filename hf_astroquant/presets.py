@@ -56,7 +56,3 @@ def preset_options(bits: Any, quality: Any) -> dict[str, Any]:
                          "use AstroQuantConfig(bits=8))")
     options, _row = PRESETS[(quality, bits)]
     return {**_GRID, **options}
-
-
-def preset_row(bits: int, quality: str) -> str:
-    return PRESETS[(quality, bits)][1]

@@ -15,15 +15,16 @@ from torch import nn
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from . import coverage, experts, model_limits
+from . import experts, model_limits
 from .calibration import prepare_calibration
+from .checkpoint import guard, validate
+from .checkpoint.save_hooks import install_save_hooks
 from .config import AstroQuantConfig
-from .export import guard, validate
-from .export.hub import base_model_info, install_save_hooks
 from .linear_like import LINEAR_LIKE, features
 from .modules import QUANTIZED_LAYERS, empty_layer, set_backend
-from .blocks import find_blocks, set_submodule
+from .blocks import set_submodule
 from .pipeline import quantize_model
+from .report import run_record
 
 logger = logging.getLogger("hf_astroquant")
 
@@ -98,7 +99,7 @@ class AstroQuantizer(HfQuantizer):
         guard.check_checkpoint(kwargs.get("checkpoint_files") or [], expected, getattr(model, "base_model_prefix", ""),
                                guard.saved_names(model, expected))
         key = guard.guard_key(names)
-        if key is not None:  # the load guard (see export/guard.py) is expected here, not a stray tensor
+        if key is not None:  # the load guard (see checkpoint/guard.py) is expected here, not a stray tensor
             patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
             model._keys_to_ignore_on_load_unexpected = patterns | {guard.ignore_pattern(key), guard.ignore_pattern(
                 _strip_prefix(model, key))}
@@ -123,14 +124,8 @@ class AstroQuantizer(HfQuantizer):
             cfg.input_rotated_modules = self.report.input_rotated or None
             model.config.quantization_config = cfg
             logger.info("astroquant: quantized %d Linear layers in %.1f s", len(quantized), self.report.seconds)
-            model.astroquant_report = _report_record(model, self.report)
-            block_name, blocks = find_blocks(model)
-            left = coverage.full_precision_weights({f"{block_name}.{i}": b for i, b in enumerate(blocks)},
-                                                   QUANTIZED_LAYERS)
-            coverage.warn_full_precision(left, len(blocks))
-            model.astroquant_report["full_precision_weights"] = left
-            model.astroquant_report["full_precision_outside_blocks"] = coverage.outside_blocks(model, block_name)
-        else:  # the packed values, before any forward path reads them (export/validate.py)
+            model.astroquant_report = run_record(model, self.report)
+        else:  # the packed values, before any forward path reads them (checkpoint/validate.py)
             validate.check_model(model, bool(cfg.sym))
         for module in model.modules():
             if isinstance(module, QUANTIZED_LAYERS):
@@ -142,7 +137,7 @@ class AstroQuantizer(HfQuantizer):
         return model
 
     def get_state_dict_and_metadata(self, model):
-        """The model's state dict plus the load guard (export/guard.py); metadata for the header."""
+        """The model's state dict plus the load guard (checkpoint/guard.py); metadata for the header."""
         state_dict = model.state_dict()
         key = guard.guard_key(self.quantization_config.quantized_modules)
         if key is not None:
@@ -166,25 +161,3 @@ class AstroQuantizer(HfQuantizer):
 def _strip_prefix(model, key: str) -> str:
     prefix = getattr(model, "base_model_prefix", "")
     return key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else key
-
-
-def _report_record(model, report) -> dict:
-    """The JSON-safe run record that save_pretrained writes next to the weights (and the card reads)."""
-    layers = [m for m in model.modules() if isinstance(m, QUANTIZED_LAYERS)]
-    packed = sum(sum(b.numel() * b.element_size() for n, b in m.named_buffers() if n != "bias") for m in layers)
-    fp16 = sum(m.in_features * m.out_features * 2 for m in layers)
-    device = next((p.device.type for p in model.parameters()), "cpu")
-    record = base_model_info(getattr(model, "name_or_path", None))
-    record.update({
-        "seconds": round(report.seconds, 2), "device": device, "layer_errors": dict(report.layer_errors),
-        "layer_error_kind": report.layer_error_kind, "calibration": report.calibration or None, "skipped": list(report.skipped),
-        "quantized_packed_bytes": packed, "quantized_fp16_bytes": fp16,
-    })
-    if report.expert_tokens:
-        record.update(routers=list(report.routers), expert_tokens=dict(report.expert_tokens),
-                      expert_fallback=dict(report.expert_fallback))
-    if report.phase_seconds:
-        record["phase_seconds"] = {k: round(v, 2) for k, v in report.phase_seconds.items()}
-    if report.asym_alpha:
-        record["asym_alpha"] = dict(report.asym_alpha)
-    return record

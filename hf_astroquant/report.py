@@ -1,9 +1,12 @@
-"""What a calibration run did: the report (for logs, model cards and tests), its timed phases,
-and the part of it a resume checkpoint carries."""
+"""What a calibration run did, in one place: the report the block loop feeds from what each step
+returns (`QuantizationReport`), its timed phases, the part of it a resume checkpoint carries, and
+the JSON run record saved beside the weights (`run_record`, plus `measurements_record` for what the
+workflows measure around a run: perplexity, lm-eval, peak memory, the source model)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,8 +29,6 @@ class QuantizationReport:
     transforms: dict[str, Any] = field(default_factory=dict)  # what transform= folded, per site
     routers: list[str] = field(default_factory=list)  # MoE routers: kept in full precision
     input_rotated: list[str] = field(default_factory=list)  # online_rotation: layers that rotate their input
-    # rotation_candidates: per rotated layer, the candidate kept (0: the width's shared rotation)
-    rotation_choice: dict[str, int] = field(default_factory=dict)
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)  # per experts module: tokens routed to each
     # expert Linears rounded to nearest instead of solved: tokens they saw (< min_expert_tokens; 0: never reached)
     expert_fallback: dict[str, int] = field(default_factory=dict)
@@ -44,6 +45,27 @@ class QuantizationReport:
             yield
         finally:
             self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
+
+    def add_layer(self, name: str, solved) -> None:
+        """Record a solved Linear (layer_solve.SolvedLayer)."""
+        if solved.fallback_tokens is not None:
+            self.expert_fallback[name] = solved.fallback_tokens
+        if solved.error is not None:
+            self.layer_errors[name] = solved.error
+        if solved.damp_percent is not None:
+            self.damping[name] = solved.damp_percent
+        if solved.asym_alpha is not None:
+            self.asym_alpha[name] = solved.asym_alpha
+
+    def add_block(self, name: str, result) -> None:
+        """Record what a block's calibration made (block_solve.BlockResult)."""
+        for lname, solved in result.solved.items():
+            self.add_layer(lname, solved)
+        self.skipped.extend(result.unreached)
+        self.expert_tokens.update(result.expert_tokens)
+        if result.refine_loss is not None:
+            self.refine_loss[name] = list(result.refine_loss)
+        self.fp_stream_bytes = max(self.fp_stream_bytes, result.fp_stream_bytes)
 
     def close_phases(self) -> None:
         """Put what no phase claimed under "other" (the phases are disjoint parts of `seconds`)."""
@@ -62,7 +84,7 @@ PHASES = (
 
 
 _REPORT_FIELDS = ("layer_errors", "layer_error_kind", "damping", "skipped", "asym_alpha", "fp_stream_bytes", "seconds", "phase_seconds",
-                  "refine_loss", "rotation_choice")
+                  "refine_loss")
 
 
 def report_state(report: QuantizationReport) -> dict:
@@ -75,3 +97,69 @@ def restore_report(report: QuantizationReport, state: dict) -> float:
         if k in state:
             setattr(report, k, state[k])
     return float(state.get("seconds", 0.0))
+
+
+def run_record(model, report: QuantizationReport) -> dict:
+    """The JSON-safe run record that save_pretrained writes next to the weights (astroquant_report.json)
+    and the card reads: what the run did (`report`) and what the quantized `model` holds, including
+    the weights left in full precision (warned about here). The CLI adds its measurements to it."""
+    from . import full_precision
+    from .blocks import find_blocks
+    from .export.hub import base_model_info
+    from .modules import QUANTIZED_LAYERS
+
+    layers = [m for m in model.modules() if isinstance(m, QUANTIZED_LAYERS)]
+    packed = sum(sum(b.numel() * b.element_size() for n, b in m.named_buffers() if n != "bias") for m in layers)
+    fp16 = sum(m.in_features * m.out_features * 2 for m in layers)
+    device = next((p.device.type for p in model.parameters()), "cpu")
+    record = base_model_info(getattr(model, "name_or_path", None))
+    record.update({
+        "seconds": round(report.seconds, 2), "device": device, "layer_errors": dict(report.layer_errors),
+        "layer_error_kind": report.layer_error_kind, "calibration": report.calibration or None,
+        "skipped": list(report.skipped), "quantized_packed_bytes": packed, "quantized_fp16_bytes": fp16,
+    })
+    if report.expert_tokens:
+        record.update(routers=list(report.routers), expert_tokens=dict(report.expert_tokens),
+                      expert_fallback=dict(report.expert_fallback))
+    if report.phase_seconds:
+        record["phase_seconds"] = {k: round(v, 2) for k, v in report.phase_seconds.items()}
+    if report.asym_alpha:
+        record["asym_alpha"] = dict(report.asym_alpha)
+    block_name, blocks = find_blocks(model)
+    left = full_precision.full_precision_weights({f"{block_name}.{i}": b for i, b in enumerate(blocks)}, QUANTIZED_LAYERS)
+    full_precision.warn_full_precision(left, len(blocks))
+    record["full_precision_weights"] = left
+    record["full_precision_outside_blocks"] = full_precision.outside_blocks(model, block_name)
+    return record
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measurements_record(report: Mapping[str, Any] | None, *, source: Mapping[str, Any] | None = None,
+                        base_model: str | None = None, license: str | None = None,  # noqa: A002 (the card's key)
+                        perplexity: dict | None = None, lm_eval: dict | None = None,
+                        peak_memory: bool = False) -> dict[str, Any]:
+    """A copy of a run's `astroquant_report` with what the workflows measured around it: the source
+    model's info (`resolve_source`'s, its unknown values left out), the card's base_model and license
+    when given, the perplexity and lm-eval records, and with `peak_memory` this process's peak RSS
+    (and CUDA memory, where there is CUDA)."""
+    out = dict(report or {})
+    out.update({k: v for k, v in (source or {}).items() if v is not None})
+    for key, value in (("base_model", base_model), ("license", license)):
+        if value:
+            out[key] = value
+    if perplexity is not None:
+        out["perplexity"] = perplexity
+    if lm_eval is not None:
+        out["lm_eval"] = lm_eval
+    if peak_memory:
+        import torch
+
+        out["peak_rss_bytes"] = _peak_rss_bytes()
+        if torch.cuda.is_available():
+            out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    return out

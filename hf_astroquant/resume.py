@@ -52,7 +52,7 @@ from . import offload
 from .blocks import block_targets, place_layer
 from .digests import combined_digest, file_digest, stored_weights, tensor_digest, weights_digests
 from .experts import onload_experts
-from .export import validate
+from .checkpoint import validate
 from .modules import empty_layer
 
 if TYPE_CHECKING:
@@ -62,8 +62,9 @@ logger = logging.getLogger("hf_astroquant")
 
 FORMAT = 2  # 2: identity by content (weights digests, per-file digests)
 _STATE = "state.json"
-# Options that do not change the quantized weights, so a resume may differ in them.
-_NOT_FINGERPRINTED = ("backend", "resume_dir", "calibration", "quantized_modules")
+# Keys of the saved config that a run fills in itself (what the data was, what it quantized): not what
+# it was asked. (Options that are not saved, backend and resume_dir among them, are not in it at all.)
+_NOT_FINGERPRINTED = ("calibration", "quantized_modules")
 # Keys of the model's config that say where it came from rather than what it computes (the load
 # dtype is its own entry of the fingerprint, read off the weights).
 _CONFIG_NOT_FINGERPRINTED = ("_name_or_path", "name_or_path", "transformers_version", "quantization_config",

@@ -160,6 +160,51 @@ def _fill_from_first_block(kwargs: list[list[dict]], exc: Exception) -> None:
 FP_CAPTURE_BUDGET = 4 * 2**30
 
 
+class FullPrecisionStream:
+    """How the full-precision stream X̃ advances through the blocks, and where it is kept: the one owner of
+    the capture policy. A block's full-precision outputs are kept on `store`; for the asymmetric solvers
+    its targets' full-precision inputs are captured in the same forward while they fit `capture_budget`
+    (FP_CAPTURE_BUDGET unless given); once the next batch would pass it, for that block and the later
+    ones, each stage's input is made when its statistics ask (`StagewiseFpInputs`)."""
+
+    def __init__(self, store: torch.device, device: torch.device, timing, capture_budget: int | None = None):
+        self.store, self.device, self.timing = store, device, timing
+        self.budget = FP_CAPTURE_BUDGET if capture_budget is None else capture_budget
+        self.stagewise = False  # the inputs outgrew the budget: made stage by stage from then on
+
+    def advance(self, block: nn.Module, block_name: str, fp_inputs: list[torch.Tensor], fp_kwargs: list[dict],
+                targets: dict[str, nn.Linear], asymmetric: bool, stagewise_ok: bool = False):
+        """Run the full-precision block on its stream: (its outputs, where the targets' full-precision
+        inputs come from for the asymmetric solvers (else None), the bytes held when the capture stopped
+        (0 if it did not)). Unless `stagewise_ok`, the inputs are always captured: experts are reached
+        by routing, which differs between the streams."""
+        capture = asymmetric and not (stagewise_ok and self.stagewise)
+        budget, held, switch_bytes = self.budget, 0, 0
+        outs, captured = [], []
+        with self.timing("fp_stream"):
+            for x, kw in zip(fp_inputs, fp_kwargs):
+                # the next batch is about the size of the last: stop capturing before it passes the budget
+                if capture and stagewise_ok and (budget <= 0 or captured and held + held // len(captured) > budget):
+                    logger.info("the full-precision inputs of %s would pass %d bytes: from here on they are made "
+                                "stage by stage", block_name, budget)
+                    switch_bytes = tensor_bytes(outs + fp_inputs) + held
+                    self.stagewise, capture, captured = True, False, []
+                if capture:
+                    out, cap = run_block_capturing(block, x.to(self.device), kw, targets, self.store)
+                    captured.append(cap)
+                    held += tensor_bytes(cap.values())  # (batches share no tensor)
+                else:
+                    out = run_block(block, x.to(self.device), kw)
+                outs.append(out.to(self.store))
+        if not asymmetric:
+            source = None
+        elif capture:
+            source = CapturedFpInputs(captured)
+        else:
+            source = StagewiseFpInputs(block, block_name, targets, fp_inputs, fp_kwargs, self.device)
+        return outs, source, switch_bytes
+
+
 class CapturedFpInputs:
     """Every target's full-precision input of every batch, captured in one forward of the full-precision
     block (`run_block_capturing`): what a block whose experts route differently in the two streams needs."""

@@ -1,6 +1,7 @@
 import os
 import sys
 
+# tests/ holds the shared test helpers (tiny, hubcapture, engines: the serving-engine harnesses)
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
 from hubcapture import hub  # noqa: E402,F401  (the intercepted-Hub fixture)

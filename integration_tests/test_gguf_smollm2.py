@@ -16,11 +16,11 @@ from transformers import AutoModelForCausalLM
 
 from hf_astroquant import AstroQuantConfig
 from hf_astroquant.eval import evaluation_text, stdlib_docs_text
-from hf_astroquant.export.gguf_export import export_gguf
-from hf_astroquant.export.gguf_writer import unpermute_rows
+from hf_astroquant.gguf.export import export_gguf
+from hf_astroquant.gguf.names import unpermute_rows
 from hf_astroquant.modules import GGUFLinear
-from hf_astroquant.serving import llamacpp_harness as llamacpp
-from hf_astroquant.serving.vllm_harness import our_nll, perplexity_of
+from engines import llamacpp_harness as llamacpp
+from engines.vllm_harness import our_nll, perplexity_of
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(llamacpp.unavailable_reason() is not None,
                                                    reason=str(llamacpp.unavailable_reason()))]
@@ -61,7 +61,7 @@ def test_llamacpp_perplexity_is_ours_within_one_percent(exported):
     `rounded` row, GPTQ Q4_K_M): 19.837 plain, 19.953 rounded, llama.cpp 19.934, so 0.10 % with it.
     Q5_0, most of this file's matrices, is the one type whose logits our rounding does not follow to
     float round-off at every position (tests/test_gguf_writer.py). Tolerance 1 %."""
-    from hf_astroquant.export.gguf_read import weights_from_gguf
+    from hf_astroquant.gguf.read import weights_from_gguf
 
     model, tok, summary = exported
     text, _ = evaluation_text("wikitext2-raw")

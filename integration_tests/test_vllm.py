@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from hf_astroquant import AstroQuantConfig
 from hf_astroquant.eval import evaluation_text, stdlib_docs_text
-from hf_astroquant.export import EXPORTERS
-from hf_astroquant.serving import vllm_harness as vllm
+from hf_astroquant.workflows import export
+from engines import vllm_harness as vllm
 
 PROMPT = "The capital of France is"
 pytestmark = [pytest.mark.slow,
@@ -39,7 +39,7 @@ def _quantize_and_export(smollm2, out, fmt, **options):
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg)
     model.save_pretrained(out / "q")
     tok.save_pretrained(out / "q")
-    EXPORTERS[fmt](out / "q", out / "x")
+    export(out / "q", out / "x", fmt)
     return model, out / "x"
 
 

@@ -136,7 +136,7 @@ def fold_outcome(family: str, transform: str, ids) -> str:
     'refused: <the pipeline's reason>'. The blocks are prepared as the pipeline prepares them
     (Conv1D as Linear, experts split); every 1-D parameter (norms' γ and β, biases) is perturbed so
     that folding them matters; scales are random at every site where they fold."""
-    from hf_astroquant import preconditioning as pc
+    from hf_astroquant import folding as pc
     from hf_astroquant.experts import split_all
     from hf_astroquant.linear_like import convert_conv1d
 
@@ -173,26 +173,23 @@ def quantize_checked(family: str, method: str, fp_dir, out_dir, dataset) -> dict
     full-precision stream against the model's own block outputs (gptaq), and the reload's logits."""
     import hf_astroquant.pipeline as pipeline
     from hf_astroquant import AstroQuantConfig
-    from hf_astroquant.coverage import full_precision_weights
+    from hf_astroquant.full_precision import full_precision_weights
     from hf_astroquant.experts import router_names
     from hf_astroquant.modules import QUANTIZED_LAYERS
 
     auto = auto_class(family)
     fp_model = auto.from_pretrained(fp_dir).eval()
     own = own_block_outputs(fp_model, dataset)
-    stream, real_advance = [], pipeline._Run.advance_fp_stream
+    stream = []
 
-    def advance(self, *args, **kw):
-        outs, captured = real_advance(self, *args, **kw)
-        stream.append(torch.cat(outs))
-        return outs, captured
+    class FullPrecisionOutputs(pipeline.BlockListener):
+        def after_block(self, i, name, result):
+            if result.fp_outputs is not None:
+                stream.append(torch.cat(result.fp_outputs))
 
-    pipeline._Run.advance_fp_stream = advance
-    try:
+    with pipeline.listening(FullPrecisionOutputs()):
         q = auto.from_pretrained(fp_dir, quantization_config=AstroQuantConfig(
             bits=4, group_size=16, method=method, dataset=dataset)).eval()
-    finally:
-        pipeline._Run.advance_fp_stream = real_advance
     name, blocks = block_list(q)
     left = full_precision_weights({f"{name}.{i}": b for i, b in enumerate(blocks)}, QUANTIZED_LAYERS)
     ids = dataset[:2, :16]

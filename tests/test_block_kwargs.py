@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConf
 
 from hf_astroquant import AstroQuantConfig, QuantLinear
 from hf_astroquant.stream import capture_block_inputs, run_block
-from tiny import calib_ids, tiny_llama
+from tiny import SeenBlocks, calib_ids, tiny_llama
 
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 
@@ -83,30 +83,19 @@ def test_a_model_whose_code_between_blocks_fails_falls_back_to_the_first_blocks_
 
 
 @pytest.mark.parametrize("method", ["gptq", "gptaq"])
-def test_gemma3_blocks_are_calibrated_with_their_own_arguments(tmp_path, monkeypatch, method):
+def test_gemma3_blocks_are_calibrated_with_their_own_arguments(tmp_path, method):
     """The calibration loop hands block i (and, for GPTAQ, its full-precision stream) block i's kwargs."""
     import hf_astroquant.pipeline as pipeline
 
-    seen = {"q": [], "fp": []}
-    real_calibrate, real_fp = pipeline.quantize_block, pipeline._Run.advance_fp_stream
-
-    def calibrate(targets, inputs, kwargs_list, *args, **kw):
-        seen["q"].append(kwargs_list[0]["position_embeddings"])
-        return real_calibrate(targets, inputs, kwargs_list, *args, **kw)
-
-    def advance(self, block, fp_inputs, fp_kwargs, *args, **kw):
-        seen["fp"].append(fp_kwargs[0]["position_embeddings"])
-        return real_fp(self, block, fp_inputs, fp_kwargs, *args, **kw)
-
-    monkeypatch.setattr(pipeline, "quantize_block", calibrate)
-    monkeypatch.setattr(pipeline._Run, "advance_fp_stream", advance)
     model = tiny_gemma3()
     model.save_pretrained(tmp_path / "fp")
-    q = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fp"), quantization_config=AstroQuantConfig(
-        bits=4, group_size=16, method=method, dataset=calib_ids(8, 32)))
+    with pipeline.listening(SeenBlocks()) as seen:
+        q = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fp"), quantization_config=AstroQuantConfig(
+            bits=4, group_size=16, method=method, dataset=calib_ids(8, 32)))
     assert sum(isinstance(m, QuantLinear) for m in q.modules()) == 4 * 7
-    for stream in (["q", "fp"] if method == "gptaq" else ["q"]):
-        pe = seen[stream]
-        assert len(pe) == 4 and pe[0] is pe[2] and pe[1] is pe[3] and pe[0] is not pe[1], stream
+    assert not seen.fp_kwargs if method == "gptq" else len(seen.fp_kwargs) == 4
+    for kwargs in ([seen.q_kwargs, seen.fp_kwargs] if method == "gptaq" else [seen.q_kwargs]):
+        pe = [kwargs[i][0]["position_embeddings"] for i in range(4)]
+        assert len(pe) == 4 and pe[0] is pe[2] and pe[1] is pe[3] and pe[0] is not pe[1]
         # sliding layers rotate with θ = 10⁴, full layers with θ = 10⁶: different cos tables
         assert not torch.allclose(pe[0][0], pe[1][0])

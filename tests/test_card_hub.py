@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM
 import hf_astroquant
 from hf_astroquant import AstroQuantConfig
 from hf_astroquant.export.card import PLOT_FILE, REPORT_FILE, render_card
-from hf_astroquant.export.hub import OLD_STUB_MODULE, push_folder
+from hf_astroquant.checkpoint.save_hooks import OLD_STUB_MODULE
+from hf_astroquant.export.hub import push_folder
 from tiny import calib_ids, save_tiny, tiny_tokenizer
 
 SNIPPET_RE = r"```python\n(.*?)```"

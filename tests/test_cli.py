@@ -11,9 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_astroquant
-from hf_astroquant import AstroQuantConfig, cli
+from hf_astroquant import AstroQuantConfig, cli, pipeline
 from hf_astroquant.export.card import REPORT_FILE
-from tiny import calib_ids, save_tiny, tiny_tokenizer
+from tiny import CrashAfter, calib_ids, save_tiny, tiny_tokenizer
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 40
 
@@ -173,7 +173,7 @@ def test_offloaded_quantize_with_resume_matches_the_plain_run(source, tmp_path, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_out_dir_is_never_half_written(source, tmp_path, capsys, monkeypatch):
+def test_out_dir_is_never_half_written(source, tmp_path, capsys):
     out = tmp_path / "q"
     common = ["quantize", source / "fp", "--out", out, "--method", "rtn", "--bits", "4", "--group-size", "32"]
     assert _run(common, capsys)[0] == 0
@@ -181,15 +181,10 @@ def test_out_dir_is_never_half_written(source, tmp_path, capsys, monkeypatch):
     code, _, err = _run(common, capsys)
     assert code == 2 and "--overwrite" in err
 
-    def crash(*a, **k):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr("hf_astroquant.quantizer.quantize_model", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with pipeline.listening(CrashAfter(1, KeyboardInterrupt())), pytest.raises(KeyboardInterrupt):
         _run(common + ["--overwrite"], capsys)
     assert (out / "model.safetensors").read_bytes() == first  # the previous result is intact
     assert not list(tmp_path.glob(".q.*"))  # and no partial directory is left behind
-    monkeypatch.undo()
     assert _run(common + ["--overwrite", "--bits", "8"], capsys)[0] == 0
     assert json.loads((out / "config.json").read_text())["quantization_config"]["bits"] == 8
 

@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
 from hf_astroquant import AstroQuantConfig
-from hf_astroquant.coverage import full_precision_weights
+from hf_astroquant.full_precision import full_precision_weights
 from hf_astroquant.linear_like import as_linear, convert_conv1d, features
 from hf_astroquant.modules import QUANTIZED_LAYERS
 from tiny import calib_ids

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_astroquant import AstroQuantConfig
-from hf_astroquant.coverage import full_precision_weights
+from hf_astroquant.full_precision import full_precision_weights
 from hf_astroquant.experts import ExpertList, expert_lists, layout_of, router_names, split_all
 from hf_astroquant.export.card import REPORT_FILE
 from hf_astroquant.export.gptq import export_gptq

@@ -5,8 +5,8 @@ For each: gptq and gptaq quantize; every weight matrix of the blocks is packed e
 pipeline's block inputs and per-block keyword arguments replay to the model's own block outputs,
 and GPTAQ's full-precision stream equals them at every block (sliding-window families with a full
 attention layer, calibrated on windows four times their sliding window); every transform folds
-exactly in fp32 or is refused with the reason, as benchmarks/results/families.jsonl (which renders
-the README's supported-models table and docs/families.md) records.
+exactly in fp32 or is refused with the reason, as the table `families` of benchmarks/results/rows.jsonl
+(which renders the README's supported-models table and docs/families.md) records.
 """
 
 import json
@@ -18,7 +18,7 @@ from families import FAMILIES, TRANSFORMS, auto_class, fold_outcome, quantize_ch
 from tiny import calib_ids
 
 DATA = calib_ids(16, 32)  # windows of 32 tokens; every sliding window in the matrix is 8
-RECORD = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "families.jsonl"
+RECORD = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "rows.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +64,14 @@ def test_the_pipelines_block_inputs_replay_to_the_models_own_hidden_states(famil
 
 
 def _recorded():
-    return {row["family"]: row for row in map(json.loads, RECORD.read_text().splitlines())}
+    rows = map(json.loads, RECORD.read_text().splitlines())
+    return {row["label"]: row["columns"] for row in rows if row["table"] == "families"}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_transform_folds_exactly_or_is_refused_as_the_table_says(family, saved):
     from hf_astroquant import AstroQuantConfig
-    from hf_astroquant.preconditioning import TransformError
+    from hf_astroquant.folding import TransformError
 
     recorded = _recorded()[family]["transforms"]
     for transform in TRANSFORMS:

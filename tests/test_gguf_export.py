@@ -17,8 +17,8 @@ import pytest
 import torch
 from gguf import GGUFReader
 
-from hf_astroquant.export.gguf_export import export_gguf, round_to_type
-from hf_astroquant.export.gguf_writer import unpermute_rows
+from hf_astroquant.gguf.export import export_gguf, round_to_type
+from hf_astroquant.gguf.names import unpermute_rows
 from hf_astroquant.export.source import ExportError
 from test_gguf_writer import (EXACT_ACTIVATION_TYPES, EXPECTED, TEXTS, build_family, check_against_rounded_activations, hf_logits,
                               llamacpp_activations, run_llamacpp)
@@ -95,7 +95,7 @@ def test_full_precision_matrices_follow_llamacpp_recipe(exported):
 
 
 def test_round_to_type_is_our_grid_rounding():
-    from hf_astroquant.algorithms.gguf_grid import dequantize, fit_gguf_grid, quantize_codes
+    from hf_astroquant.gguf.grid import dequantize, fit_gguf_grid, quantize_codes
 
     W = torch.randn(40, 512, generator=torch.Generator().manual_seed(0))
     for t in ("Q6_K", "Q8_0", "Q4_K"):
@@ -220,7 +220,7 @@ def smollm_style(tmp_path_factory):
     return root, tok
 
 
-@pytest.mark.parametrize("file_type", list(__import__("hf_astroquant.algorithms.gguf_types",
+@pytest.mark.parametrize("file_type", list(__import__("hf_astroquant.gguf.types",
                                                       fromlist=["FILE_TYPES"]).FILE_TYPES))
 def test_every_file_type_decodes_exactly_and_llamacpp_perplexity_is_ours(smollm_style, file_type, tmp_path):
     """For each of the 14 file types (round-to-nearest, so that all run in seconds): every Linear of
@@ -230,7 +230,7 @@ def test_every_file_type_decodes_exactly_and_llamacpp_perplexity_is_ours(smollm_
 
     from hf_astroquant import AstroQuantConfig
     from hf_astroquant.modules import GGUFLinear
-    from hf_astroquant.serving.vllm_harness import our_nll, perplexity_of
+    from engines.vllm_harness import our_nll, perplexity_of
 
     root, tok = smollm_style
     model = AutoModelForCausalLM.from_pretrained(root / "fp", quantization_config=AstroQuantConfig(
@@ -253,7 +253,7 @@ def test_every_file_type_decodes_exactly_and_llamacpp_perplexity_is_ours(smollm_
         emb.copy_(torch.from_numpy(gguf.quants.dequantize(np.array(t.data), t.tensor_type)).reshape(emb.shape))
     windows = torch.randint(3, len(tok), (2, 48), generator=torch.Generator().manual_seed(5))
     ours = perplexity_of(*our_nll(model, windows))
-    from hf_astroquant.serving import llamacpp_harness
+    from engines import llamacpp_harness
 
     if llamacpp_harness.unavailable_reason():
         pytest.skip(llamacpp_harness.unavailable_reason())

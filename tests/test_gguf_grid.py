@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from hf_astroquant.algorithms.gguf_grid import dequantize, fit_gguf_grid, quantize_codes
-from hf_astroquant.algorithms.gguf_types import TENSOR_TYPES, tensor_type
+from hf_astroquant.gguf.grid import dequantize, fit_gguf_grid, quantize_codes
+from hf_astroquant.gguf.types import TENSOR_TYPES, tensor_type
 from hf_astroquant.algorithms.gptq import reconstruction_error
 from hf_astroquant.algorithms.rtn import rtn_quantize
 from hf_astroquant.algorithms.solve import SolverOptions, solve_linear
 
 pytest.importorskip("gguf")
-from hf_astroquant.export.gguf_blocks import decode, pack  # noqa: E402
+from hf_astroquant.gguf.blocks import decode, pack  # noqa: E402
 
 TYPES = list(TENSOR_TYPES)
 
@@ -121,11 +121,12 @@ def test_gguf_type_end_to_end_save_and_reload(tmp_path):
     model.save_pretrained(tmp_path / "q")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert torch.equal(again(ids[:1]).logits, logits)
-    from hf_astroquant.export import EXPORTERS, ExportError
+    from hf_astroquant.workflows import export
 
-    for fmt, exporter in EXPORTERS.items():  # GGML blocks are not a GPTQ or compressed-tensors layer
-        with pytest.raises(ExportError, match="GGUF grids"):
-            exporter(tmp_path / "q", tmp_path / fmt)
+    for fmt in ("gptq", "compressed-tensors"):  # GGML blocks are not a GPTQ or compressed-tensors layer
+        with pytest.raises(ValueError, match="GGUF grids"):
+            export(tmp_path / "q", tmp_path / fmt, fmt)
+        assert not (tmp_path / fmt).exists()
 
 
 @pytest.mark.parametrize("bad", [dict(gguf_type="Q4_K_X"), dict(gguf_type="Q4_K_M", bits=3),

@@ -19,10 +19,12 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, TokenType
 
-from hf_astroquant.serving.llamacpp_harness import llamacpp_activations  # noqa: F401 (used by test_gguf_export too)
-from hf_astroquant.export.gguf_writer import (ARCHITECTURES, GGUFTensor, GGUFWriteError, export_gguf_full_precision,
-                                              full_precision_tensors, llama3_rope_factors, permute_rows,
-                                              read_sentencepiece, unpermute_rows, write_gguf)
+from hf_astroquant.gguf.architecture import ARCHITECTURES, llama3_rope_factors
+from hf_astroquant.gguf.names import permute_rows, unpermute_rows
+from hf_astroquant.gguf.sentencepiece import read_sentencepiece
+from hf_astroquant.gguf.tensors import GGUFTensor, GGUFWriteError
+from hf_astroquant.gguf.writer import export_gguf_full_precision, full_precision_tensors, write_gguf
+from engines.llamacpp_harness import llamacpp_activations  # noqa: F401 (used by test_gguf_export too)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +55,7 @@ def byte_level_tokenizer(kind: str, specials: list[str], vocab_size: int = 400):
     split, then GPT-2's regex), Llama 3 ("llama3") or Qwen2 ("qwen2"), as their tokenizer.json has it."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from hf_astroquant.export.gguf_writer import LLAMA3_SPLIT, QWEN2_SPLIT
+    from hf_astroquant.gguf.vocabulary import LLAMA3_SPLIT, QWEN2_SPLIT
 
     tok = Tokenizer(models.BPE(ignore_merges=kind == "llama3"))
     if kind == "smollm":
@@ -202,7 +204,7 @@ EXPECTED = {  # family → (gguf arch, tokenizer model, pre-tokenizer, permuted 
 # --------------------------------------------------------------------------- llama.cpp in a subprocess
 
 def need_llamacpp() -> None:
-    from hf_astroquant.serving import llamacpp_harness
+    from engines import llamacpp_harness
 
     reason = llamacpp_harness.unavailable_reason()
     if reason:
@@ -212,7 +214,7 @@ def need_llamacpp() -> None:
 def run_llamacpp(gguf_path: Path, ids: list[list[int]], texts: list[str], work: Path, threads: int = 2):
     """(llama.cpp's logits per id sequence as (n, vocab) arrays, with an F32 KV cache; its tokens for
     each text)."""
-    from hf_astroquant.serving import llamacpp_harness
+    from engines import llamacpp_harness
 
     need_llamacpp()
     logits = llamacpp_harness.logits(gguf_path, ids, threads=threads, f32_kv_cache=True)

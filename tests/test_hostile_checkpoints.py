@@ -24,10 +24,10 @@ from transformers import AutoModelForCausalLM
 
 import hf_astroquant  # noqa: F401
 from hf_astroquant import AstroQuantConfig, QuantLinear
-from hf_astroquant.algorithms.gguf_types import TENSOR_TYPES
-from hf_astroquant.export import validate
-from hf_astroquant.export.guard import PACKED_LEAVES
-from hf_astroquant.export.gguf_blocks import decode
+from hf_astroquant.checkpoint import validate
+from hf_astroquant.checkpoint.guard import PACKED_LEAVES
+from hf_astroquant.gguf.blocks import decode
+from hf_astroquant.gguf.types import TENSOR_TYPES
 from tiny import calib_ids, tiny_llama
 
 DOWN = "model.layers.0.mlp.down_proj"  # rotated online in the "rotated" checkpoint

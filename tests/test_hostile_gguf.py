@@ -16,7 +16,7 @@ from gguf.quants import quantize
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hf_astroquant.gguf_header import (MAX_ARRAY_ELEMENTS, MAX_KV, MAX_TENSORS, GGUFFileError, check_gguf_bytes,
+from hf_astroquant.gguf.header import (MAX_ARRAY_ELEMENTS, MAX_KV, MAX_TENSORS, GGUFFileError, check_gguf_bytes,
                                        check_gguf_file)
 
 QUICK_S = 1.0  # every refusal (and a vocabulary-sized valid header) answers within this
@@ -209,8 +209,8 @@ def test_our_own_export_passes_and_resolves(tmp_path):
     source resolution takes it."""
     from test_gguf_writer import build_family
 
-    from hf_astroquant.cli import resolve_source
-    from hf_astroquant.export.gguf_writer import export_gguf_full_precision
+    from hf_astroquant.gguf.writer import export_gguf_full_precision
+    from hf_astroquant.workflows import resolve_source
 
     build_family("qwen2", tmp_path / "hf")
     path = Path(export_gguf_full_precision(tmp_path / "hf", tmp_path / "qwen2-f32.gguf", "F32")["path"])
@@ -290,7 +290,7 @@ def test_base_model_info_reads_a_valid_file_and_refuses_a_corrupt_one(valid, tmp
 
 
 def test_weights_from_gguf_checks_first(tmp_path):
-    from hf_astroquant.export.gguf_read import weights_from_gguf
+    from hf_astroquant.gguf.read import weights_from_gguf
 
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(HOSTILE["array of 2^40 entries (49 bytes)"][0])

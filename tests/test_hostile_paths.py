@@ -13,11 +13,11 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 import hf_astroquant  # noqa: F401
-from hf_astroquant import AstroQuantConfig, cli
-from hf_astroquant.export.gguf_export import export_gguf
+from hf_astroquant import AstroQuantConfig, cli, pipeline
+from hf_astroquant.gguf.export import export_gguf
 from hf_astroquant.file_modes import current_umask
 from hf_astroquant.output_dir import MANIFEST
-from tiny import save_tiny_with_tokenizer
+from tiny import CrashAfter, save_tiny_with_tokenizer
 
 RTN = ["--method", "rtn", "--bits", "4", "--group-size", "32"]
 
@@ -214,16 +214,12 @@ def test_an_output_moved_aside_by_a_killed_replace_is_restored(fp, tmp_path, cap
     assert _tree(out) == before
 
 
-def test_a_crash_midway_leaves_neither_partial_nor_changed_output(fp, tmp_path, capsys, monkeypatch):
+def test_a_crash_midway_leaves_neither_partial_nor_changed_output(fp, tmp_path, capsys):
     out = tmp_path / "q"
     assert _run(["quantize", fp, "--out", out, *RTN], capsys)[0] == 0
     before = _tree(out)
 
-    def crash(*a, **k):
-        raise RuntimeError("killed")
-
-    monkeypatch.setattr("hf_astroquant.quantizer.quantize_model", crash)
-    with pytest.raises(RuntimeError):
+    with pipeline.listening(CrashAfter(1)), pytest.raises(RuntimeError, match="simulated crash"):
         cli.main([str(a) for a in ["quantize", fp, "--out", out, "--overwrite", *RTN]])
     assert _tree(out) == before and not list(tmp_path.glob(".q.*"))
 

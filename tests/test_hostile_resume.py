@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_astroquant.pipeline as pipeline
 from hf_astroquant import AstroQuantConfig, digests, resume
-from tiny import calib_ids, save_tiny
+from tiny import CrashAfter, calib_ids, save_tiny
 
 LAYERS, DONE = 4, 2
 
@@ -23,19 +23,6 @@ LAYERS, DONE = 4, 2
 def _quantize(path, resume_dir=None, options=None, **kw):
     cfg = AstroQuantConfig(bits=4, group_size=32, dataset=calib_ids(), resume_dir=resume_dir, **(options or {}))
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, **kw)
-
-
-def _crash_after(n):
-    """A `_Run.finish_block` that raises once `n` blocks are checkpointed."""
-    real, calls = pipeline._Run.finish_block, []
-
-    def finish(self, i, *args):
-        real(self, i, *args)
-        calls.append(i)
-        if len(calls) == n:
-            raise RuntimeError("simulated crash")
-
-    return finish
 
 
 def _same(a, b) -> bool:
@@ -58,10 +45,8 @@ def made(tmp_path_factory):
     """(model dir, resume dir of a run that crashed after DONE blocks, the uninterrupted quantized model)."""
     root = tmp_path_factory.mktemp("hostile")
     save_tiny(root / "fp", layers=LAYERS)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pipeline._Run, "finish_block", _crash_after(DONE))
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            _quantize(root / "fp", resume_dir=str(root / "crashed"))
+    with pipeline.listening(CrashAfter(DONE)), pytest.raises(RuntimeError, match="simulated crash"):
+        _quantize(root / "fp", resume_dir=str(root / "crashed"))
     return str(root / "fp"), root / "crashed", _quantize(root / "fp")
 
 
@@ -233,7 +218,7 @@ def test_a_crash_before_the_state_is_written_leaves_the_last_state_usable(made, 
     assert not (tmp_path / "r" / "stream_00003.safetensors").exists()
 
 
-def test_an_offloaded_model_resumes_checking_its_blocks_through_the_hooks(made, tmp_path, monkeypatch):
+def test_an_offloaded_model_resumes_checking_its_blocks_through_the_hooks(made, tmp_path):
     """Blocks 1-2 and lm_head on disk: the finished offloaded block is hashed from the offload store
     (the same digest the loop took from its onloaded weights), and the resumed run's bits are the
     uninterrupted one's."""
@@ -244,10 +229,8 @@ def test_an_offloaded_model_resumes_checking_its_blocks_through_the_hooks(made, 
     def run(n, **kw):
         return _quantize(made[0], device_map=device_map, offload_folder=str(tmp_path / f"offload{n}"), **kw)
 
-    monkeypatch.setattr(pipeline._Run, "finish_block", _crash_after(DONE))
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pipeline.listening(CrashAfter(DONE)), pytest.raises(RuntimeError, match="simulated crash"):
         run(0, resume_dir=str(tmp_path / "r"))
-    monkeypatch.undo()
     state = json.loads((tmp_path / "r" / "state.json").read_text())
     assert state["blocks"] == json.loads((made[1] / "state.json").read_text())["blocks"]  # same digests in memory
     again = run(1, resume_dir=str(tmp_path / "r"))
@@ -268,15 +251,13 @@ def test_an_offloaded_model_resumes_checking_its_blocks_through_the_hooks(made, 
 
 
 @pytest.mark.parametrize("options", [dict(transform="rotate"), dict(method="rtn")])
-def test_a_rotated_or_rounded_run_resumes_to_the_same_bits(made, tmp_path, monkeypatch, options):
+def test_a_rotated_or_rounded_run_resumes_to_the_same_bits(made, tmp_path, options):
     """transform="rotate": the blocks are hashed as the loop reads them, rotated (a function of the
     weights and the fingerprinted seed), and a resumed run's rotation gives the same digests.
     method="rtn": its block loop records the digests too."""
     plain = _quantize(made[0], options=options)
-    monkeypatch.setattr(pipeline._Run, "finish_block", _crash_after(DONE))
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pipeline.listening(CrashAfter(DONE)), pytest.raises(RuntimeError, match="simulated crash"):
         _quantize(made[0], resume_dir=str(tmp_path / "r"), options=options)
-    monkeypatch.undo()
     again = _quantize(made[0], resume_dir=str(tmp_path / "r"), options=options)
     assert again.hf_quantizer.report.resumed_blocks == DONE
     assert _same(again, plain)

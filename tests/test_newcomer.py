@@ -128,7 +128,8 @@ def test_calibration_data_is_checked_before_the_model_loads(tmp_path, monkeypatc
 
 def test_cli_checks_the_data_before_loading_anything(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(cli, "_load_tokenizer", lambda *a, **k: pytest.fail("loaded before the data was checked"))
+    monkeypatch.setattr("hf_astroquant.workflows.sources._load_tokenizer",
+                        lambda *a, **k: pytest.fail("loaded before the data was checked"))
     save_tiny(tmp_path / "fp", layers=1, hidden=64, inter=128)
     for argv, message in [(["--dataset", "wikitext2"], "HF_HUB_OFFLINE is set"),
                           (["--dataset", str(tmp_path / "no.txt")], "neither an existing text file"),

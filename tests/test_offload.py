@@ -101,30 +101,31 @@ def test_meta_weights_without_hooks_are_refused():
 def test_a_stage_spread_over_devices_gives_the_same_checkpoint(tiny4, kw):
     # Two CPU "devices": the stage's Linears are solved in parallel threads and copied back, the
     # path that spreads q/k/v and gate/up over GPUs. On one device type the result must not move.
-    import hf_astroquant.scheduling as scheduling
+    import threading
 
-    calls = []
-    solve = scheduling.solve_stage
+    import hf_astroquant.pipeline as pipeline
 
-    def spy(solver, members, targets, stats, devices):
-        calls.append((tuple(members), devices))
-        return solve(solver, members, targets, stats, devices)
+    class Threads(pipeline.BlockListener):  # which thread solved each Linear
+        def __init__(self):
+            self.solved_in = {}
 
-    scheduling.solve_stage = spy
-    try:
+        def before_solve(self, name, weight, hessian, d):
+            self.solved_in[name] = threading.current_thread()
+
+    with pipeline.listening(Threads()) as seen:
         spread = AutoModelForCausalLM.from_pretrained(tiny4, quantization_config=_cfg(solve_devices=["cpu", "cpu"],
                                                                                         **kw))
-    finally:
-        scheduling.solve_stage = solve
     plain = AutoModelForCausalLM.from_pretrained(tiny4, quantization_config=_cfg(**kw))
-    assert any(len(m) == 3 and d == [torch.device("cpu")] * 2 for m, d in calls)  # q/k/v went out together
+    # q/k/v went out together, to worker threads
+    assert seen.solved_in["model.layers.0.self_attn.q_proj"] is not threading.main_thread()
+    assert len({seen.solved_in[f"model.layers.0.self_attn.{p}_proj"] for p in "qkv"}) == 2
     a, b = spread.state_dict(), plain.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "solve_devices" not in spread.config.quantization_config.to_dict()
 
 
 def test_solve_devices_auto_reads_the_accelerators_of_the_device_map():
-    from hf_astroquant.scheduling import solve_devices
+    from hf_astroquant.block_solve import solve_devices
 
     model = torch.nn.Module()
     model.hf_device_map = {"model.layers.0": 0, "model.layers.1": "cuda:1", "lm_head": "cpu", "x": "disk"}

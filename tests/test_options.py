@@ -10,7 +10,7 @@ import pytest
 from hf_astroquant import AstroQuantConfig, cli
 from hf_astroquant.checks import Integer, OneOf
 from hf_astroquant.options import Option, options_table
-from hf_astroquant.presets import PRESETS, QUALITIES, preset_options
+from hf_astroquant.presets import PRESETS, QUALITIES
 from test_bad_input import bad_value_cases
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,12 +95,30 @@ def test_every_preset_is_exactly_a_measured_row_of_the_benchmark_grid(quality, b
     assert options["bits"] == bits
 
 
-def test_the_results_have_every_preset_row():
-    import json
+def _benchmarks(name: str):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.pop(0)
 
-    measured = {json.loads(line).get("row") for f in (ROOT / "benchmarks" / "results").glob("*.jsonl")
-                for line in f.read_text().splitlines() if line.strip()}
+
+def test_the_results_have_every_preset_row():
+    measured = {r["label"] for r in _benchmarks("results_rows").read_rows()}  # a row's label names its bench row
     assert {row for _, row in PRESETS.values()} <= measured
+
+
+def test_every_generated_table_is_rendered_from_the_current_rows():
+    """README.md and docs/*.md hold what `python benchmarks/update_readme.py` renders (its --check)."""
+    stale = [f.name for f, text in _benchmarks("update_readme").rendered_files().items() if f.read_text() != text]
+    assert not stale, f"{stale}: run python benchmarks/update_readme.py"
+
+
+def test_every_result_row_has_the_schema_and_a_command_in_benchmarks():
+    rows = _benchmarks("results_rows").read_rows()
+    assert rows and all(set(r) == {"table", "label", "columns", "command", "sitting", "machine"} for r in rows)
+    assert len({(r["table"], r["label"]) for r in rows}) == len(rows)
+    assert all("benchmarks/" in r["command"] for r in rows)
 
 
 def test_recommended_takes_overrides_and_refuses_bad_values():

@@ -6,12 +6,12 @@ import torch
 from torch import nn
 from tiny import calib_ids, tiny_llama
 
-from hf_astroquant import AstroQuantConfig
+from hf_astroquant import AstroQuantConfig, QuantLinear
 from hf_astroquant.blocks import block_targets, find_blocks
 from hf_astroquant.memory import release_weight
+from hf_astroquant.block_solve import solve_block
 from hf_astroquant.report import QuantizationReport, report_state, restore_report
-from hf_astroquant.scheduling import quantize_block
-from hf_astroquant.solving import LayerSolver
+from hf_astroquant.layer_solve import LayerSolver
 from hf_astroquant.statistics import NonFiniteInput, input_stats
 from hf_astroquant.stream import capture_block_inputs, fp_stream_batches, run_block, run_block_capturing
 
@@ -55,18 +55,19 @@ def test_capturing_a_block_keeps_one_copy_per_shared_input():
 
 
 @pytest.mark.parametrize("batches", [1, 2])
-def test_quantize_block_solves_every_linear_on_both_schedules(batches):
+def test_solve_block_solves_every_linear_on_both_schedules(batches):
     data = calib_ids(4, 16)
     name, block, inputs, kwargs = _block_and_inputs(list(data.split(4 // batches)))
     cfg = AstroQuantConfig(bits=4, group_size=32, dataset=data)
-    solver = LayerSolver(cfg, QuantizationReport())
+    solver = LayerSolver(cfg)
     before = {n: m.weight.detach().clone() for n, m in block_targets(name, block, lambda n: True).items()}
     with torch.no_grad():
-        outputs, missed = quantize_block(block_targets(name, block, lambda n: True), inputs, kwargs, block, solver,
-                                         True, None, name)
+        outputs, solved, missed = solve_block(block_targets(name, block, lambda n: True), inputs, kwargs, block,
+                                              solver, True, None, name)
     assert missed == [] and len(outputs) == batches
-    assert sorted(solver.packed) == sorted(before) and set(solver.report.layer_errors) == set(before)
-    assert all(0 < e < 0.2 for e in solver.report.layer_errors.values())
+    assert sorted(solved) == sorted(before)
+    assert all(0 < s.error < 0.2 and isinstance(s.layer, QuantLinear) for s in solved.values())
+    assert all(block.get_submodule(n.removeprefix(name + ".")) is s.layer for n, s in solved.items())
     # the block now runs the packed layers, and its outputs are theirs
     assert torch.equal(outputs[0], run_block(block, inputs[0], kwargs[0]))
 

@@ -5,8 +5,9 @@ from transformers import AutoModelForCausalLM
 import hf_astroquant
 from hf_astroquant import AstroQuantConfig, QuantLinear
 from hf_astroquant.blocks import find_blocks
+import hf_astroquant.pipeline as pipeline
 from hf_astroquant.pipeline import quantize_model
-from tiny import CharTokenizer, calib_ids, save_tiny, tiny_llama
+from tiny import CharTokenizer, SeenBlocks, calib_ids, save_tiny, tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +33,12 @@ def test_both_streams_match_the_models_hidden_states():
     data = calib_ids(8, 32)
     with torch.no_grad():
         hidden = model(data, output_hidden_states=True).hidden_states
-    seen = {}
-    quantize_model(model, AstroQuantConfig(bits=8, group_size=32, dataset=data), lambda n: True, stream_fp=True,
-                   on_block=lambda i, fp, q: seen.__setitem__(i, (fp[0].clone(), q[0].clone())))
+    with pipeline.listening(SeenBlocks()) as seen:
+        quantize_model(model, AstroQuantConfig(bits=8, group_size=32, dataset=data), lambda n: True, stream_fp=True)
     for i in range(3):
-        assert torch.equal(seen[i][0], hidden[i])  # the full-precision stream is exact
-    assert torch.equal(seen[0][1], hidden[0])  # nothing quantized before block 0
-    assert 0 < (seen[2][1] - hidden[2]).abs().max() < 0.05  # later: the quantized prefix's drift
+        assert torch.equal(seen.fp[i][0], hidden[i])  # the full-precision stream is exact
+    assert torch.equal(seen.q[0][0], hidden[0])  # nothing quantized before block 0
+    assert 0 < (seen.q[2][0] - hidden[2]).abs().max() < 0.05  # later: the quantized prefix's drift
 
 
 def test_quantized_model_is_close_to_full_precision_and_gptq_beats_rtn_on_calibration(tiny_dir):
@@ -52,14 +52,15 @@ def test_quantized_model_is_close_to_full_precision_and_gptq_beats_rtn_on_calibr
     assert e_gptq < 0.8 * e_rtn, (e_gptq, e_rtn)
 
 
-def test_one_pass_and_batched_calibration_agree(tiny_dir, monkeypatch):
+def test_one_pass_and_batched_calibration_agree(tiny_dir):
     data = calib_ids(12, 32)
-    seen = _record_hessians(monkeypatch)
     # 8 bits: a rounding decision that fp32 summation order flips (the order depends on the CPU's
     # vectorized kernels and on the batch shape) then moves later inputs 256x less than at 4 bits,
     # where the flips compound over the blocks of a tiny model to several percent.
-    one = _quantize(tiny_dir, bits=8, group_size=32, dataset=data)
-    batched = _quantize(tiny_dir, bits=8, group_size=32, dataset=data, calibration_batch_size=5)
+    with pipeline.listening(SeenBlocks()) as listener:
+        one = _quantize(tiny_dir, bits=8, group_size=32, dataset=data)
+        batched = _quantize(tiny_dir, bits=8, group_size=32, dataset=data, calibration_batch_size=5)
+    seen = [h for _, h, _ in listener.solves]
     assert len(seen) == 28
     for i in range(14):
         rel = float((seen[i] - seen[14 + i]).norm() / seen[i].norm())
@@ -70,22 +71,8 @@ def test_one_pass_and_batched_calibration_agree(tiny_dir, monkeypatch):
         assert e1[name] == pytest.approx(e2[name], rel=1e-2)
 
 
-def _record_hessians(monkeypatch):
-    import hf_astroquant.solving as solving
-
-    seen = {}
-    real = solving.solve_linear
-
-    def spy(W, H, *args, **kw):
-        seen[len(seen)] = H.clone()
-        return real(W, H, *args, **kw)
-
-    monkeypatch.setattr(solving, "solve_linear", spy)
-    return seen
-
-
 @pytest.mark.parametrize("batch", [None, 5])
-def test_true_sequential_feeds_quantized_outputs_to_later_linears(tiny_dir, monkeypatch, batch):
+def test_true_sequential_feeds_quantized_outputs_to_later_linears(tiny_dir, batch):
     data = calib_ids(10, 32)
     fp = AutoModelForCausalLM.from_pretrained(tiny_dir)
     captured = {}
@@ -96,9 +83,9 @@ def test_true_sequential_feeds_quantized_outputs_to_later_linears(tiny_dir, monk
     h_fp = 2 * captured["o"].t() @ captured["o"] / captured["o"].shape[0]
     hs = {}
     for seq in (True, False):
-        seen = _record_hessians(monkeypatch)
-        _quantize(tiny_dir, bits=2, group_size=32, dataset=data, true_sequential=seq, calibration_batch_size=batch)
-        hs[seq] = seen[3]  # q, k, v, then o_proj
+        with pipeline.listening(SeenBlocks()) as seen:
+            _quantize(tiny_dir, bits=2, group_size=32, dataset=data, true_sequential=seq, calibration_batch_size=batch)
+        hs[seq] = seen.solves[3][1]  # q, k, v, then o_proj
     assert torch.allclose(hs[False], h_fp, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(hs[True], h_fp, rtol=1e-2, atol=1e-3)
 
@@ -233,23 +220,15 @@ def test_asymmetric_options_end_to_end(tiny_dir, kw):
 
 
 @pytest.mark.parametrize("fp_samples, batch_size", [(None, None), (2, None), (4, 3)])
-def test_d_statistic_is_the_drift_against_the_full_precision_inputs(tiny_dir, monkeypatch, fp_samples, batch_size):
+def test_d_statistic_is_the_drift_against_the_full_precision_inputs(tiny_dir, fp_samples, batch_size):
     """For o_proj of block 0 (after q/k/v are quantized) D = 2·(X̃ − X)ᵀX/N with X̃ the
     full-precision model's o_proj input and X the input with the quantized q/k/v; with
     fp_samples=k, over the first k windows only (across batches), while H keeps every window."""
-    import hf_astroquant.solving as solving
-
     data = calib_ids(6, 32)
-    seen = []
-    real = solving.solve_linear
-
-    def spy(W, H, opts, D=None, G=None, factors=None):
-        seen.append((H.clone(), None if D is None else D.clone()))
-        return real(W, H, opts, D, G, factors)
-
-    monkeypatch.setattr(solving, "solve_linear", spy)
-    model = _quantize(tiny_dir, bits=3, group_size=32, method="gptaq", dataset=data, fp_samples=fp_samples,
-                      calibration_batch_size=batch_size)
+    with pipeline.listening(SeenBlocks()) as listener:
+        model = _quantize(tiny_dir, bits=3, group_size=32, method="gptaq", dataset=data, fp_samples=fp_samples,
+                          calibration_batch_size=batch_size)
+    seen = [(h, d) for _, h, d in listener.solves]
     fp = AutoModelForCausalLM.from_pretrained(tiny_dir)
     mixed = AutoModelForCausalLM.from_pretrained(tiny_dir)
     for proj in ("q_proj", "k_proj", "v_proj"):

@@ -1,5 +1,5 @@
 """Astro (algorithms/astro.py) and the zero-cost transforms (algorithms/transforms.py,
-preconditioning.py): the math against slow references, exactness of every fold, and each option
+folding.py): the math against slow references, exactness of every fold, and each option
 end to end through from_pretrained, save and reload."""
 
 import json
@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_astroquant  # noqa: F401  (registers the quantizer)
 from hf_astroquant import AstroQuantConfig, QuantLinear
-from hf_astroquant import preconditioning as pc
+from hf_astroquant import folding as pc
 from hf_astroquant.algorithms.astro import (astro_objective, astro_reshape, group_extent, prox_group_extent,
                                             water_level)
 from hf_astroquant.algorithms.gptq import gptq_quantize, reconstruction_error

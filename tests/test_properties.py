@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from hf_astroquant import AstroQuantConfig
 from hf_astroquant.algorithms.grid import dequantize, fit_grid, fit_groups, quantize
-from hf_astroquant.config import SUPPORTED_BITS, SUPPORTED_METHODS, SUPPORTED_ROUNDING
+from hf_astroquant.options import SUPPORTED_BITS, SUPPORTED_METHODS, SUPPORTED_ROUNDING
 from hf_astroquant.options import MAX_CALIBRATION_TOKENS
 from hf_astroquant.modules.packing import pack_cols, pack_rows, packed_rows, unpack_cols, unpack_rows
 

@@ -6,10 +6,12 @@ import torch
 from families import tiny_model
 from hf_astroquant import AstroQuantConfig, QuantLinear
 from hf_astroquant.algorithms.scale_tuning import TunedScales
-from hf_astroquant.blocks import find_blocks
+from hf_astroquant.block_solve import solve_block
+from hf_astroquant.blocks import block_targets, find_blocks
+from hf_astroquant.layer_solve import LayerSolver
 from hf_astroquant.pipeline import quantize_model
 from hf_astroquant.refinement import mean_loss, refine_block, slice_kwargs, window_slices
-from tiny import calib_ids, tiny_llama
+from tiny import CrashAfter, calib_ids, tiny_llama
 
 
 def _solved_layer(out=24, inp=64, group=16, bits=2, seed=0, groups="contiguous"):
@@ -151,26 +153,18 @@ def _first_block_setup(model, data):
 def _quantized_block(seed=0, rounding_errors=None):
     """Block 0 of a tiny Llama solved by GPTQ at 2 bits, before any refinement; `rounding_errors` (a
     dict) receives the solver's rounding errors of its layers."""
-    import hf_astroquant.pipeline as pipeline
-
     model = tiny_llama(seed=seed, layers=1)
     data = calib_ids(16, 32)
     block, name, inputs, kwargs, target = _first_block_setup(model, data)
     if rounding_errors is None:
         quantize_model(model, AstroQuantConfig(bits=2, group_size=32, dataset=data), lambda n: True)
-    else:  # the same solve, with the errors kept; the refinement is skipped (steps as given, outputs as solved)
-        real = pipeline.refine_block
-
-        def record(*args):
-            rounding_errors.update(args[12])
-            return args[6], 0.0, 0.0
-
-        pipeline.refine_block = record
-        try:
-            quantize_model(model, AstroQuantConfig(bits=2, group_size=32, dataset=data, refine_steps=1,
-                                                   refine_rounding_lr=0.05), lambda n: True)
-        finally:
-            pipeline.refine_block = real
+    else:  # the block step's solve alone, with the errors kept (the solver is the one the refinement gets)
+        solver = LayerSolver(AstroQuantConfig(bits=2, group_size=32, dataset=data, refine_steps=1,
+                                              refine_rounding_lr=0.05))
+        with torch.no_grad():
+            _, solved, _ = solve_block(block_targets(name, block, lambda n: True), inputs, kwargs, block, solver,
+                                       True, None, name)
+        rounding_errors.update({n: s.rounding_error for n, s in solved.items()})
     packed = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     for m in packed.values():
         m.set_backend("reference")
@@ -342,7 +336,7 @@ def test_refine_rounding_lr_needs_the_greedy_sweep(rounding):
     assert f"0 with rounding={rounding!r}" in str(err.value)
 
 
-def test_a_crashed_refined_run_resumes_bit_for_bit(tmp_path, monkeypatch):
+def test_a_crashed_refined_run_resumes_bit_for_bit(tmp_path):
     """The tuned scales are in each block's checkpoint and the tuned outputs in the stream, so a run
     that crashed after two blocks resumes to the uninterrupted run's bytes (and its report)."""
     from transformers import AutoModelForCausalLM
@@ -358,18 +352,8 @@ def test_a_crashed_refined_run_resumes_bit_for_bit(tmp_path, monkeypatch):
         return AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=cfg)
 
     plain = run()
-    real, calls = pipeline.refine_block, []
-
-    def crash_at_third_block(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "refine_block", crash_at_third_block)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pipeline.listening(CrashAfter(2)), pytest.raises(RuntimeError, match="simulated crash"):
         run(resume_dir=str(tmp_path / "r"))
-    monkeypatch.setattr(pipeline, "refine_block", real)
     again = run(resume_dir=str(tmp_path / "r"))
     assert again.hf_quantizer.report.resumed_blocks == 2
     assert again.hf_quantizer.report.refine_loss == plain.hf_quantizer.report.refine_loss

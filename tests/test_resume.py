@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_astroquant  # noqa: F401
 from hf_astroquant import AstroQuantConfig, QuantLinear
-from tiny import calib_ids, save_tiny
+from tiny import CrashAfter, calib_ids, save_tiny
 
 LAYERS = 6
 RUN = r"""
@@ -125,14 +125,18 @@ def _quantize(path, **kw):
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=AstroQuantConfig(bits=4, group_size=32, **kw))
 
 
-def test_a_finished_resume_dir_restores_every_block_without_calibrating(tiny6, tmp_path, monkeypatch):
+def test_a_finished_resume_dir_restores_every_block_without_calibrating(tiny6, tmp_path):
     first = _quantize(tiny6, resume_dir=str(tmp_path / "r"))
     files = sorted(p.name for p in (tmp_path / "r").iterdir())
     assert files == [f"block_{i:05d}.safetensors" for i in range(LAYERS)] + ["state.json"]  # streams dropped
     import hf_astroquant.pipeline as pipeline
 
-    monkeypatch.setattr(pipeline, "quantize_block", lambda *a, **k: pytest.fail("calibrated a finished block"))
-    again = _quantize(tiny6, resume_dir=str(tmp_path / "r"))
+    class NoBlock(pipeline.BlockListener):
+        def before_block(self, *args):
+            pytest.fail("calibrated a finished block")
+
+    with pipeline.listening(NoBlock()):
+        again = _quantize(tiny6, resume_dir=str(tmp_path / "r"))
     assert again.hf_quantizer.report.resumed_blocks == LAYERS
     assert again.hf_quantizer.report.layer_errors == first.hf_quantizer.report.layer_errors
     a, b = first.state_dict(), again.state_dict()
@@ -141,26 +145,16 @@ def test_a_finished_resume_dir_restores_every_block_without_calibrating(tiny6, t
 
 
 @pytest.mark.slow  # three rescomp runs of a 6-block model
-def test_a_crashed_run_resumes_with_its_partial_full_precision_stream(tiny6, tmp_path, monkeypatch):
+def test_a_crashed_run_resumes_with_its_partial_full_precision_stream(tiny6, tmp_path):
     """fp_samples: the checkpointed full-precision stream holds only its windows (5 of 16, across
     batches of 4); the resumed run picks it up and ends with the uninterrupted run's weights."""
     import hf_astroquant.pipeline as pipeline
 
     kw = dict(method="rescomp", fp_samples=5, calibration_batch_size=4)
     plain = _quantize(tiny6, **kw)
-    real, calls = pipeline.quantize_block, []
-
-    def crash_at_third_block(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(pipeline, "quantize_block", crash_at_third_block)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pipeline.listening(CrashAfter(2)), pytest.raises(RuntimeError, match="simulated crash"):
         _quantize(tiny6, resume_dir=str(tmp_path / "r"), **kw)
     assert _blocks_done(tmp_path / "r") == 2
-    monkeypatch.setattr(pipeline, "quantize_block", real)
     again = _quantize(tiny6, resume_dir=str(tmp_path / "r"), **kw)
     assert again.hf_quantizer.report.resumed_blocks == 2
     a, b = plain.state_dict(), again.state_dict()

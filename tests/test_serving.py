@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hf_astroquant.eval import perplexity
-from hf_astroquant.serving import vllm_harness as vllm
+from engines import vllm_harness as vllm
 from tiny import calib_ids, save_tiny, tiny_llama
 
 FAKE_VLLM = '''

@@ -73,3 +73,41 @@ def set_quantization_options(directory, **options):
     config = json.loads(path.read_text())
     config["quantization_config"].update(options)
     path.write_text(json.dumps(config))
+
+
+class CrashAfter:
+    """A block-loop listener (`pipeline.listening`) that raises once `n` blocks are done: recorded,
+    installed and checkpointed, as a run killed right after its n-th checkpoint."""
+
+    def __init__(self, n: int, exc: BaseException | None = None):
+        self.n, self.done, self.exc = n, [], exc or RuntimeError("simulated crash")
+
+    def before_block(self, i, name, stream, fp_stream):
+        pass
+
+    def before_solve(self, name, weight, hessian, d):
+        pass
+
+    def after_block(self, i, name, result):
+        self.done.append(i)
+        if len(self.done) == self.n:
+            raise self.exc
+
+
+class SeenBlocks:
+    """A block-loop listener that keeps what each block was given: its quantized stream's inputs and
+    kwargs, the full-precision stream's, and every solve's (W, H, D) in order."""
+
+    def __init__(self):
+        self.q, self.q_kwargs, self.fp, self.fp_kwargs, self.solves = {}, {}, {}, {}, []
+
+    def before_block(self, i, name, stream, fp_stream):
+        self.q[i], self.q_kwargs[i] = [x.clone() for x in stream[0]], stream[1]
+        if fp_stream is not None:
+            self.fp[i], self.fp_kwargs[i] = [x.clone() for x in fp_stream[0]], fp_stream[1]
+
+    def before_solve(self, name, weight, hessian, d):
+        self.solves.append((name, hessian.clone(), None if d is None else d.clone()))
+
+    def after_block(self, i, name, result):
+        pass

@@ -46,9 +46,9 @@ import torch
 
 from .beam import beam_step
 from .factors import HessianFactors, factors_of
-from .gguf_grid import GGUFGrid, fit_gguf_grid
-from .gguf_grid import dequantize as gguf_dequantize
-from .gguf_types import TENSOR_TYPES
+from ..gguf.grid import GGUFGrid, fit_gguf_grid
+from ..gguf.grid import dequantize as gguf_dequantize
+from ..gguf.types import TENSOR_TYPES
 from .grid import fit_grid, fit_groups
 
 
@@ -150,7 +150,7 @@ def gptq_quantize(
     X̃ = X: ResComp on plain GPTQ, the pull toward the original weights alone).
     `beam_width` K runs the bounded search with K partial solutions per row (K = 1 reproduces the
     greedy sweep with static grids); None is the greedy sweep.
-    `tensor_type` (a GGUF type) replaces bits, group_size and sym by its grid, fitted up front (`gguf_grid.py`,
+    `tensor_type` (a GGUF type) replaces bits, group_size and sym by its grid, fitted up front (`gguf/grid.py`,
     `mse` its search, weighted by diag H); the returned weight is then that grid's exact decode of the codes.
     `factors` shares the factorization of `hessian` with other solves of the same Hessian (`factors.py`).
     `keep_rounding_error` (greedy sweep only) returns each code's rounding error (`LayerQuantResult`)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import gguf_grid
+from ..gguf import grid as gguf_grid
 from .gptq import LayerQuantResult
 from .grid import dequantize, fit_groups, quantize
 

@@ -39,7 +39,7 @@ import torch
 
 from .astro import astro_reshape
 from .factors import HessianFactors, factors_of
-from .gguf_types import TENSOR_TYPES
+from ..gguf.types import TENSOR_TYPES
 from .gptq import LayerQuantResult, gptq_quantize
 from .interpolation import asymmetric_target, auto_alpha, projected_alpha
 from .rtn import rtn_quantize

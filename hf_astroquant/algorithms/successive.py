@@ -18,8 +18,8 @@ import torch
 
 from .factors import HessianFactors, factors_of
 from .gptq import LayerQuantResult, damped_cholesky
-from .gguf_grid import dequantize as gguf_dequantize
-from .gguf_grid import fit_gguf_grid
+from ..gguf.grid import dequantize as gguf_dequantize
+from ..gguf.grid import fit_gguf_grid
 from .grid import fit_groups
 
 

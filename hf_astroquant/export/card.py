@@ -17,7 +17,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .. import coverage
+from .. import full_precision
 
 REPORT_FILE = "astroquant_report.json"
 PLOT_FILE = "astroquant_layer_errors.png"
@@ -228,9 +228,9 @@ def _summary_rows(directory: Path, q: dict, report: dict, fmt: str) -> list[tupl
     if report.get("seconds") is not None:
         rows.append(("quantization time", f"{report['seconds']:.0f} s ({report.get('device', 'cpu')})"))
     if report.get("expert_tokens"):
-        rows.append(("mixture of experts", coverage.experts_summary(report)))
+        rows.append(("mixture of experts", full_precision.experts_summary(report)))
     if "full_precision_weights" in report:  # weight matrices inside the blocks that were not quantized
-        rows.append(("weights left in full precision inside the blocks", coverage.summary(report["full_precision_weights"])))
+        rows.append(("weights left in full precision inside the blocks", full_precision.summary(report["full_precision_weights"])))
     if report.get("full_precision_outside_blocks"):  # embedding, head, a vision tower: never quantized
         rows.append(("kept in full precision beside the blocks", ", ".join(f"`{n}`" for n in report["full_precision_outside_blocks"])))
     errors = report.get("layer_errors") or {}

@@ -36,10 +36,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..checkpoint.guard import read_headers
 from ..modules.packing import unpack_cols, unpack_rows
-from .guard import read_headers
-from .source import (LAYER_TENSORS, ExportError, cast, check_out_dir, copy_side_files, layer_inputs, read_config,
-                     reordered_modules, shards, write_engine_config, write_index)
+from .card import format_bytes
+from .engines import vllm_notes
+from .registry import Exporter, ExportSummary, register_exporter
+from .source import (DTYPE_OPTION, LAYER_TENSORS, ExportError, cast, check_out_dir, copy_side_files, files_in,
+                     layer_inputs, read_config, reordered_modules, safetensors_bytes, shards, write_engine_config,
+                     write_index)
 
 FORMAT = "pack-quantized"
 # The compressed-tensors release whose format definition this follows (written into the config).
@@ -251,3 +255,26 @@ def _convert(module: str, home: dict, layout: dict, summary: CompressedTensorsSu
     tensors = convert_layer(parts["qweight"], parts["qzeros"], scales, parts["g_idx"], layout["bits"],
                             layout["sym"], layout["dtype"], store_g_idx=layout["g_idx"])
     return {f"{module}.{k}": v for k, v in tensors.items()}
+
+
+class CompressedTensorsExporter(Exporter):
+    """`hf-astroquant export --format compressed-tensors`: export_compressed_tensors, with vLLM's limits as notes."""
+
+    name = display_name = "compressed-tensors"
+    order = 20
+    engines = "vLLM and transformers, asymmetric grids included"
+    options = (DTYPE_OPTION,)
+
+    def export(self, src: Path, out: Path, *, overwrite: bool = False, dtype: str = "float16") -> ExportSummary:
+        summary = export_compressed_tensors(src, out, dtype=getattr(torch, dtype), overwrite=overwrite)
+        rows = [("format", f"compressed-tensors ({FORMAT})"), ("actorder", summary.actorder or "none"),
+                ("quantized layers", summary.layers), ("left in full precision", ", ".join(summary.ignored) or "none")]
+        if summary.largest_scale_rounding:
+            rows.append(("scales rounded to " + dtype, f"by at most {summary.largest_scale_rounding:.2%} (relative)"))
+        w = summary.weights
+        notes = vllm_notes("compressed-tensors", w["num_bits"], w["symmetric"], summary.actorder == "group")
+        rows += [("vLLM", note) for note in notes] + [("size", format_bytes(safetensors_bytes(out)))]
+        return ExportSummary(self.name, out, files_in(out), rows, notes, summary)
+
+
+register_exporter(CompressedTensorsExporter())

@@ -29,18 +29,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..checkpoint.guard import read_headers
 from ..experts import ROUTER_NAMES
 from ..modules.packing import pack_cols, unpack_cols
-from .guard import read_headers
-from .source import (ExportError, block_prefix, cast, check_out_dir, copy_side_files, layer_inputs, read_config,
-                     reordered_modules, write_engine_config, write_index)
+from .card import format_bytes
+from .engines import vllm_notes
+from .registry import ExportOption, Exporter, ExportSummary, register_exporter
+from .source import (DTYPE_OPTION, ExportError, block_prefix, cast, check_out_dir, copy_side_files, files_in,
+                     layer_inputs, read_config, reordered_modules, safetensors_bytes, write_engine_config, write_index)
 from .source import shards as _shards
 
 GPTQ_FORMATS = ("gptq", "gptq_v2")
 
 
 @dataclass
-class ExportSummary:
+class GPTQSummary:
     out_dir: Path
     checkpoint_format: str
     desc_act: bool
@@ -63,7 +66,7 @@ def v1_qzeros(qzeros: torch.Tensor, bits: int, out_features: int, layer: str) ->
 
 
 def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq",
-                dtype: torch.dtype = torch.float16, overwrite: bool = False) -> ExportSummary:
+                dtype: torch.dtype = torch.float16, overwrite: bool = False) -> GPTQSummary:
     """Write the GPTQ-format copy of the hf_astroquant checkpoint `src` into `out`."""
     src, out = Path(src), Path(out)
     if checkpoint_format not in GPTQ_FORMATS:
@@ -79,7 +82,7 @@ def export_gptq(src: str | Path, out: str | Path, checkpoint_format: str = "gptq
     desc_act = bool(reordered_modules(src, in_features, group_size))
 
     out.mkdir(parents=True, exist_ok=True)
-    summary = ExportSummary(out, checkpoint_format, desc_act, len(quantized), 0)
+    summary = GPTQSummary(out, checkpoint_format, desc_act, len(quantized), 0)
     weight_map = _write_tensors(src, out, qset, shapes, bits, checkpoint_format, dtype, summary)
     write_index(src, out, weight_map)
     gptq_config = gptq_quantization_config(q, desc_act, checkpoint_format)
@@ -118,7 +121,7 @@ def _is_router(key: str, experts_parents: set[str]) -> bool:
 
 
 def _write_tensors(src: Path, out: Path, qset: set, shapes: dict, bits: int, checkpoint_format: str,
-                   dtype: torch.dtype, summary: "ExportSummary") -> dict[str, str]:
+                   dtype: torch.dtype, summary: GPTQSummary) -> dict[str, str]:
     """Write every shard in GPTQ's conventions (v1 zero points, fp16 scales, `dtype` elsewhere, no load
     guard); return the weight map (tensor -> shard file)."""
     weight_map: dict[str, str] = {}
@@ -129,7 +132,7 @@ def _write_tensors(src: Path, out: Path, qset: set, shapes: dict, bits: int, che
                 t = f.get_tensor(key)
                 module, _, leaf = key.rpartition(".")
                 if module in qset:
-                    if leaf == "weight":  # the load guard of our own format (see hf_astroquant.export.guard)
+                    if leaf == "weight":  # the load guard of our own format (see hf_astroquant.checkpoint.guard)
                         continue
                     if leaf == "qzeros" and checkpoint_format == "gptq":
                         t = v1_qzeros(t, bits, shapes[f"{module}.scales"][1], module)
@@ -167,3 +170,27 @@ def gptq_quantization_config(q: dict, desc_act: bool, checkpoint_format: str) ->
         "meta": {"quantizer": [f"hf_astroquant:{__version__}"], "method": q.get("method")},
     }
 
+
+class GPTQExporter(Exporter):
+    """`hf-astroquant export --format gptq`: export_gptq, with vLLM's limits as notes."""
+
+    name, display_name, order = "gptq", "GPTQ", 10
+    engines = "vLLM, SGLang, TGI, transformers, GPTQModel; symmetric grids for vLLM"
+    options = (ExportOption("--checkpoint-format", choices=GPTQ_FORMATS, default=None,
+                            help="--format gptq only. gptq: v1, read by vLLM/SGLang/TGI/transformers; gptq_v2: "
+                                 "GPTQModel (default: gptq)"),
+               DTYPE_OPTION)
+
+    def export(self, src: Path, out: Path, *, overwrite: bool = False, checkpoint_format: str | None = None,
+               dtype: str = "float16") -> ExportSummary:
+        summary = export_gptq(src, out, checkpoint_format=checkpoint_format or "gptq", dtype=getattr(torch, dtype),
+                              overwrite=overwrite)
+        q = json.loads((out / "config.json").read_text())["quantization_config"]
+        notes = vllm_notes("gptq", q["bits"], q["sym"], summary.desc_act)
+        rows = [("format", f"gptq ({summary.checkpoint_format})"), ("desc_act", summary.desc_act),
+                ("quantized layers", summary.layers)] + [("vLLM", note) for note in notes]
+        rows.append(("size", format_bytes(safetensors_bytes(out))))
+        return ExportSummary(self.name, out, files_in(out), rows, notes, summary)
+
+
+register_exporter(GPTQExporter())

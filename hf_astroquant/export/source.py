@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from ..config import CHECKPOINT_FORMAT, QUANT_METHOD, RECORD_KEYS, AstroQuantConfig
+from .registry import ExportOption
 
 # Config keys whose every value an export can serve (the solver that produced the codes does not
 # matter to an engine; layout-related keys are checked by each format).
@@ -26,6 +27,12 @@ LAYER_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 
 class ExportError(ValueError):
     """The checkpoint uses a setting the target format cannot serve; the message says which."""
+
+
+# The option both safetensors formats take (the CLI's --dtype of `export`).
+DTYPE_OPTION = ExportOption("--dtype", choices=("float16", "bfloat16"), default="float16",
+                            help="dtype of the unquantized tensors; gptq writes float16 scales always, compressed-"
+                                 "tensors writes scales in this dtype (float16 holds ours exactly) (default: float16)")
 
 
 def read_config(src: Path, format_name: str) -> tuple[dict, dict]:
@@ -138,6 +145,15 @@ def write_engine_config(config: dict, out: Path, quantization_config: dict, dtyp
     config.pop("torch_dtype", None)
     config["dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def files_in(out: Path) -> list[str]:
+    """Every file under the folder `out`, relative to it (an ExportSummary's `files`)."""
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+
+
+def safetensors_bytes(out: Path) -> int:
+    return sum(p.stat().st_size for p in out.glob("*.safetensors"))
 
 
 def copy_side_files(src: Path, out: Path) -> None:

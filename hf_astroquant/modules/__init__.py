@@ -1,5 +1,5 @@
 from .packing import pack_cols, pack_rows, packed_rows, unpack_cols, unpack_rows
-from .gguf_linear import GGUFLinear
+from ..gguf.linear import GGUFLinear
 from .input_rotation import InputRotation
 from .quant_linear import QuantLinear, set_backend
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from .. import offload
 from . import kernels
-from .gguf_linear import GGUFLinear
+from ..gguf.linear import GGUFLinear
 from .input_rotation import InputRotation
 from .packing import pack_cols, pack_rows, packed_rows, unpack_cols, unpack_rows
 

@@ -9,7 +9,7 @@
    and refuses a checkpoint whose packed tensors are missing or have the wrong shape or dtype, whose
    header is corrupt, or that holds packed tensors its config does not explain (a layer missing from
    quantized_modules, a rotation missing from input_rotated_modules), naming the tensor.
-3. Once the weights are loaded, export/validate.py checks the packed values (scales, zero points,
+3. Once the weights are loaded, checkpoint/validate.py checks the packed values (scales, zero points,
    g_idx, rotations, GGUF block factors, biases).
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..modules.gguf_linear import GGUFLinear
+from ..gguf.linear import GGUFLinear
 from ..modules.packing import packed_rows
 
 GUARD_DTYPE = torch.float16

@@ -1,7 +1,7 @@
 """The grid of a GGUF tensor type, fitted up front so a solver rounds onto exactly what the file holds.
 
 Every type de-quantizes a sub-block of columns (per output row) as ŵ = a·(q − z) − b
-(`gguf_types.py`). The fit, per sub-block, then per super-block for the K-quants:
+(`types.py`). The fit, per sub-block, then per super-block for the K-quants:
 
 1. A step s (and for the affine types an offset m ≥ 0 where the type stores an unsigned min):
    symmetric types put the largest-magnitude weight x* on the grid's longest side,
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .gguf_types import TENSOR_TYPES, TensorType
+from .types import TENSOR_TYPES, TensorType
 
 _SHRINK = torch.linspace(1.0, 0.7, 16)
 

@@ -1,6 +1,6 @@
 """`GGUFLinear`: a Linear whose weight is stored as GGML blocks of one GGUF tensor type.
 
-A run with `gguf_type` solves every Linear onto the grid its GGUF type holds (`algorithms/gguf_grid.py`),
+A run with `gguf_type` solves every Linear onto the grid its GGUF type holds (`grid.py`),
 so the checkpoint keeps exactly those blocks (`qblocks`, uint8, one row of blocks per output
 channel) and the GGUF export copies them byte for byte. The forward decodes the blocks once with
 gguf-py's own decoder (what llama.cpp's readers compute) and keeps the decoded weight: this layer is
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..algorithms.gguf_types import TENSOR_TYPES
+from .types import TENSOR_TYPES
 
 
 class GGUFLinear(nn.Module):
@@ -39,7 +39,7 @@ class GGUFLinear(nn.Module):
     @classmethod
     def from_result(cls, result, bias: torch.Tensor | None) -> "GGUFLinear":
         """The layer holding a solver's `LayerQuantResult` made on a GGUF grid (`result.gguf`)."""
-        from ..export.gguf_blocks import pack
+        from .blocks import pack
 
         grid = result.gguf
         out_features, in_features = result.codes.shape
@@ -52,7 +52,7 @@ class GGUFLinear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight (out × in) as the GGUF file decodes it, in `dtype`."""
-        from ..export.gguf_blocks import decode
+        from .blocks import decode
 
         dense = decode(self.qblocks.detach().cpu().numpy(), self.tensor_type)
         return torch.from_numpy(np.ascontiguousarray(dense)).to(device=self.qblocks.device, dtype=dtype)

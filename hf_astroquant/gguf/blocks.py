@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..algorithms.gguf_grid import GGUFGrid
-from ..algorithms.gguf_types import TENSOR_TYPES
+from .grid import GGUFGrid
+from .types import TENSOR_TYPES
 
 
 def _f16_bytes(x: np.ndarray) -> np.ndarray:

@@ -1,10 +1,15 @@
-"""One Linear's solve inside the pipeline: from its statistics to its packed layer, recorded in the report."""
+"""One Linear's solve: from its statistics to its packed layer and the record of how it went.
+
+Nothing here writes to a shared object: `LayerSolver` returns a `SolvedLayer`, and the block step
+(block_solve.py) and the driver (pipeline.py) pass it on.
+"""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
+from contextlib import nullcontext
+from typing import Callable
 
 import torch
 from torch import nn
@@ -12,54 +17,68 @@ from torch import nn
 from .algorithms import solve_linear
 from .algorithms.factors import HessianFactors
 from .algorithms.gptq import reconstruction_error
-from .algorithms.output_error import output_error
 from .algorithms.solve import SolverOptions
 from .config import AstroQuantConfig
-from .experts import BlockExperts
 from .memory import trim_heap
 from .modules import QuantLinear, make_layer
-from .online_rotation import candidate_rotations, input_rotation_of, reattach, rebased
-from .report import QuantizationReport
+from .online_rotation import input_rotation_of
 from .statistics import Stats
 
 logger = logging.getLogger("hf_astroquant")
 
 
-class LayerSolver:
-    """Solves one Linear from its Hessian and replaces its weight by the quantized value."""
+@dataclasses.dataclass
+class SolvedLayer:
+    """A solved Linear: its packed layer (on the reference forward path: the values the solve chose,
+    computed as F.linear computes them) and what the report records of it."""
 
-    def __init__(self, cfg: AstroQuantConfig, report: QuantizationReport):
-        self.cfg, self.report = cfg, report
+    layer: QuantLinear
+    error: float | None  # relative reconstruction error on the calibration inputs (None: no data to weigh it)
+    damp_percent: float | None = None  # the damping the solve needed
+    asym_alpha: float | None = None  # the interpolation α (asymmetric solvers)
+    fallback_tokens: int | None = None  # rounded to nearest for too few routed tokens: the tokens it saw
+    rounding_error: torch.Tensor | None = None  # (out, in): how near each rounding was (refine_rounding_lr)
+
+
+Timing = Callable[[str], object]  # phase name -> a context manager that adds the wall time to that phase
+
+
+def _untimed(phase: str):
+    return nullcontext()
+
+
+class LayerSolver:
+    """Solves one Linear from its statistics: gives the Linear the quantized weight (so the rest of the
+    block's forward sees it) and returns the `SolvedLayer`."""
+
+    def __init__(self, cfg: AstroQuantConfig, timing: Timing = _untimed,
+                 before_solve: Callable[[str, torch.Tensor, torch.Tensor, torch.Tensor | None], None] | None = None):
+        """`timing`: where the solves' time goes (QuantizationReport.timing); `before_solve(name, W, H, D)`:
+        told the exact inputs of every solve (the block loop's listeners, pipeline.py)."""
+        self.cfg, self.timing, self.before_solve = cfg, timing, before_solve
         # refine_rounding_lr tunes each code from how near its rounding was: the solves keep that
         self.options = dataclasses.replace(cfg.solver_options(), keep_rounding_error=cfg.refine_rounding_lr > 0)
-        self.packed: dict[str, QuantLinear] = {}
-        self.rounding_errors: dict[str, torch.Tensor] = {}  # (out, in) per solved layer, with the option
-        self.experts: BlockExperts | None = None  # the block's experts, when it has any
 
-    def round_to_nearest(self, name: str, linear: nn.Linear, stats: "Stats | None") -> None:
+    def round_to_nearest(self, name: str, linear: nn.Linear, stats: Stats | None) -> SolvedLayer:
         """The stated fallback for an expert that saw fewer than min_expert_tokens tokens: round to
-        nearest (no error correction from a Hessian of a handful of tokens), recorded in the report."""
+        nearest (no error correction from a Hessian of a handful of tokens)."""
         W = linear.weight.data
         result, packed = rounded_layer(self.cfg, name, linear, mse=False)
-        self.report.expert_fallback[name] = stats.n if stats is not None else 0
-        if stats is not None:
-            self.report.layer_errors[name] = reconstruction_error(W, result.weight, stats.normalize().h)
+        error = reconstruction_error(W, result.weight, stats.normalize().h) if stats is not None else None
         set_weight(linear, result.weight)
         packed.set_backend("reference")
-        self.packed[name] = packed
+        return SolvedLayer(packed, error, fallback_tokens=stats.n if stats is not None else 0)
 
     def __call__(self, name: str, linear: nn.Linear, stats: Stats, device: torch.device | None = None,
-                 factors: HessianFactors | None = None) -> None:
+                 factors: HessianFactors | None = None) -> SolvedLayer:
         """Solve `linear` (on `device` when given: its weight and statistics are copied there and
         the result comes back to the Linear's device). `factors`: the factorizations of the stage's
         H (on `device`), shared by the Linears that have this H (`stage_factors`)."""
-        with self.report.timing("solve"):
-            self._solve(name, linear, stats, device, factors)
+        with self.timing("solve"):
+            return self._solve(name, linear, stats, device, factors)
 
     def _solve(self, name: str, linear: nn.Linear, stats: Stats, device: torch.device | None,
-               factors: HessianFactors | None) -> None:
-        if self.experts is not None and name in self.experts and stats.n < self.cfg.min_expert_tokens:
-            return self.round_to_nearest(name, linear, stats)
+               factors: HessianFactors | None) -> SolvedLayer:
         W = linear.weight.data
         check_finite_weights(name, W)
         home = W.device
@@ -70,16 +89,13 @@ class LayerSolver:
             D = D.to(H.device) if D is not None else None
             G = G.to(H.device) if G is not None else None
         opts = dataclasses.replace(self.options, tensor_type=self.cfg.tensor_type_of(name))
-        rotation = input_rotation_of(linear)
-        if rotation is not None and self.cfg.rotation_candidates > 1:
-            W, H, result, alpha = self._solve_best_rotation(name, linear, rotation, W, D, G, factors, opts)
-        else:
-            result, alpha = _solved(name, W, H, opts, D, G, factors)
+        if self.before_solve is not None:
+            self.before_solve(name, W, H, D)
+        try:
+            result, alpha = solve_linear(W, H, opts, D, G, factors)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from exc
         err = reconstruction_error(W, result.weight, H)
-        self.report.layer_errors[name] = err
-        self.report.damping[name] = result.damp_percent
-        if self.options.needs_fp_stream:
-            self.report.asym_alpha[name] = alpha
         logger.debug("%s: relative reconstruction error %.3e (damp %.3g, asym alpha %.3g)", name, err,
                      result.damp_percent, alpha)
         if result.weight.device != home:
@@ -92,44 +108,11 @@ class LayerSolver:
         # through the packed layer gives the same outputs as the Linear; a kernel might not.
         packed = make_layer(result, self.cfg, linear.bias, input_rotation_of(linear))
         packed.set_backend("reference")
-        self.packed[name] = packed
-        if result.rounding_error is not None:
-            self.rounding_errors[name] = result.rounding_error
+        solved = SolvedLayer(packed, err, result.damp_percent, alpha if self.options.needs_fp_stream else None,
+                             rounding_error=result.rounding_error)
         del result
         trim_heap()
-
-    def _solve_best_rotation(self, name, linear, current, W, D, G, factors, opts):
-        """rotation_candidates: solve `linear` in the input basis of each candidate rotation and keep the
-        solution with the smallest error on the full-precision output (algorithms/output_error.py); the
-        Linear reads its input through the chosen rotation from here on. Returns (W, H, result, alpha)
-        in the chosen basis. `current`: the rotation the Linear reads through now."""
-        device = factors.hessian.device
-        home = current if current.signs.device == device else copy.deepcopy(current).to(device)
-        best = None
-        for c, rotation in enumerate(candidate_rotations(home, name, self.cfg.seed, self.cfg.rotation_candidates)):
-            if c:
-                Wc, Dc, Gc = rebased(W, home, rotation), *(None if t is None else rebased(t, home, rotation, True)
-                                                          for t in (D, G))
-                fc = HessianFactors(rebased(factors.hessian, home, rotation, True), self.cfg.damp_percent)
-            else:
-                Wc, Dc, Gc, fc = W, D, G, factors
-            result, alpha = _solved(name, Wc, fc.hessian, opts, Dc, Gc, fc)
-            err = output_error(Wc, result.weight, fc.hessian, Dc, alpha)
-            if best is None or err < best[0]:
-                best = (err, c, rotation, Wc, fc.hessian, result, alpha)
-            del result
-        _, c, rotation, Wc, H, result, alpha = best
-        self.report.rotation_choice[name] = c
-        if c:
-            reattach(linear, rotation.to(linear.weight.device))
-        return Wc, H, result, alpha
-
-
-def _solved(name: str, W, H, opts, D, G, factors):
-    try:
-        return solve_linear(W, H, opts, D, G, factors)
-    except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from exc
+        return solved
 
 
 def rounded_layer(cfg: AstroQuantConfig, name: str, linear: nn.Linear, mse: bool):

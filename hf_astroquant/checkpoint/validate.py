@@ -26,12 +26,12 @@ import math
 import torch
 
 from .. import offload
-from ..modules.gguf_linear import GGUFLinear
+from ..gguf.linear import GGUFLinear
 from ..modules.packing import pack_cols, unpack_cols
 from ..modules.quant_linear import QuantLinear
 
 # Byte offsets of the fp16 factors (d, dmin) inside one block of each GGUF tensor type: the layouts
-# of export/gguf_blocks.py, as gguf-py's `dequantize_blocks` splits them.
+# of gguf/blocks.py, as gguf-py's `dequantize_blocks` splits them.
 GGUF_FACTOR_OFFSETS: dict[str, tuple[int, ...]] = {
     "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
     "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
@@ -146,7 +146,7 @@ def gguf_factors(qblocks: torch.Tensor, tensor_type: str, block_bytes: int) -> t
 def check_gguf_blocks(layer: str, qblocks: torch.Tensor, tensor_type: str) -> None:
     """Every block's fp16 factors (d, and dmin for the affine types) are finite: a non-finite factor
     de-quantizes its whole block to NaN/Inf. Index: [output row, block, factor]."""
-    from ..algorithms.gguf_types import TENSOR_TYPES
+    from ..gguf.types import TENSOR_TYPES
 
     if tensor_type not in GGUF_FACTOR_OFFSETS:  # a type without a known layout: nothing cheap to check
         return

@@ -8,7 +8,7 @@ A *tensor type* (Q4_0, Q4_K, …) is one block layout. Every layout de-quantizes
 with a per-sub-block step `a` and offset `b` (b = 0 for the symmetric layouts, z = 0 for the
 affine ones). The K-quants quantize the sub-block steps and offsets themselves against one fp16
 pair (d, dmin) per super-block of 256 columns, so a = d·sc and b = dmin·m with small integers
-sc, m (`gguf_grid.py` fits them; `export/gguf_blocks.py` packs them).
+sc, m (`grid.py` fits them; `blocks.py` packs them).
 
 A *file type* (Q4_K_M, Q3_K_S, …) is llama.cpp's recipe: a base tensor type, some tensors a type
 higher (`tensor_type` follows llama.cpp's `llama_tensor_get_type` for the dense decoder tensors we

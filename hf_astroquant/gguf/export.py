@@ -24,14 +24,16 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
-from ..algorithms.gguf_grid import fit_gguf_grid, quantize_codes
-from ..algorithms.gguf_types import FILE_TYPES, output_type, token_embedding_type
 from ..config import CHECKPOINT_FORMAT, QUANT_METHOD
-from .gguf_blocks import pack
+from ..export.source import SERVABLE_KEYS, ExportError, shards
 from ..output_dir import OutputError, check_apart, clean_leftovers
-from .gguf_writer import (FULL_PRECISION_FILE_TYPES, WRITTEN_BY, GGUFTensor, architecture_of,
-                          export_gguf_full_precision, text_config, text_name, write_gguf)
-from .source import SERVABLE_KEYS, ExportError, shards
+from .architecture import architecture_of, text_config
+from .blocks import pack
+from .grid import fit_gguf_grid, quantize_codes
+from .names import text_name
+from .tensors import FULL_PRECISION_FILE_TYPES, GGUFTensor
+from .types import FILE_TYPES, output_type, token_embedding_type
+from .writer import WRITTEN_BY, export_gguf_full_precision, write_gguf
 
 logger = logging.getLogger("hf_astroquant")
 GGUF_TYPES = tuple(FULL_PRECISION_FILE_TYPES) + tuple(FILE_TYPES)
@@ -90,7 +92,7 @@ def quantized_tensors(src: Path, config: dict, q: dict) -> Iterator[GGUFTensor]:
             for key in f.keys():
                 module, _, leaf = key.rpartition(".")
                 if module in types and leaf == "weight":
-                    continue  # the load guard of our own format (export/guard.py), not a weight
+                    continue  # the load guard of our own format (checkpoint/guard.py), not a weight
                 t = f.get_tensor(key)
                 if leaf == "qblocks":
                     if module not in types:
@@ -155,7 +157,7 @@ def export_gguf(src: str | Path, out: str | Path, gguf_type: str | None = None, 
 
 def written_by_us(path: Path) -> bool:
     """Whether `path` is a well-formed GGUF file whose general.quantized_by names us."""
-    from ..gguf_header import GGUFFileError, check_gguf_file
+    from .header import GGUFFileError, check_gguf_file
 
     try:
         check_gguf_file(path)

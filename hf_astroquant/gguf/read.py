@@ -1,4 +1,4 @@
-"""Read a GGUF file's weights back into a transformers model (the inverse of gguf_writer's rewrites).
+"""Read a GGUF file's weights back into a transformers model (the inverse of the writer's rewrites, names.py).
 
 For checking a file, ours or anyone's, against the model it came from: every tensor is decoded
 with gguf-py (what llama.cpp computes), llama's q/k row permutation and Gemma's +1 on norms are
@@ -14,8 +14,9 @@ import gguf
 import numpy as np
 import torch
 
-from ..gguf_header import check_gguf_file
-from .gguf_writer import architecture_of, text_config, text_name, unpermute_rows
+from .architecture import architecture_of, text_config
+from .header import check_gguf_file
+from .names import text_name, unpermute_rows
 
 
 def weights_from_gguf(path: str | Path, model) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -26,8 +26,8 @@ def gguf_base_model_info(path: str | Path) -> dict:
     """The card's `source` (the file's name), `base_model` (a Hub id, when the metadata names one)
     and `license` for a GGUF file. A file whose header is corrupt or hostile raises GGUFFileError (a
     ValueError, one line) before gguf-py reads it; without gguf-py installed nothing more is known."""
-    from .export.hub import hub_id_of
-    from .gguf_header import GGUFFileError, check_gguf_file
+    from ..export.hub import hub_id_of
+    from .header import GGUFFileError, check_gguf_file
 
     info = {"source": Path(path).name, "base_model": None, "license": None}
     try:
@@ -52,7 +52,7 @@ def gguf_base_model_info(path: str | Path) -> dict:
 
 def _text(field) -> str | None:
     """A GGUF field's value when it is one string (the checked header guarantees UTF-8), else None."""
-    from .gguf_header import STRING
+    from .header import STRING
 
     if field is None or len(field.types) != 1 or int(field.types[0]) != STRING:
         return None

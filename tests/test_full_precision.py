@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
 from hf_astroquant import AstroQuantConfig
-from hf_astroquant.coverage import full_precision_weights, summary
+from hf_astroquant.full_precision import full_precision_weights, summary
 from hf_astroquant.export.card import REPORT_FILE
 from tiny import calib_ids, save_tiny
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 WORKER = Path(__file__).with_name("llamacpp_worker.py")
+# tests/engines/ is two folders below the checkout, whose .ci/run builds this environment
 CHECKOUT_ENV = Path(__file__).resolve().parents[2] / ".ci" / "llamacpp-env" / "bin" / "python"
 
 
@@ -84,8 +85,8 @@ def tokenize(path: str | Path, texts: list[str]) -> list[list[int]]:
 
 def quantize(source: str | Path, dest: str | Path, file_type: str, threads: int = 2) -> dict:
     """llama.cpp's own quantizer: `source` (an F16/F32 GGUF) to `dest` as `file_type` (a name of
-    algorithms.gguf_types.FILE_TYPES, e.g. "Q4_K_M"); returns {"seconds"}."""
-    from ..algorithms.gguf_types import FILE_TYPES
+    gguf.types.FILE_TYPES, e.g. "Q4_K_M"); returns {"seconds"}."""
+    from hf_astroquant.gguf.types import FILE_TYPES
 
     if file_type not in FILE_TYPES:
         raise ValueError(f"file_type={file_type!r} is not valid; allowed: {', '.join(FILE_TYPES)}")
