@@ -72,7 +72,8 @@ def preset_method(o: dict) -> str:
 def preset_preconditioning(o: dict) -> str:
     online = {"down": "online down_proj rotation", "writers": "online o_proj + down_proj rotation"}
     online = online.get(o.get("online_rotation", "none"))
-    return " + ".join(x for x in (o.get("transform"), "Astro" * bool(o.get("astro")),
+    transform = {"auto": "rotate (scale on post-norm families)"}.get(o.get("transform"), o.get("transform"))
+    return " + ".join(x for x in (transform, "Astro" * bool(o.get("astro")),
                                   online and f"{online} (transformers only)") if x) or "none"
 
 

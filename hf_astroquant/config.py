@@ -27,7 +27,7 @@ GGUF_FIXED = ("bits", "group_size", "sym")
 
 # Keys that `to_dict()` emits besides the options; accepted back by `__init__`.
 RECORD_KEYS = ("quant_method", "checkpoint_format", "calibration", "quantized_modules", "transforms_applied",
-                "gguf_tensor_types", "checkpoint_names", "input_rotated_modules")
+                "gguf_tensor_types", "checkpoint_names", "input_rotated_modules", "preset")
 # Options of earlier versions, still found in saved configs: read and dropped. (rotation_candidates chose a
 # rotation per layer; the checkpoint stores each layer's rotation, so such files load as before.)
 RETIRED_OPTIONS = ("rotation_candidates",)
@@ -80,6 +80,9 @@ class AstroQuantConfig(QuantizationConfigMixin):
         # (Mixtral's "mlp" is "block_sparse_moe" in its checkpoints); the exports read the files by these
         self.checkpoint_names = kwargs.get("checkpoint_names")
         self.input_rotated_modules = kwargs.get("input_rotated_modules")  # online_rotation: the layers that rotate x
+        # recommended(): {"quality", "bits", "options": the options the preset set and the caller left}; a run
+        # may fit those to the model (transform="auto"; online_rotation where there is nothing to rotate)
+        self.preset = kwargs.get("preset")
         self.post_init()
 
     @classmethod
@@ -96,10 +99,21 @@ class AstroQuantConfig(QuantizationConfigMixin):
         `overrides` (any option, the data included) go on top."""
         from .presets import preset_options
 
+        from .presets import GGUF_UNSERVED
+
         options = preset_options(bits, quality)
-        if overrides.get("gguf_type") is not None:  # the GGUF type fixes the grid
+        preset: dict[str, Any] = {"quality": quality, "bits": bits}
+        if overrides.get("gguf_type") is not None:  # the GGUF type fixes the grid; the file holds no more
             options = {k: v for k, v in options.items() if k not in GGUF_FIXED}
-        return cls(**{**options, **overrides})
+            left = {k: v for k, v in GGUF_UNSERVED.items() if k in options and options[k] != v}
+            options.update(left)
+            preset.update(engine="gguf", left_out=sorted(left))
+        preset["options"] = sorted(set(options) - set(overrides))
+        return cls(**{**options, **overrides, "preset": preset})
+
+    def from_preset(self, option: str) -> bool:
+        """Whether `option` is a preset's choice (recommended()) rather than the caller's."""
+        return bool(self.preset) and option in (self.preset.get("options") or ())
 
     def post_init(self) -> None:
         """Validate every option; raise ValueError naming the bad value and what is allowed."""

@@ -105,6 +105,24 @@ def check_foldable(model: nn.Module, blocks, names: list[str], transform: str) -
     return sites
 
 
+def choose_transform(model: nn.Module, blocks, names: list[str], method: str) -> tuple[str, str]:
+    """transform="auto": (the transform to run, why): "rotate" where the residual rotation folds exactly,
+    else "scale" (it needs calibration data, so not with method="rtn"), else "none"; the reason names
+    what refused the others."""
+    try:
+        check_foldable(model, blocks, names, "rotate")
+        return "rotate", "the residual rotation folds exactly into this model"
+    except TransformError as err:
+        refused = str(err).split(". Use transform=")[0]
+    if method == "rtn":
+        return "none", f"{refused}; scales need calibration data (method='rtn')"
+    try:
+        check_foldable(model, blocks, names, "scale")
+        return "scale", refused
+    except TransformError as err:
+        return "none", f"{refused}; {str(err).split('. Use transform=')[0]}"
+
+
 def _check_rotatable(model: nn.Module, sites: list[BlockSites], transform: str) -> None:
     post = [p for bs in sites for p in bs.post_norms]
     if post:

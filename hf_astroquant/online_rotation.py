@@ -37,6 +37,10 @@ _HOOK = "_astroquant_input_rotation_hook"
 _SEED_OFFSET = 7717  # the online rotation's seed, apart from the residual rotation's
 
 
+class NothingToRotate(ValueError):
+    """The model has no output projection that online_rotation would rotate."""
+
+
 def rotate_inputs(model: nn.Module, blocks, names: list[str], should_convert, seed: int, mode: str = "down") -> list[str]:
     """Give every output projection `mode` names ("down": the MLPs'; "writers": the attention's too) that
     will be quantized an online input rotation; return their names. A ValueError when the model has
@@ -58,7 +62,7 @@ def rotate_inputs(model: nn.Module, blocks, names: list[str], should_convert, se
             attach(linear, rotations[n])
             rotated.append(full)
     if not rotated:
-        raise ValueError(f"online_rotation={mode!r}: {type(model).__name__} "
+        raise NothingToRotate(f"online_rotation={mode!r}: {type(model).__name__} "
                          f"({getattr(config, 'model_type', '?')}) has no dense MLP output projection "
                          "to rotate among the modules being quantized (routed experts are not rotated); "
                          "use online_rotation='none'")

@@ -22,7 +22,7 @@ from .online_rotation import ONLINE_ROTATIONS
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_METHODS = ("rtn", "gptq", "gptaq", "rescomp")
 SUPPORTED_ROUNDING = ("gptq", "successive", "beam")
-SUPPORTED_TRANSFORMS = ("none", "rotate", "scale", "adaptive")
+SUPPORTED_TRANSFORMS = ("none", "rotate", "scale", "adaptive", "auto")
 # Bounds on the options that scale a run's work or memory: generous (tens of times what anyone has
 # measured a gain with), so they refuse only slips such as 10**6 before anything long starts.
 MAX_WINDOWS = 65536  # calibration windows, and windows per batch
@@ -193,13 +193,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("astro_steps", "preconditioning", 25, Integer(1, maximum=MAX_STEPS), "FISTA steps of Astro's proximal gradient"),
     Option("astro_lr", "preconditioning", 1.0, Number(0, 1, low_open=True), "Astro's step size as a fraction of 1/L"),
     Option("transform", "preconditioning", "none", OneOf(SUPPORTED_TRANSFORMS),
-           "transforms folded into the weights before calibration: rotate, scale, or adaptive (per site, "
-           "chosen by weight kurtosis)",
+           "transforms folded into the weights before calibration: rotate, scale, adaptive (per site, "
+           "chosen by weight kurtosis), or auto (rotate where it folds exactly into the model, else scale)",
            "rotate: an orthogonal rotation of the residual stream (norm weights folded into the next Linears) "
            "plus a per-head rotation of value/output; scale: per-channel scales searched on activation "
-           "statistics; adaptive: per site, rotation or scales by the robust z-score of the weights' kurtosis. "
-           "Each site's choice is recorded in the saved config (transforms_applied). Which families each folds "
-           "into, and why the others are refused: docs/families.md."),
+           "statistics; adaptive: per site, rotation or scales by the robust z-score of the weights' kurtosis; "
+           "auto (the balanced and best presets): the rotation where it folds exactly, else the scales (post-norm "
+           "families: Gemma 2/3, OLMo 2, GLM-4; multimodal projectors), else none (offloaded blocks, or scales "
+           "with method='rtn'), the choice and its reason recorded in the report and the card. Each site's "
+           "choice is recorded in the saved config (transforms_applied). Which families each folds into, and why "
+           "the others are refused: docs/families.md."),
     Option("online_rotation", "preconditioning", "none", OneOf(ONLINE_ROTATIONS),
            "down: each MLP's output projection (down_proj) reads its input rotated online, by a randomized "
            "Kronecker-Hadamard matrix, so its weights and activations lose their outlier channels; writers: "

@@ -36,7 +36,7 @@ from .gguf import types as gguf_types
 from .layer_solve import LayerSolver, SolvedLayer, rounded_layer
 from .linear_like import convert_conv1d
 from .memory import trim_heap
-from .online_rotation import detach_left_in_full_precision, rotate_inputs
+from .online_rotation import NothingToRotate, detach_left_in_full_precision, rotate_inputs
 from .preconditioner import Preconditioner
 from .report import QuantizationReport, report_state, restore_report
 from .stream import FullPrecisionStream, auto_batch_size, capture_block_inputs, fp_stream_batches
@@ -131,15 +131,34 @@ class _Run:
             self.should_convert = self._choose_gguf_types(should_convert)
         self.windows, self.batches, self.batch_size = [], [], 0
         self.device = offload.execution_device(self.blocks[0])
-        self.pre = Preconditioner(model, cfg, self.blocks, self.names) if cfg.transform != "none" else None
+        self.transform = self._choose_transform()
+        self.pre = Preconditioner(model, cfg, self.blocks, self.names, self.transform) if self.transform != "none" else None
         self.checkpoints, self.state, self.first, self.earlier_seconds = None, None, 0, 0.0
         self.digests: dict[int, str] = {}  # with resume_dir: block i's weights digest, taken when the loop reads it
+
+    def _choose_transform(self) -> str:
+        """The transform this run folds: the option's, or for "auto" the one that fits the model (recorded)."""
+        if self.cfg.transform != "auto":
+            return self.cfg.transform
+        from .folding import choose_transform
+
+        chosen, why = choose_transform(self.model, self.blocks, self.names, self.cfg.method)
+        self.report.choices["transform"] = {"asked": "auto", "chose": chosen, "why": why}
+        logger.info("astroquant: transform='auto' runs %r here: %s", chosen, why)
+        return chosen
 
     def rotate_inputs(self) -> None:
         """online_rotation: rotate the output projections' inputs (online_rotation.py); their channels
         are no longer the ones transform="scale" would scale."""
-        self.report.input_rotated = rotate_inputs(self.model, self.blocks, self.names, self.should_convert,
-                                                  self.cfg.seed, self.cfg.online_rotation)
+        try:
+            self.report.input_rotated = rotate_inputs(self.model, self.blocks, self.names, self.should_convert,
+                                                      self.cfg.seed, self.cfg.online_rotation)
+        except NothingToRotate as err:
+            if not self.cfg.from_preset("online_rotation"):
+                raise
+            self.report.choices["online_rotation"] = {"asked": self.cfg.online_rotation, "chose": "none",
+                                                      "why": str(err).split("; use online_rotation=")[0]}
+            logger.info("astroquant: the preset's online rotation is left out: %s", err)
         if self.pre is not None:
             self.pre.without_scales_on_rotated_inputs()
 
@@ -187,8 +206,8 @@ class _Run:
         self.checkpoints = resume.ResumeDir(cfg.resume_dir, resume.fingerprint(cfg, self.model, self.windows,
                                                                                 self.batch_size, self.blocks))
         self.state = self.checkpoints.load()
-        if self.state is not None and self.state["blocks_done"] > 0 and cfg.transform not in ("none", "rotate"):
-            raise ValueError(f"resume_dir with transform={cfg.transform!r}: the scales searched for finished "
+        if self.state is not None and self.state["blocks_done"] > 0 and self.transform not in ("none", "rotate"):
+            raise ValueError(f"resume_dir with transform={self.transform!r}: the scales searched for finished "
                              "blocks are not checkpointed; rerun without resume_dir (or an empty one)")
 
     def restore_finished_blocks(self) -> None:

@@ -17,20 +17,22 @@ class Preconditioner:
     logits), scales per block on the inputs the block sees (before its full-precision stream and
     its calibration; checked on the block's output)."""
 
-    def __init__(self, model: nn.Module, cfg: AstroQuantConfig, blocks, names: list[str]):
+    def __init__(self, model: nn.Module, cfg: AstroQuantConfig, blocks, names: list[str], transform: str):
+        """`transform`: "rotate", "scale" or "adaptive" (transform="auto" resolved: folding.choose_transform)."""
         from . import folding as pc
 
         self.pc, self.model, self.cfg, self.blocks, self.names = pc, model, cfg, blocks, names
-        self.sites = pc.check_foldable(model, blocks, names, cfg.transform)
-        self.record: dict[str, Any] = {"transform": cfg.transform, "blocks": {n: {} for n in names}}
+        self.transform = transform
+        self.sites = pc.check_foldable(model, blocks, names, transform)
+        self.record: dict[str, Any] = {"transform": transform, "blocks": {n: {} for n in names}}
         self.scale_sites: list[list[str]] = [[] for _ in names]
 
     def before_calibration(self) -> None:
         pc, cfg = self.pc, self.cfg
-        if cfg.transform == "scale":
+        if self.transform == "scale":
             self.scale_sites = [pc.scale_sites(bs) for bs in self.sites]
             return
-        if cfg.transform == "rotate":
+        if self.transform == "rotate":
             self._rotate()
             for bs in self.sites:
                 self.record["blocks"][bs.name] = pc.rotation_record(bs)

@@ -6,7 +6,7 @@ perplexity and time, rendered from benchmarks/results/ by `benchmarks/update_rea
 
     fast      GPTQ with act-order, static groups and the clipping search (the defaults): runs on
               every model family
-    balanced  adds the residual-stream rotation (GPTAQ at 2 bits), about as fast as fast
+    balanced  adds the residual-stream rotation where it folds (GPTAQ at 2 bits), about as fast as fast
     best      the lowest perplexity we measured at that width in no more than AutoRound's time:
               GPTAQ behind the residual rotation, Astro and an online rotation of the output
               projections' input (online_rotation: down_proj's, at 4 bits o_proj's too); at 4 bits
@@ -14,10 +14,12 @@ perplexity and time, rendered from benchmarks/results/ by `benchmarks/update_rea
               calibration text); at 3 and 2 bits block-output tuning of the scales and rounding
               (refine_steps, refine_rounding_lr)
 
-The rotation of balanced and best folds exactly into every family but those with post-norms
-(Gemma 2/3, OLMo 2, GLM-4); there it is refused with the reason (docs/families.md), and fast, or
-fast with transform="scale", is the preset to use. The online rotation of best is served by
-transformers only: the exports refuse it (best with online_rotation="none" exports).
+balanced and best ask for transform="auto": the residual rotation they were measured with, where it
+folds exactly into the model (every pre-norm family), and per-channel scales where it does not (the
+post-norm families Gemma 2/3, OLMo 2, GLM-4, and multimodal projectors: docs/families.md); the choice
+and its reason are in the report and the card, never an error. On the benchmark's model (a pre-norm
+Llama) "auto" is the rotation, so each preset is still exactly its measured row. The online rotation
+of best is served by transformers only: the exports refuse it (best with online_rotation="none" exports).
 """
 
 from __future__ import annotations
@@ -33,16 +35,22 @@ PRESETS: dict[tuple[str, int], tuple[dict[str, Any], str]] = {
     ("fast", 4): (dict(bits=4, group_size=64, method="gptq"), "gptq-w4"),
     ("fast", 3): (dict(bits=3, group_size=64, method="gptq"), "gptq-w3"),
     ("fast", 2): (dict(bits=2, group_size=32, method="gptq"), "gptq-w2"),
-    ("balanced", 4): (dict(bits=4, group_size=64, method="gptq", transform="rotate"), "gptq-rotate-w4"),
-    ("balanced", 3): (dict(bits=3, group_size=64, method="gptq", transform="rotate"), "gptq-rotate-w3"),
-    ("balanced", 2): (dict(bits=2, group_size=32, method="gptaq", transform="rotate"), "gptaq-rotate-w2"),
-    ("best", 4): (dict(bits=4, group_size=64, method="gptaq", transform="rotate", astro=True,
+    ("balanced", 4): (dict(bits=4, group_size=64, method="gptq", transform="auto"), "gptq-rotate-w4"),
+    ("balanced", 3): (dict(bits=3, group_size=64, method="gptq", transform="auto"), "gptq-rotate-w3"),
+    ("balanced", 2): (dict(bits=2, group_size=32, method="gptaq", transform="auto"), "gptaq-rotate-w2"),
+    ("best", 4): (dict(bits=4, group_size=64, method="gptaq", transform="auto", astro=True,
                        online_rotation="writers", damp_percent=0.1), "gptaq-rotate-astro-w4-writers-damp0.1"),
-    ("best", 3): (dict(bits=3, group_size=64, method="gptaq", transform="rotate", astro=True, online_rotation="down",
+    ("best", 3): (dict(bits=3, group_size=64, method="gptaq", transform="auto", astro=True, online_rotation="down",
                        refine_steps=25, refine_rounding_lr=5e-3), "gptaq-rotate-astro-w3-online-refine25-rounding"),
-    ("best", 2): (dict(bits=2, group_size=32, method="gptaq", transform="rotate", astro=True, online_rotation="down",
+    ("best", 2): (dict(bits=2, group_size=32, method="gptaq", transform="auto", astro=True, online_rotation="down",
                        refine_steps=25, refine_rounding_lr=5e-3), "gptaq-rotate-astro-w2-online-refine25-rounding"),
 }
+
+
+# What a GGUF file cannot hold, and what a preset uses in its place there: llama.cpp runs no online
+# rotation of a layer's input, and the block-output refinement tunes the GPTQ-style grid's scales (GGUF
+# blocks keep their own). The folded residual rotation, the solver and Astro stay.
+GGUF_UNSERVED = {"online_rotation": "none", "refine_steps": 0, "refine_rounding_lr": 0.0}
 
 
 def preset_options(bits: Any, quality: Any) -> dict[str, Any]:

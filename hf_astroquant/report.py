@@ -27,6 +27,9 @@ class QuantizationReport:
     fp_stream_bytes: int = 0  # peak bytes held for the full-precision stream (block inputs, outputs and X̃)
     resumed_blocks: int = 0  # blocks taken from a resume_dir checkpoint instead of calibrated
     transforms: dict[str, Any] = field(default_factory=dict)  # what transform= folded, per site
+    # options fitted to the model: {option: {"asked", "chose", "why"}} (transform="auto"; a preset's
+    # online_rotation on a model with nothing to rotate)
+    choices: dict[str, dict[str, str]] = field(default_factory=dict)
     routers: list[str] = field(default_factory=list)  # MoE routers: kept in full precision
     input_rotated: list[str] = field(default_factory=list)  # online_rotation: layers that rotate their input
     expert_tokens: dict[str, list[int]] = field(default_factory=dict)  # per experts module: tokens routed to each
@@ -125,6 +128,8 @@ def run_record(model, report: QuantizationReport) -> dict:
         record["phase_seconds"] = {k: round(v, 2) for k, v in report.phase_seconds.items()}
     if report.asym_alpha:
         record["asym_alpha"] = dict(report.asym_alpha)
+    if report.choices:
+        record["choices"] = {k: dict(v) for k, v in report.choices.items()}
     block_name, blocks = find_blocks(model)
     left = full_precision.full_precision_weights({f"{block_name}.{i}": b for i, b in enumerate(blocks)}, QUANTIZED_LAYERS)
     full_precision.warn_full_precision(left, len(blocks))

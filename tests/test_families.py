@@ -100,9 +100,10 @@ def test_the_record_and_the_readme_table_cover_every_family():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_transform_runs_end_to_end_where_it_folds(family, saved, tmp_path):
-    """Through from_pretrained: the residual rotation where it folds, else the scales (Gemma 2/3,
-    OLMo 2, GLM-4: post-norms); every block recorded, 8-bit logits within 3 % of full precision (the
-    MoEs: layer output errors as small as without a transform), the reload identical."""
+    """Through from_pretrained with transform="auto": the residual rotation where it folds, else the
+    scales (Gemma 2/3, OLMo 2, GLM-4: post-norms), as the table records; the choice and its reason in
+    the report; every block recorded, 8-bit logits within 3 % of full precision (the MoEs: layer
+    output errors as small as without a transform), the reload identical."""
     import statistics
 
     import torch
@@ -114,9 +115,12 @@ def test_a_transform_runs_end_to_end_where_it_folds(family, saved, tmp_path):
     with torch.no_grad():
         ref = auto.from_pretrained(saved / family).eval()(input_ids=ids).logits
     model = auto.from_pretrained(saved / family, quantization_config=AstroQuantConfig(
-        bits=8, group_size=16, transform=transform, dataset=DATA))
+        bits=8, group_size=16, transform="auto", dataset=DATA))
     applied = model.config.quantization_config.transforms_applied
     assert applied["transform"] == transform and all(applied["blocks"].values()), applied
+    choice = model.astroquant_report["choices"]["transform"]
+    assert choice["asked"] == "auto" and choice["chose"] == transform
+    assert ("post-norm" in choice["why"] or "multimodal" in choice["why"]) == (transform == "scale"), choice
     if transform == "rotate":
         assert applied["logit_deviation"] < 1e-4, applied
     with torch.no_grad():
@@ -133,3 +137,62 @@ def test_a_transform_runs_end_to_end_where_it_folds(family, saved, tmp_path):
             assert float((out - ref).norm() / ref.norm()) < 0.03, family
         model.save_pretrained(tmp_path)
         assert torch.equal(auto.from_pretrained(tmp_path).eval()(input_ids=ids).logits, out)
+
+
+def _every_preset(family, saved, presets):
+    import torch
+
+    from hf_astroquant import AstroQuantConfig
+
+    auto = auto_class(family)
+    for quality, bits in presets:
+        cfg = AstroQuantConfig.recommended(bits, quality, dataset=DATA, refine_steps=2) if quality == "best" and bits < 4 \
+            else AstroQuantConfig.recommended(bits, quality, dataset=DATA)
+        model = auto.from_pretrained(saved / family, quantization_config=cfg).eval()
+        if cfg.transform == "auto":  # the choice is what folds, as the matrix records
+            folds = _recorded()[family]["transforms"]["rotate"] == "exact"
+            assert model.astroquant_report["choices"]["transform"]["chose"] == ("rotate" if folds else "scale")
+        with torch.no_grad():
+            assert torch.isfinite(model(input_ids=DATA[:1]).logits).all(), (quality, bits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_best_preset_runs_on_every_family(family, saved):
+    """No preset raises on any family (the slow test below runs all nine): here `best`, the one that
+    asks for every transform, at one width per family in turn (refine steps shortened)."""
+    from hf_astroquant.presets import PRESET_BITS
+
+    _every_preset(family, saved, [("best", PRESET_BITS[FAMILIES.index(family) % len(PRESET_BITS)])])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_preset_runs_on_every_family(family, saved):
+    from hf_astroquant.presets import PRESETS
+
+    _every_preset(family, saved, sorted(PRESETS))
+
+
+@pytest.mark.parametrize("bits", [4, 3, 2])
+def test_on_a_post_norm_family_best_beats_fast(saved, bits):
+    """Gemma 3 (post-norms: no residual rotation folds): `best` runs with the scales in its place and
+    gives lower block-output errors than `fast` on windows it was not calibrated on."""
+    import torch
+
+    from hf_astroquant import AstroQuantConfig
+
+    auto, held = auto_class("gemma3_text"), calib_ids(8, 32, seed=100)
+    fp = auto.from_pretrained(saved / "gemma3_text").eval()
+
+    def block_error(quality):
+        q = auto.from_pretrained(saved / "gemma3_text", quantization_config=AstroQuantConfig.recommended(
+            bits, quality, dataset=DATA)).eval()
+        with torch.no_grad():
+            got = q(input_ids=held, output_hidden_states=True).hidden_states[1:]
+            want = fp(input_ids=held, output_hidden_states=True).hidden_states[1:]
+        return sum(float((a - b).norm() / b.norm()) for a, b in zip(got, want)) / len(want), q
+
+    (best, q), (fast, _) = block_error("best"), block_error("fast")
+    assert q.astroquant_report["choices"]["transform"]["chose"] == "scale"
+    assert best < fast, (best, fast)
+

@@ -1,6 +1,8 @@
 """GGUF grids (issue 23, part): every type's packed blocks decode in gguf-py to exactly the weights
 our solvers chose; llama.cpp's per-tensor mixtures; the gguf_type option end to end."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -174,3 +176,44 @@ def test_gguf_type_on_other_families(tmp_path, family):
         assert m._weight is not None and torch.equal(m._weight, m.dequantize_weight())
     q.save_pretrained(tmp_path / "q")
     assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "q")(ids[:1]).logits, logits)
+
+
+@pytest.mark.parametrize("quality,bits", [("fast", 4), ("balanced", 2), ("best", 4), ("best", 3), ("best", 2)])
+def test_a_preset_for_a_gguf_file_keeps_what_the_file_holds(quality, bits):
+    """With gguf_type a preset leaves out what a GGUF file cannot hold (the online rotation, the
+    block-output refinement) unless the caller asks for it, and says so in its record."""
+    from hf_astroquant import AstroQuantConfig
+    from hf_astroquant.presets import GGUF_UNSERVED, PRESETS
+
+    cfg = AstroQuantConfig.recommended(bits, quality, gguf_type="Q4_K_M")
+    asked = PRESETS[(quality, bits)][0]
+    assert all(getattr(cfg, k) == v for k, v in GGUF_UNSERVED.items())
+    assert cfg.preset["engine"] == "gguf"
+    assert cfg.preset["left_out"] == sorted(k for k, v in GGUF_UNSERVED.items() if asked.get(k, v) != v)
+    assert (cfg.method, cfg.astro, cfg.transform) == (asked["method"], asked.get("astro", False),
+                                                      asked.get("transform", "none"))
+    if quality == "best":  # asked for anyway: the refusal names it
+        with pytest.raises(ValueError, match="online_rotation='down' is not valid; allowed: 'none' with gguf_type"):
+            AstroQuantConfig.recommended(bits, quality, gguf_type="Q4_K_M", online_rotation="down")
+
+
+def test_the_best_gguf_preset_runs_end_to_end_and_the_card_says_what_it_left_out(tmp_path, capsys):
+    """`quantize --preset best --gguf-type Q4_K_M`, then `export --format gguf`: the residual rotation,
+    GPTAQ and Astro on the GGUF grids; the card names the preset and what a GGUF file cannot hold."""
+    from test_gguf_writer import build_family
+
+    from hf_astroquant import cli
+
+    build_family("smollm", tmp_path / "fp")  # a Llama with a BPE tokenizer, as a GGUF file needs
+    (tmp_path / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    assert cli.main(["quantize", str(tmp_path / "fp"), "--out", str(tmp_path / "q"), "--preset", "best", "--bits", "3",
+                     "--gguf-type", "Q4_K_M", "--dataset", str(tmp_path / "calib.txt"), "--n-samples", "4",
+                     "--seqlen", "32"]) == 0
+    config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert config["transforms_applied"]["transform"] == "rotate" and config["astro"] and config["method"] == "gptaq"
+    assert config["preset"]["left_out"] == ["online_rotation", "refine_rounding_lr", "refine_steps"]
+    card = (tmp_path / "q" / "README.md").read_text()
+    assert "`best` at 3 bits, for a GGUF file (left out: `online_rotation`, `refine_rounding_lr`, `refine_steps`)" in card
+    assert "residual rotation folds exactly" in card
+    assert cli.main(["export", str(tmp_path / "q"), "--format", "gguf", "--out", str(tmp_path / "q.gguf")]) == 0
+    assert (tmp_path / "q.gguf").stat().st_size > 0

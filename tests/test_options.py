@@ -10,7 +10,7 @@ import pytest
 from hf_astroquant import AstroQuantConfig, cli
 from hf_astroquant.checks import Integer, OneOf
 from hf_astroquant.options import Option, options_table
-from hf_astroquant.presets import PRESETS, QUALITIES
+from hf_astroquant.presets import _GRID, PRESETS, QUALITIES
 from test_bad_input import bad_value_cases
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,7 +91,14 @@ def _bench_rows():
 def test_every_preset_is_exactly_a_measured_row_of_the_benchmark_grid(quality, bits):
     options, row = PRESETS[(quality, bits)]
     measured = AstroQuantConfig(**_bench_rows()[row]).to_dict()
-    assert AstroQuantConfig.recommended(bits=bits, quality=quality).to_dict() == measured, row
+    preset = AstroQuantConfig.recommended(bits=bits, quality=quality).to_dict()
+    # the record of what the preset chose: every option it sets, none overridden here
+    assert preset.pop("preset") == {"quality": quality, "bits": bits, "options": sorted(set(options) | set(_GRID))}
+    measured.pop("preset")
+    if preset["transform"] == "auto":  # on the benchmark's pre-norm Llama, auto is the rotation (test_families)
+        assert measured["transform"] == "rotate", row
+        preset["transform"] = "rotate"
+    assert preset == measured, row
     assert options["bits"] == bits
 
 
@@ -137,7 +144,8 @@ def test_the_cli_preset_flag_uses_bits_and_lets_other_flags_override():
     parser = cli.build_parser()
     args = parser.parse_args(["quantize", "m", "--out", "o", "--preset", "best", "--bits", "3", "--no-astro"])
     cfg = cli.config_from_args(args)
-    assert (cfg.bits, cfg.method, cfg.transform, cfg.astro, cfg.group_size) == (3, "gptaq", "rotate", False, 64)
+    assert (cfg.bits, cfg.method, cfg.transform, cfg.astro, cfg.group_size) == (3, "gptaq", "auto", False, 64)
+    assert cfg.preset["quality"] == "best" and "astro" not in cfg.preset["options"]  # --no-astro is the caller's
     args = parser.parse_args(["quantize", "m", "--out", "o", "--preset", "fast"])
     assert cli.config_from_args(args).to_dict() == AstroQuantConfig.recommended(4, "fast").to_dict()
     assert isinstance(args, argparse.Namespace)
@@ -146,6 +154,7 @@ def test_the_cli_preset_flag_uses_bits_and_lets_other_flags_override():
 def test_defaults_are_the_fast_preset_but_for_the_group_size():
     fast = AstroQuantConfig.recommended(bits=4, quality="fast").to_dict()
     default = AstroQuantConfig(group_size=64).to_dict()
+    assert fast.pop("preset")["quality"] == "fast" and default.pop("preset") is None
     assert fast == default
 
 

@@ -87,6 +87,9 @@ def test_a_preset_config_runs_as_given_and_a_loaded_tokenizer_is_saved(source, t
     assert {n: getattr(result.config, n) for n in names} == {n: getattr(cfg, n) for n in names}
     assert result.config.tokenizer is cfg.tokenizer and (tmp_path / "q" / "tokenizer.json").is_file()
     assert result.perplexity == {} and "perplexity" not in result.report
+    saved = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert saved["preset"] == cfg.preset and cfg.preset["quality"] == "fast"  # the preset's record is kept
+    assert "| preset | `fast` at 4 bits |" in (tmp_path / "q" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("call,message", [

@@ -64,12 +64,7 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, config: AstroQuan
                                                   "--eval-data": eval_data},
                                  folders={"--offload-folder": offload_folder, "--resume-dir": config.resume_dir})
     try:
-        needed = config.needs_calibration_data or eval_text is not None
-        if config.tokenizer is None or tok_name is not None:
-            tok = _tokenizer_of(os.fspath(tok_name or source), os.fspath(tok_name or shown), load_kwargs, needed)
-        else:
-            tok = config.tokenizer  # a loaded tokenizer
-        cfg = type(config)(**{**{n: getattr(config, n) for n in config._option_names()}, "tokenizer": tok})
+        cfg, tok = _with_tokenizer(config, tok_name, source, shown, load_kwargs, eval_text is not None)
         qmodel, seconds, ppl, eval_ids = _load_and_quantize(shown, cfg, source, load_kwargs, tok, eval_text,
                                                             eval_seqlen, eval_windows, dtype, placement)
         qmodel.name_or_path = shown
@@ -90,6 +85,17 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, config: AstroQuan
     report, rows = _quantize_summary(shown, cfg, qmodel, out, seconds, ppl if eval_data else None)
     return QuantizeResult(out=out, model=qmodel, config=cfg, seconds=seconds, perplexity=ppl, report=report,
                           rows=rows)
+
+
+def _with_tokenizer(config, tok_name, source: str, shown: str, load_kwargs: dict, evaluating: bool):
+    """(a copy of `config` holding the loaded tokenizer, the tokenizer): the caller's config is left as it was."""
+    needed = config.needs_calibration_data or evaluating
+    if config.tokenizer is None or tok_name is not None:
+        tok = _tokenizer_of(os.fspath(tok_name or source), os.fspath(tok_name or shown), load_kwargs, needed)
+    else:
+        tok = config.tokenizer  # a loaded tokenizer
+    options = {n: getattr(config, n) for n in config._option_names()}
+    return type(config)(**{**options, "tokenizer": tok, "preset": config.preset}), tok
 
 
 def _load_and_quantize(shown: str, cfg, source: str, load_kwargs: dict, tok, eval_text, eval_seqlen: int,
