@@ -86,8 +86,7 @@ def calibrate_block(block: nn.Module, block_name: str, targets: dict[str, nn.Lin
                                      + (fp_source.peak_bytes if fp_source is not None else 0))
     for name in missed:
         if name in experts:  # no token was routed to it: the stated fallback
-            with timing("solve"):
-                solved[name] = solver.round_to_nearest(name, targets[name], None)
+            solved[name] = solver.round_to_nearest(name, targets[name], None)
             continue
         logger.warning("%s was never called during calibration; it stays in full precision", name)
         result.unreached.append(name)
@@ -122,8 +121,7 @@ def solve_block(targets: dict[str, nn.Linear], batches: list[torch.Tensor], kwar
 
     def solve(name, linear, stats, device, factors):
         if experts is not None and name in experts and stats.n < solver.cfg.min_expert_tokens:
-            with solver.timing("solve"):  # a Hessian of a handful of tokens corrects nothing: round to nearest
-                return solver.round_to_nearest(name, linear, stats)
+            return solver.round_to_nearest(name, linear, stats)  # a Hessian of a handful of tokens corrects nothing
         return solver(name, linear, stats, device, factors)
 
     def swap_in(name, done: SolvedLayer):

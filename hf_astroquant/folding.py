@@ -54,7 +54,11 @@ _HALF_TOLERANCE = 0.25
 
 
 class TransformError(ValueError):
-    pass
+    """A transform that cannot fold exactly; `reason` is what refuses it, without the advice."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 def _config(model: nn.Module):
@@ -67,8 +71,8 @@ def _family(model: nn.Module) -> str:
 
 
 def _refuse(model: nn.Module, transform: str, what: str) -> TransformError:
-    return TransformError(f"transform={transform!r} cannot fold exactly into {_family(model)}: {what}. "
-                          "Use transform='none'.")
+    reason = f"transform={transform!r} cannot fold exactly into {_family(model)}: {what}"
+    return TransformError(f"{reason}. Use transform='none'.", reason)
 
 
 def block_sites(model: nn.Module, block: nn.Module, name: str, transform: str = "rotate") -> BlockSites:
@@ -93,8 +97,9 @@ def check_foldable(model: nn.Module, blocks, names: list[str], transform: str) -
     for name, block in zip(names, blocks):
         if any(offload.is_offloaded(m) for m in block.modules()) or any(
                 p.device.type == "meta" for p in block.parameters()):
-            raise TransformError(f"transform={transform!r} needs every block's weights in memory; {name} is "
-                                 "offloaded (device_map with cpu/disk entries). Use transform='none' with offloading.")
+            reason = (f"transform={transform!r} needs every block's weights in memory; {name} is offloaded "
+                      "(device_map with cpu/disk entries)")
+            raise TransformError(f"{reason}. Use transform='none' with offloading.", reason)
         bs = block_sites(model, block, name, transform)
         for site in bs.norm_sites:
             if site.norm is not None:
@@ -113,14 +118,14 @@ def choose_transform(model: nn.Module, blocks, names: list[str], method: str) ->
         check_foldable(model, blocks, names, "rotate")
         return "rotate", "the residual rotation folds exactly into this model"
     except TransformError as err:
-        refused = str(err).split(". Use transform=")[0]
+        refused = err.reason
     if method == "rtn":
         return "none", f"{refused}; scales need calibration data (method='rtn')"
     try:
         check_foldable(model, blocks, names, "scale")
         return "scale", refused
     except TransformError as err:
-        return "none", f"{refused}; {str(err).split('. Use transform=')[0]}"
+        return "none", f"{refused}; {err.reason}"
 
 
 def _check_rotatable(model: nn.Module, sites: list[BlockSites], transform: str) -> None:

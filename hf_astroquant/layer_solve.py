@@ -61,13 +61,14 @@ class LayerSolver:
 
     def round_to_nearest(self, name: str, linear: nn.Linear, stats: Stats | None) -> SolvedLayer:
         """The stated fallback for an expert that saw fewer than min_expert_tokens tokens: round to
-        nearest (no error correction from a Hessian of a handful of tokens)."""
-        W = linear.weight.data
-        result, packed = rounded_layer(self.cfg, name, linear, mse=False)
-        error = reconstruction_error(W, result.weight, stats.normalize().h) if stats is not None else None
-        set_weight(linear, result.weight)
-        packed.set_backend("reference")
-        return SolvedLayer(packed, error, fallback_tokens=stats.n if stats is not None else 0)
+        nearest (no error correction from a Hessian of a handful of tokens). Timed as a solve."""
+        with self.timing("solve"):
+            W = linear.weight.data
+            result, packed = rounded_layer(self.cfg, name, linear, mse=False)
+            error = reconstruction_error(W, result.weight, stats.normalize().h) if stats is not None else None
+            set_weight(linear, result.weight)
+            packed.set_backend("reference")
+            return SolvedLayer(packed, error, fallback_tokens=stats.n if stats is not None else 0)
 
     def __call__(self, name: str, linear: nn.Linear, stats: Stats, device: torch.device | None = None,
                  factors: HessianFactors | None = None) -> SolvedLayer:

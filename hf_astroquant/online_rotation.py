@@ -38,7 +38,11 @@ _SEED_OFFSET = 7717  # the online rotation's seed, apart from the residual rotat
 
 
 class NothingToRotate(ValueError):
-    """The model has no output projection that online_rotation would rotate."""
+    """The model has no output projection that online_rotation would rotate; `reason` says so without the advice."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def rotate_inputs(model: nn.Module, blocks, names: list[str], should_convert, seed: int, mode: str = "down") -> list[str]:
@@ -62,10 +66,10 @@ def rotate_inputs(model: nn.Module, blocks, names: list[str], should_convert, se
             attach(linear, rotations[n])
             rotated.append(full)
     if not rotated:
-        raise NothingToRotate(f"online_rotation={mode!r}: {type(model).__name__} "
-                         f"({getattr(config, 'model_type', '?')}) has no dense MLP output projection "
-                         "to rotate among the modules being quantized (routed experts are not rotated); "
-                         "use online_rotation='none'")
+        reason = (f"online_rotation={mode!r}: {type(model).__name__} ({getattr(config, 'model_type', '?')}) has no "
+                  "dense MLP output projection to rotate among the modules being quantized (routed experts are not "
+                  "rotated)")
+        raise NothingToRotate(f"{reason}; use online_rotation='none'", reason)
     logger.info("astroquant: online input rotation on %d output projections", len(rotated))
     return rotated
 

@@ -157,7 +157,7 @@ class _Run:
             if not self.cfg.from_preset("online_rotation"):
                 raise
             self.report.choices["online_rotation"] = {"asked": self.cfg.online_rotation, "chose": "none",
-                                                      "why": str(err).split("; use online_rotation=")[0]}
+                                                      "why": err.reason}
             logger.info("astroquant: the preset's online rotation is left out: %s", err)
         if self.pre is not None:
             self.pre.without_scales_on_rotated_inputs()
