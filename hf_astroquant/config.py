@@ -113,7 +113,7 @@ class AstroQuantConfig(QuantizationConfigMixin):
 
     def from_preset(self, option: str) -> bool:
         """Whether `option` is a preset's choice (recommended()) rather than the caller's."""
-        return bool(self.preset) and option in (self.preset.get("options") or ())
+        return isinstance(self.preset, dict) and option in (self.preset.get("options") or ())
 
     def post_init(self) -> None:
         """Validate every option; raise ValueError naming the bad value and what is allowed."""

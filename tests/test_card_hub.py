@@ -68,6 +68,21 @@ def test_a_resave_drops_the_remote_code_map_of_older_versions(quantized, tmp_pat
     assert "auto_map" not in json.loads((tmp_path / "new" / "config.json").read_text())
 
 
+def test_the_cards_preset_and_choices_rows_skip_a_record_of_the_wrong_shape(quantized, tmp_path):
+    _, q = quantized
+    crafted = tmp_path / "crafted"
+    shutil.copytree(q, crafted)
+    config = json.loads((crafted / "config.json").read_text())
+    config["quantization_config"]["preset"] = ["best"]
+    (crafted / "config.json").write_text(json.dumps(config))
+    report = json.loads((crafted / REPORT_FILE).read_text())
+    report["choices"] = {"transform": "scale", "online_rotation": {"asked": "down", "chose": "none", "why": "w"}}
+    (crafted / REPORT_FILE).write_text(json.dumps(report))
+    text = str(render_card(crafted, plot=False))
+    assert "| preset |" not in text and "transform (asked" not in text
+    assert "| online_rotation (asked `down`) | `none`: w |" in text
+
+
 def test_the_card_names_the_error_each_method_records(quantized, tmp_path):
     _, q = quantized
     assert json.loads((q / REPORT_FILE).read_text())["layer_error_kind"] == "output"

@@ -209,13 +209,16 @@ def _summary_rows(directory: Path, q: dict, report: dict, fmt: str) -> list[tupl
     """The card's table: grid, perplexity, sizes, time, layer errors, lm-eval scores."""
     bits = q.get("bits")
     rows: list[tuple[str, str]] = [("bits / group size", f"{bits} / {q.get('group_size')}")]
-    preset = q.get("preset") or {}
-    if preset:
-        gguf = (f", for a GGUF file (left out: {', '.join(f'`{o}`' for o in preset.get('left_out') or ()) or 'nothing'})"
+    preset = q.get("preset")
+    if isinstance(preset, dict):  # (a saved file may hold anything: what is not the record's shape is not shown)
+        left = preset.get("left_out") if isinstance(preset.get("left_out"), list) else []
+        gguf = (f", for a GGUF file (left out: {', '.join(f'`{o}`' for o in left) or 'nothing'})"
                 if preset.get("engine") == "gguf" else "")
         rows.append(("preset", f"`{preset.get('quality')}` at {preset.get('bits')} bits{gguf}"))
-    for option, choice in (report.get("choices") or {}).items():  # what the run fitted to this model
-        rows.append((f"{option} (asked `{choice.get('asked')}`)", f"`{choice.get('chose')}`: {choice.get('why')}"))
+    choices = report.get("choices")
+    for option, choice in (choices.items() if isinstance(choices, dict) else ()):  # what the run fitted to the model
+        if isinstance(choice, dict):
+            rows.append((f"{option} (asked `{choice.get('asked')}`)", f"`{choice.get('chose')}`: {choice.get('why')}"))
     ppl = report.get("perplexity") or {}
     if ppl:
         where = f" ({ppl.get('data', 'evaluation text')}, seqlen {ppl.get('seqlen')})"
