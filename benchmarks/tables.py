@@ -265,6 +265,12 @@ SECTIONS = {
         (f"W{b} g64, seed {s}", moe_cell(b, s))
         for b, s in sorted({(r["bits"], r["calibration_seed"]) for r in rows}, key=lambda c: (-c[0], c[1]))],
         where=lambda r: r.get("setting"), group=lambda r: r["setting"]),
+    "distributed": Table(("distributed",), [
+        ("method", cell("method")), ("statistics", cell("statistics_dtype")), ("ranks", cell("ranks")),
+        ("s per block (median)", cell("block_seconds")), ("× 1 rank", lambda r: f"{r['speedup']:.2f}"),
+        ("statistics s", cell("statistics_seconds")), ("solve s", cell("solve_seconds")),
+        ("summed MiB per block", cell("reduced_mb_per_block")), ("sent MiB per block", cell("broadcast_mb_per_block")),
+        ("codes as 1 rank", lambda r: f"{100 * r['codes_as_1_rank']:.3f} %")]),
     "fp_stream": Table(("fp_stream",), [
         ("full-precision inputs", cell("inputs")), ("stream MiB", lambda r: f"{r['fp_stream_bytes'] / 2**20:.0f}"),
         ("full-precision forwards s", cell("fp_stream_seconds")), ("quantize s", cell("seconds")),

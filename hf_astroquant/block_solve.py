@@ -13,6 +13,12 @@ A block's mixture-of-experts routing is set for each pass here and nowhere else 
 every expert on every token for the full-precision stream of the asymmetric solvers, as
 `calibrate_all_experts` says for the statistics, and the model's own routing (counted) for the
 outputs the next block reads.
+
+Under torch.distributed (`distributed.Ranks`) each rank runs the block on its share of the windows:
+a stage's statistics are summed over ranks before it is solved, its Linears are solved by different
+ranks and the packed results sent to all. So that every rank meets the same stages in the same order,
+every expert runs (on no rows when no token of this rank is routed to it), and the one-forward path
+learns the block's stages first, from one window.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ from torch import nn
 from .algorithms.factors import HessianFactors
 from .blocks import path_in_block, set_submodule
 from .config import AstroQuantConfig
+from .distributed import Ranks, RanksDisagree
 from .experts import BlockExperts
-from .layer_solve import LayerSolver, SolvedLayer, stage_factors
+from .layer_solve import LayerSolver, SolvedLayer, set_weight, stage_factors
 from .memory import release_weight
-from .refinement import refine_block
+from .refinement import refine_block, slice_kwargs
 from .statistics import NonFiniteInput, Stats, input_stats
 from .stream import FullPrecisionStream, StopForward, pre_hooks, run_block, tensor_bytes
 
@@ -53,13 +60,16 @@ class BlockResult:
 def calibrate_block(block: nn.Module, block_name: str, targets: dict[str, nn.Linear], solver: LayerSolver,
                     stream: tuple[list[torch.Tensor], list[dict]],
                     fp_stream: tuple[list[torch.Tensor], list[dict]] | None, fp: FullPrecisionStream,
-                    devices: list[torch.device] | None = None) -> BlockResult:
+                    ranks: Ranks | None = None, window_ids: list[list[int]] | None = None) -> BlockResult:
     """Quantize the `targets` of `block` from its quantized-stream inputs (`stream`: inputs, kwargs
-    per batch) and, when carried, the full-precision stream's (`fp_stream`). The solved layers are in
-    the block when this returns (so its outputs are theirs); putting them in the model is the caller's."""
+    per batch) and, when carried, the full-precision stream's (`fp_stream`); with several `ranks`, from
+    this rank's share of the windows (`window_ids`: each batch row's index among all ranks' windows),
+    the statistics summed over ranks. The solved layers are in the
+    block when this returns (so its outputs are theirs); putting them in the model is the caller's."""
     cfg, timing = solver.cfg, solver.timing
+    ranks = ranks or Ranks()
     asymmetric = solver.options.needs_fp_stream
-    experts = BlockExperts(block, block_name)
+    experts = BlockExperts(block, block_name, every_expert=ranks.active)
     fp_outputs = fp_source = refine_targets = None
     switch_bytes = 0
     if cfg.refine_steps and fp_stream is None:  # the target is the fp block on the same inputs
@@ -72,13 +82,15 @@ def calibrate_block(block: nn.Module, block_name: str, targets: dict[str, nn.Lin
                                                              stagewise_ok=not experts.owners)
         experts.set_all_tokens(cfg.calibrate_all_experts)
         outputs, solved, missed = solve_block(targets, *stream, block, solver, cfg.true_sequential, fp_source,
-                                              block_name, devices, experts if experts.owners else None)
+                                              block_name, ranks, experts if experts.owners else None)
     finally:
         expert_tokens = experts.finish()
+    for name in sorted(expert_tokens):  # the tokens routed over every rank's windows
+        expert_tokens[name] = ranks.sum_numbers(expert_tokens[name])
     result = BlockResult(outputs, fp_outputs, solved, [], expert_tokens)
     if cfg.refine_steps:
         result.outputs, *loss = _refine(cfg, block, block_name, solved, stream, refine_targets or fp_outputs,
-                                        outputs, timing)
+                                        outputs, timing, ranks, window_ids)
         result.refine_loss = loss
     if fp_stream is not None:  # its inputs and outputs, and at their peak its Linears' inputs
         # (stage by stage, that peak is known once every stage has taken its input)
@@ -94,14 +106,14 @@ def calibrate_block(block: nn.Module, block_name: str, targets: dict[str, nn.Lin
 
 
 def _refine(cfg: AstroQuantConfig, block, block_name, solved: dict[str, SolvedLayer], stream, targets, outputs,
-            timing):
+            timing, ranks: Ranks, window_ids):
     """Tune the solved layers' scales (and codes) toward `targets` (refinement.py): (the block's new
     outputs, the loss before, after). The rounding errors are let go once used."""
     with timing("refine"):
         errors = {n: s.rounding_error for n, s in solved.items() if s.rounding_error is not None}
         out = refine_block(block, block_name, {n: s.layer for n, s in solved.items()}, stream[0], stream[1], targets,
                            outputs, cfg.refine_steps, cfg.refine_lr, cfg.refine_batch_size, cfg.seed,
-                           cfg.refine_rounding_lr, errors)
+                           cfg.refine_rounding_lr, errors, ranks, window_ids)
     for s in solved.values():
         s.rounding_error = None
     return out
@@ -109,18 +121,22 @@ def _refine(cfg: AstroQuantConfig, block, block_name, solved: dict[str, SolvedLa
 
 def solve_block(targets: dict[str, nn.Linear], batches: list[torch.Tensor], kwargs_list: list[dict], block: nn.Module,
                 solver: LayerSolver, true_sequential: bool, fp_source=None, block_name: str = "",
-                devices: list[torch.device] | None = None, experts: BlockExperts | None = None):
+                ranks: Ranks | None = None, experts: BlockExperts | None = None):
     """Solve every target Linear of `block` (named `block_name` in the model); return (its quantized
     outputs per batch, {name: SolvedLayer} in the order solved, the targets no forward pass reached).
     `fp_source.take(name, b)` is the input the full-precision block gives `name` on batch b (for the
     asymmetric solvers: stream.py). Each solved Linear is swapped for its packed layer at once, so
-    later forwards run the packed layers and the full-size weights go early."""
+    later forwards run the packed layers and the full-size weights go early. With several `ranks`,
+    `batches` are this rank's share and every statistic is summed over ranks before a solve."""
+    ranks = ranks or Ranks()
     solved: dict[str, SolvedLayer] = {}
     names = {mod: name for name, mod in targets.items()}
-    input_hessian = _statistics_taker(solver, fp_source, experts)
+    input_hessian = _statistics_taker(solver, fp_source, experts, statistics_dtype(solver.cfg, ranks))
 
     def solve(name, linear, stats, device, factors):
         if experts is not None and name in experts and stats.n < solver.cfg.min_expert_tokens:
+            if stats.n == 0:  # no token on any rank: as when no forward reaches it (calibrate_block)
+                return solver.round_to_nearest(name, linear, None)
             return solver.round_to_nearest(name, linear, stats)  # a Hessian of a handful of tokens corrects nothing
         return solver(name, linear, stats, device, factors)
 
@@ -128,17 +144,21 @@ def solve_block(targets: dict[str, nn.Linear], batches: list[torch.Tensor], kwar
         solved[name] = done
         set_submodule(block, path_in_block(block_name, name), done.layer)
 
+    one_batch = all(n == 1 for n in ranks.gather(len(batches)))  # every rank takes the same path
+    # One forward: several ranks solve a stage's Linears together, so they learn the block's stages
+    # first (from one window, before the experts count the routed tokens).
+    stages = (_stages(names, batches[0], kwargs_list[0], block) if ranks.active and one_batch and true_sequential
+              else None)
     if experts is not None:  # the routed counts of the pass that gives the block's outputs
         experts.start_counting()
-    if len(batches) == 1 and true_sequential and not (devices and len(devices) > 1):
-        # One forward: solve each Linear in its pre-hook, before it runs. (Spreading a stage over
-        # devices needs the whole stage known first: the staged path below finds it.)
+    if one_batch and true_sequential:
+        # One forward: solve each Linear in its pre-hook, before it runs.
         outputs = [_solve_in_one_forward(names, batches[0], kwargs_list[0], block, solver, input_hessian, solve,
-                                         swap_in)]
+                                         swap_in, stages, ranks)]
     else:
         for members, stats in _stage_hessians(targets, names, batches, kwargs_list, block, solved, input_hessian,
-                                              true_sequential):
-            for name, done in solve_stage(solve, solver.cfg.damp_percent, members, targets, stats, devices).items():
+                                              true_sequential, ranks):
+            for name, done in solve_stage(solve, solver.cfg.damp_percent, members, targets, stats, ranks).items():
                 swap_in(name, done)
                 release_weight(targets[name])
         if experts is not None:
@@ -148,10 +168,17 @@ def solve_block(targets: dict[str, nn.Linear], batches: list[torch.Tensor], kwar
     return outputs, solved, [n for n in targets if n not in solved]
 
 
-def _statistics_taker(solver: LayerSolver, fp_source, experts: BlockExperts | None):
-    """input_hessian(name, x, bi): the statistics of the input x that the Linear `name` gets on batch
-    bi, against its full-precision input from `fp_source` (batches past the full-precision stream's,
-    with fp_samples, add to H only)."""
+def statistics_dtype(cfg: AstroQuantConfig, ranks: Ranks) -> torch.dtype:
+    """The dtype the statistics are summed in: `cfg.statistics_dtype`, or for auto float64 under
+    torch.distributed (so that the result does not depend on the number of ranks) and float32 in one process."""
+    chosen = cfg.statistics_dtype or ("float64" if ranks.active else "float32")
+    return torch.float64 if chosen == "float64" else torch.float32
+
+
+def _statistics_taker(solver: LayerSolver, fp_source, experts: BlockExperts | None, dtype: torch.dtype):
+    """input_hessian(name, x, bi): the statistics (summed in `dtype`) of the input x that the Linear
+    `name` gets on batch bi, against its full-precision input from `fp_source` (batches past the
+    full-precision stream's, with fp_samples, add to H only)."""
     with_g, timing = solver.options.needs_dxdxt, solver.timing
 
     def input_hessian(name, x, bi=0):
@@ -166,20 +193,57 @@ def _statistics_taker(solver: LayerSolver, fp_source, experts: BlockExperts | No
             x, x_fp = experts.routed_pairs(name, x, x_fp)
         try:
             with timing("statistics"):
-                return input_stats(x, x_fp, with_g)
+                return input_stats(x, x_fp, with_g, dtype)
         except NonFiniteInput:
             raise ValueError(f"calibration inputs of {name} contain NaN or Inf") from None
 
     return input_hessian
 
 
-def _solve_in_one_forward(names, x, kwargs, block, solver, input_hessian, solve, swap_in) -> torch.Tensor:
+def _stages(names: dict[nn.Module, str], x: torch.Tensor, kwargs: dict, block: nn.Module) -> list[list[str]]:
+    """The block's stages (the target Linears that share one input, in the order they run), from a
+    full-precision forward of one window."""
+    stages: list[list[str]] = []
+    seen: dict[str, Any] = {"x": None}
+
+    def note(module, args):
+        if args[0] is not seen["x"]:
+            seen["x"] = args[0]  # (held, so no later tensor can reuse its identity)
+            stages.append([])
+        stages[-1].append(names[module])
+
+    with pre_hooks(list(names), note), torch.no_grad():
+        run_block(block, x[:1], slice_kwargs(kwargs, slice(0, 1), len(x)))
+    return stages
+
+
+def _solve_in_one_forward(names, x, kwargs, block, solver, input_hessian, solve, swap_in,
+                          stages: list[list[str]] | None = None, ranks: Ranks | None = None) -> torch.Tensor:
     """Run the block once; each target Linear is solved in its pre-hook (from the input it is about
-    to get), swapped for its packed layer, and its weights released once its call is over."""
+    to get), swapped for its packed layer, and its weights released once its call is over. With
+    several `ranks` (and the block's `stages`), the first Linear of a stage to run has the stage solved
+    by all ranks (`solve_stage`); the others take their solved layer when their turn comes."""
+    ranks = ranks or Ranks()
     shared: dict[str, Any] = {"x": None, "h": None}
+    stage_of = {name: members for members in stages or [] for name in members}
+    targets = {name: module for module, name in names.items()}
+    ready: dict[str, SolvedLayer] = {}
 
     def solve_now(module, args):
         name = names[module]
+        if ranks.active:
+            if name in ready:
+                if args[0] is not shared["x"]:
+                    raise RanksDisagree(f"{name} got another input than the stage it was solved with; the "
+                                        "block's stages changed between two forwards")
+            else:
+                if name not in stage_of:
+                    raise RanksDisagree(f"{name} was not in the block's stages when they were learned")
+                shared["x"] = args[0]
+                stats = ranks.sum_stats(input_hessian(name, args[0]))
+                ready.update(solve_stage(solve, solver.cfg.damp_percent, stage_of[name], targets, stats, ranks))
+            swap_in(name, ready.pop(name))
+            return
         if shared["x"] is not args[0]:  # q/k/v (gate/up) share one input tensor, so one H and its factors
             stats = input_hessian(name, args[0])
             shared.update(x=args[0], h=stats, f=stage_factors(stats, module.weight.device, solver.cfg.damp_percent))
@@ -198,8 +262,10 @@ def _solve_in_one_forward(names, x, kwargs, block, solver, input_hessian, solve,
         shared.clear()
 
 
-def _stage_hessians(targets, names, batches, kwargs_list, block, done, input_hessian, true_sequential):
-    """Yield (member names, Stats) for each group of Linears that share one input.
+def _stage_hessians(targets, names, batches, kwargs_list, block, done, input_hessian, true_sequential,
+                    ranks: Ranks):
+    """Yield (member names, Stats) for each group of Linears that share one input, the statistics
+    summed over `ranks` (which must have met the same groups).
 
     True sequential: one group per pass over all batches, with the groups before it already
     quantized (in `done` by the time the next pass starts); every forward stops at the first Linear
@@ -235,51 +301,38 @@ def _stage_hessians(targets, names, batches, kwargs_list, block, done, input_hes
                     run_block(block, x, kw)
                 except StopForward:
                     pass
+        ranks.check_same(groups, "list of the block's stages")
         if not groups:
             return
-        yield from zip(groups, sums)
+        yield from zip(groups, [ranks.sum_stats(stats) for stats in sums])
         if not true_sequential:
             return
 
 
 def solve_stage(solve, damp: float, members: list[str], targets: dict[str, nn.Linear], stats: Stats,
-                devices: list[torch.device] | None) -> dict[str, SolvedLayer]:
+                ranks: Ranks | None = None) -> dict[str, SolvedLayer]:
     """Solve the Linears of one stage (they share `stats`) with `solve(name, linear, stats, device,
-    factors)`; with several `devices`, member k on devices[k mod n], in threads (torch releases the GIL
-    inside its kernels). Returns {name: SolvedLayer} in member order."""
-    factors: dict[torch.device, HessianFactors] = {}  # one per device, made before any thread reads them
-    if not devices or len(devices) < 2 or len(members) < 2:
-        out = {}
-        for name in members:
-            home = targets[name].weight.device
-            if home not in factors:
-                factors[home] = stage_factors(stats, home, damp)
-            out[name] = solve(name, targets[name], stats, None, factors[home])
-        return out
-    from concurrent.futures import ThreadPoolExecutor
-
-    on = [devices[k % len(devices)] for k in range(len(members))]
-    for device in on:
-        if device not in factors:
-            factors[device] = stage_factors(stats, device, damp)
-    with ThreadPoolExecutor(max_workers=min(len(devices), len(members))) as pool:
-        futures = {name: pool.submit(solve, name, targets[name], stats, on[k], factors[on[k]])
-                   for k, name in enumerate(members)}
-        return {name: future.result() for name, future in futures.items()}
-
-
-def solve_devices(cfg: AstroQuantConfig, model: nn.Module) -> list[torch.device] | None:
-    """The devices the Linears of a stage are spread over: `cfg.solve_devices`, or for "auto" the
-    accelerators in the model's accelerate device map (None when fewer than two)."""
-    if cfg.solve_devices is None:
-        return None
-    if cfg.solve_devices == "auto":
-        found = set()
-        for where in (getattr(model, "hf_device_map", None) or {}).values():
-            if isinstance(where, int):
-                found.add(torch.device("cuda", where))
-            elif isinstance(where, str) and where not in ("cpu", "disk", "meta"):
-                found.add(torch.device(where))
-        devices = sorted(found, key=str)
-        return devices if len(devices) > 1 else None
-    return [torch.device(d) for d in cfg.solve_devices]
+    factors)`. With several `ranks`, member k is solved by rank k mod N and its `SolvedLayer` sent to
+    every rank, which gives its Linear the quantized weight (as the solve does on its own rank).
+    Returns {name: SolvedLayer} in member order."""
+    ranks = ranks or Ranks()
+    factors: dict[torch.device, HessianFactors] = {}  # made by the first member that needs them
+    mine: dict[str, SolvedLayer] = {}
+    for k, name in enumerate(members):
+        if k % ranks.world_size != ranks.rank:
+            continue
+        home = targets[name].weight.device
+        if home not in factors:
+            factors[home] = stage_factors(stats, home, damp)
+        mine[name] = solve(name, targets[name], stats, None, factors[home])
+    if not ranks.active:
+        return mine
+    out = {}
+    for k, name in enumerate(members):
+        src = k % ranks.world_size
+        done = ranks.broadcast(mine.get(name), src)
+        if src != ranks.rank:
+            linear = targets[name]
+            set_weight(linear, done.layer.dequantize_weight(torch.float32).to(linear.weight.device))
+        out[name] = done
+    return out

@@ -166,11 +166,12 @@ def prepare_calibration(data: Any, tokenizer: Any, n_samples: int, seqlen: int, 
 
 def batch_windows(windows: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
     """Stack windows into (batch, seqlen) tensors; windows of different lengths go to different batches."""
-    by_len: dict[int, list[torch.Tensor]] = {}
-    for w in windows:
-        by_len.setdefault(len(w), []).append(w)
-    batches = []
-    for _, group in sorted(by_len.items()):
-        for i in range(0, len(group), batch_size):
-            batches.append(torch.stack(group[i:i + batch_size]))
-    return batches
+    return [torch.stack([windows[k] for k in rows]) for rows in batch_rows([len(w) for w in windows], batch_size)]
+
+
+def batch_rows(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Which windows (by position, from their `lengths`) each batch of `batch_windows` stacks, row by row."""
+    by_len: dict[int, list[int]] = {}
+    for k, n in enumerate(lengths):
+        by_len.setdefault(n, []).append(k)
+    return [group[i:i + batch_size] for _, group in sorted(by_len.items()) for i in range(0, len(group), batch_size)]

@@ -270,44 +270,6 @@ def check_directory(v: Any) -> str | None:
     return os.fspath(v)
 
 
-_DEVICES_ALLOWED = "None, 'auto', or a non-empty list of devices such as ['cuda:0', 'cuda:1']"
-
-
-def check_devices(v: Any) -> list[str] | str | None:
-    import torch
-
-    if v is None or v == "auto":
-        return v
-    if isinstance(v, (list, tuple)) and list(v) == ["auto"]:  # the shell's --solve-devices auto
-        return "auto"
-    if isinstance(v, str) or not isinstance(v, (list, tuple)) or not v:
-        raise Invalid(_DEVICES_ALLOWED)
-    for d in v:
-        try:
-            if not isinstance(d, str):
-                raise TypeError
-            device = torch.device(d)
-        except (TypeError, RuntimeError):
-            raise Invalid(_DEVICES_ALLOWED) from None
-        missing = missing_device(device)
-        if missing:
-            raise Invalid(f"devices this machine has; {d!r} is not one ({missing})", shown=list(v))
-    return list(v)
-
-
-def missing_device(device) -> str | None:
-    """Why `device` (a torch.device) cannot be used on this machine, or None when it can."""
-    import torch
-
-    if device.type in ("cpu", "meta"):
-        return None
-    backend = getattr(torch, device.type, None)
-    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
-        return f"this torch has no usable {device.type} device"
-    count = backend.device_count() if hasattr(backend, "device_count") else 1
-    if device.index is not None and device.index >= count:
-        return f"this machine has {count} {device.type} device{'s' if count != 1 else ''}"
-    return None
 
 
 _DATASET_ALLOWED = ("a list of strings, a list of token-id lists, a 2-D tensor of token ids, a text file path, "

@@ -95,7 +95,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                       eval_windows=args.eval_windows, dtype=args.dtype, device_map=args.device_map,
                       max_memory=args.max_memory, offload_folder=args.offload_folder, base_model=args.base_model,
                       license=args.license, overwrite=args.overwrite)
-    print_table("hf-astroquant quantize: summary", result.rows)
+    if result.rows:  # (under torchrun only rank 0 writes and reports)
+        print_table("hf-astroquant quantize: summary", result.rows)
     return 0
 
 

@@ -61,6 +61,10 @@ class AstroQuantConfig(QuantizationConfigMixin):
 
     def __init__(self, **kwargs: Any):
         names = self._option_names()
+        if "solve_devices" in kwargs:
+            raise TypeError(f"{type(self).__name__}: solve_devices was retired in 0.3.0; calibrate on several devices "
+                            "with torch.distributed instead: torchrun --nproc-per-node N hf-astroquant quantize ... "
+                            "(docs/scaling.md)")
         unknown = sorted(set(kwargs) - set(names) - set(RECORD_KEYS) - set(RETIRED_OPTIONS))
         if unknown:
             raise TypeError(f"{type(self).__name__} got unknown option(s) {unknown}; known options: {sorted(names)}")

@@ -78,7 +78,9 @@ class ExpertList(nn.ModuleList):
     While `calibrating` (set by `BlockExperts`) it records `routed_rows[e]` (the token rows routed to
     expert e in the last call) and adds to `token_counts`; with `all_tokens` every expert also runs on
     every token, so its statistics cover them all, while the output still mixes the routed experts only.
-    Outside calibration the forward records nothing."""
+    With `every_expert` an expert no token is routed to still runs, on no rows (so that under
+    torch.distributed every rank meets every expert's Linears in the same order). Outside calibration
+    the forward records nothing."""
 
     def __init__(self, experts: list[Expert]):
         super().__init__(experts)
@@ -86,6 +88,7 @@ class ExpertList(nn.ModuleList):
         # `onload_experts` reads them (a tuple, so the fused module is not registered as a child)
         self.source: tuple | None = None
         self.all_tokens = False
+        self.every_expert = False
         self.calibrating = False
         self.routed_rows: dict[int, torch.Tensor] = {}
         self.token_counts = torch.zeros(len(experts), dtype=torch.long)
@@ -100,7 +103,7 @@ class ExpertList(nn.ModuleList):
             self.token_counts += hits[:len(self)].sum(dim=(1, 2)).cpu()
         for e, expert in enumerate(self):
             slot, rows = torch.where(hits[e])
-            if rows.numel() == 0 and not self.all_tokens:
+            if rows.numel() == 0 and not (self.all_tokens or self.every_expert):
                 continue
             if self.calibrating:
                 self.routed_rows[e] = rows
@@ -259,11 +262,13 @@ class BlockExperts:
     """The experts of one block during its calibration: which Linears are experts, the routing that
     gives each its tokens, and the counts the report lists."""
 
-    def __init__(self, block: nn.Module, block_name: str):
+    def __init__(self, block: nn.Module, block_name: str, every_expert: bool = False):
+        """`every_expert`: run every expert in every pass, on no rows when none is routed to it."""
         self.lists = expert_lists(block, block_name)
         self.owners = expert_linears(self.lists)
         for experts in self.lists.values():
             experts.calibrating = True
+            experts.every_expert = every_expert
 
     def __contains__(self, name: str) -> bool:
         return name in self.owners
@@ -280,7 +285,7 @@ class BlockExperts:
         """End the block's calibration (the experts record nothing more); return {experts name: tokens
         routed to each expert} over the passes since `start_counting`."""
         for experts in self.lists.values():
-            experts.calibrating = experts.all_tokens = False
+            experts.calibrating = experts.all_tokens = experts.every_expert = False
             experts.routed_rows.clear()
         return {name: experts.token_counts.tolist() for name, experts in self.lists.items()}
 

@@ -400,7 +400,9 @@ class SiteStats:
     """H of each site's input, accumulated over one forward of a block (a hook on a consumer that
     sees every token: the first reader, the output projection, the down projection)."""
 
-    def __init__(self, bs: BlockSites, sites: list[str]):
+    def __init__(self, bs: BlockSites, sites: list[str], dtype: torch.dtype = torch.float32):
+        """`dtype`: what each H is summed in (statistics_dtype); `h` holds the sums in it."""
+        self.dtype = dtype
         self.h: dict[str, torch.Tensor] = {}
         self._handles = []
         first = {n.name: n.readers[0] for n in bs.norm_sites}
@@ -410,7 +412,7 @@ class SiteStats:
 
     def _hook(self, site):
         def hook(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(self.dtype)
             h = x.t() @ x * (2.0 / x.shape[0])
             self.h[site] = self.h[site] + h if site in self.h else h
         return hook

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checks import (Boolean, Custom, Integer, Maybe, Number, OneOf, check_asym_alpha, check_dataset, check_devices,
+from .checks import (Boolean, Custom, Integer, Maybe, Number, OneOf, check_asym_alpha, check_dataset,
                      check_directory, check_module_patterns, check_tokenizer, shell_asym_alpha)
 from .gguf.types import FILE_TYPES
 from .modules.kernels import BACKENDS
@@ -23,6 +23,7 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_METHODS = ("rtn", "gptq", "gptaq", "rescomp")
 SUPPORTED_ROUNDING = ("gptq", "successive", "beam")
 SUPPORTED_TRANSFORMS = ("none", "rotate", "scale", "adaptive", "auto")
+SUPPORTED_STATISTICS_DTYPES = ("float32", "float64")
 # Bounds on the options that scale a run's work or memory: generous (tens of times what anyone has
 # measured a gain with), so they refuse only slips such as 10**6 before anything long starts.
 MAX_WINDOWS = 65536  # calibration windows, and windows per batch
@@ -172,6 +173,14 @@ OPTIONS: tuple[Option, ...] = (
            "refinement's batches"),
     Option("calibration_batch_size", "calibration", None, Maybe(Integer(1, maximum=MAX_WINDOWS), ("auto",)),
            "windows per forward pass; auto: all at once when they fit a 4 GiB activation budget", none_word="auto"),
+    Option("statistics_dtype", "calibration", None, Maybe(OneOf(SUPPORTED_STATISTICS_DTYPES), ("auto",)),
+           "the dtype H, D and G are summed in; float64 makes the result independent of how the windows are split "
+           "into batches and ranks; auto: float64 under torch.distributed, float32 in one process",
+           "Each product and every sum is in float64 and H is rounded to float32 once, so a split of the windows "
+           "changes H only where float64 rounding crosses a float32 boundary (practically never); in float32 the "
+           "order of the sums changes H's last bits, which GPTQ's act-order can amplify into other codes "
+           "(measured in docs/scaling.md). float64 costs more time for the statistics (measured in the same table), "
+           "and much more on GPUs without fast float64.", none_word="auto"),
     Option("calibrate_all_experts", "calibration", False, Boolean(),
            "mixture-of-experts models: every expert's statistics over every calibration token (the block's output "
            "still mixes the routed experts only); off: each expert sees the tokens routed to it",
@@ -226,12 +235,6 @@ OPTIONS: tuple[Option, ...] = (
            shell=dict(metavar="DIR")),
            "checkpoint every finished block here; a rerun with the same directory continues after a crash, "
            "bit for bit", saved=False),
-    Option("solve_devices", "run", None, Custom(check_devices, "None, 'auto', or a non-empty list of devices such "
-           "as ['cuda:0', 'cuda:1']", bad=("cuda:0", [], ["gpu zero"], [0]),
-           shell=dict(nargs="+", metavar="DEVICE")),
-           "solve the Linears that share an input on these devices in parallel (e.g. cuda:0 cuda:1), or auto",
-           "Results can differ in rounding from one device type to another.", saved=False,
-           none_word="the block's device"),
 )
 
 

@@ -10,6 +10,9 @@ For each decoder block, in order:
   4. the driver records it in the report, puts the packed layers in the model, and with
      `resume_dir` checkpoints the finished block (resume.py); the block's outputs (computed with
      quantized weights) become the next block's inputs.
+Under torch.distributed every rank runs this loop on its share of the windows (distributed.py):
+the block step sums the statistics over ranks and spreads the solves; after each block the ranks
+check that they hold the same packed layers, and rank 0 alone writes the checkpoint.
 Data flows one way: each step returns what it made and this module passes it on. Tools and tests
 watch the loop through `listening` (a `BlockListener`), never by patching it.
 """
@@ -26,10 +29,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import digests, offload, resume
-from .block_solve import BlockResult, calibrate_block, solve_devices
+from . import digests, distributed, offload, resume
+from .block_solve import BlockResult, calibrate_block
 from .blocks import block_targets, find_blocks, place_layer, text_config
-from .calibration import batch_windows, prepare_calibration
+from .calibration import batch_rows, batch_windows, prepare_calibration
 from .config import AstroQuantConfig
 from .experts import onload_experts, router_names, split_all
 from .gguf import types as gguf_types
@@ -115,6 +118,7 @@ class _Run:
     def __init__(self, model: nn.Module, cfg: AstroQuantConfig, should_convert: Callable[[str], bool]):
         self.start = time.perf_counter()
         self.model, self.cfg, self.should_convert = model, cfg, should_convert
+        self.ranks = distributed.current()  # one rank, or this process's place under torch.distributed
         self.report = QuantizationReport()
         block_name, self.blocks = find_blocks(model)
         self.names = [f"{block_name}.{i}" for i in range(len(self.blocks))]
@@ -129,10 +133,11 @@ class _Run:
         self.should_convert = should_convert = lambda n, keep=should_convert: keep(n) and n not in routers
         if cfg.gguf_type is not None:
             self.should_convert = self._choose_gguf_types(should_convert)
-        self.windows, self.batches, self.batch_size = [], [], 0
+        self.windows, self.batches, self.batch_size, self.window_ids = [], [], 0, []
         self.device = offload.execution_device(self.blocks[0])
         self.transform = self._choose_transform()
-        self.pre = Preconditioner(model, cfg, self.blocks, self.names, self.transform) if self.transform != "none" else None
+        self.pre = (Preconditioner(model, cfg, self.blocks, self.names, self.transform, self.ranks)
+                    if self.transform != "none" else None)
         self.checkpoints, self.state, self.first, self.earlier_seconds = None, None, 0, 0.0
         self.digests: dict[int, str] = {}  # with resume_dir: block i's weights digest, taken when the loop reads it
 
@@ -194,9 +199,19 @@ class _Run:
         self.report.calibration = record
         seqlen = max(len(w) for w in self.windows)
         self.batch_size = cfg.calibration_batch_size or auto_batch_size(self.model, seqlen, self.device)
-        self.batches = batch_windows(self.windows, self.batch_size)
-        logger.info("calibrating on %d windows (%s) in %d batch(es)", len(self.windows), record["source"],
-                    len(self.batches))
+        share = self.ranks.share(len(self.windows))  # all of them on one rank
+        mine = [self.windows[k] for k in share]
+        if (self.ranks.active and cfg.fp_samples is not None and cfg.fp_samples < self.ranks.world_size
+                and cfg.solver_options().needs_fp_stream):
+            raise ValueError(f"fp_samples={cfg.fp_samples} with {self.ranks.world_size} ranks: each rank needs at "
+                             f"least one window with the full-precision stream; raise fp_samples to at least "
+                             f"{self.ranks.world_size}, or leave it unset")
+        self.batches = batch_windows(mine, self.batch_size)
+        # each batch row's window among all ranks' (refinement steps through the same pieces on any number)
+        self.window_ids = [[share[k] for k in rows] for rows in batch_rows([len(w) for w in mine], self.batch_size)]
+        logger.info("calibrating on %d windows (%s) in %d batch(es)%s", len(mine), record["source"],
+                    len(self.batches),
+                    f" on rank {self.ranks.rank} of {self.ranks.world_size}" if self.ranks.active else "")
 
     def open_resume_dir(self) -> None:
         cfg = self.cfg
@@ -204,7 +219,9 @@ class _Run:
             return
         # (before any transform: the weights outside the blocks as loaded, by content)
         self.checkpoints = resume.ResumeDir(cfg.resume_dir, resume.fingerprint(cfg, self.model, self.windows,
-                                                                                self.batch_size, self.blocks))
+                                                                                self.batch_size, self.blocks,
+                                                                                self.ranks.world_size),
+                                            self.ranks)
         self.state = self.checkpoints.load()
         if self.state is not None and self.state["blocks_done"] > 0 and self.transform not in ("none", "rotate"):
             raise ValueError(f"resume_dir with transform={self.transform!r}: the scales searched for finished "
@@ -229,6 +246,8 @@ class _Run:
         """Bring the report's seconds (and the phases' remainder) up to now."""
         self.report.seconds = self.earlier_seconds + time.perf_counter() - self.start
         self.report.close_phases()
+        if self.ranks.active:
+            self.report.distributed = self.ranks.record()
         return self.report
 
     def read_block(self, i: int) -> None:
@@ -250,7 +269,7 @@ class _Run:
     def round_to_nearest(self) -> None:
         cfg = self.cfg
         self.report.layer_error_kind = "weight"
-        for i in tqdm(self.todo(), desc="astroquant rtn", unit="block"):
+        for i in tqdm(self.todo(), desc="astroquant rtn", unit="block", disable=not self.ranks.is_writer):
             name = self.names[i]
             targets = block_targets(name, self.blocks[i], self.should_convert)
             homes = offload.onload(targets)
@@ -273,7 +292,10 @@ class _Run:
         inputs, kwargs_list = capture_block_inputs(self.model, self.blocks, self.batches)
         fp_inputs, fp_kwargs = None, kwargs_list
         if fp_wanted:
-            fp_batches = fp_stream_batches(self.batches, self.cfg.fp_samples if asymmetric else None)
+            fp_samples = self.cfg.fp_samples if asymmetric else None
+            if fp_samples is not None:  # the first fp_samples windows of all: those of them this rank holds
+                fp_samples = self.ranks.local_count(fp_samples)
+            fp_batches = fp_stream_batches(self.batches, fp_samples)
             if fp_batches is self.batches:
                 fp_inputs = [x.to(store, copy=True) for x in inputs]
             else:  # fewer windows: their own block inputs and kwargs (attention masks are per batch)
@@ -303,14 +325,13 @@ class _Run:
     def calibrate(self, stream_fp: bool) -> None:
         cfg = self.cfg
         solver = LayerSolver(cfg, self.report.timing, lambda *a: _tell("before_solve", *a) if _LISTENERS else None)
-        devices = solve_devices(cfg, self.model)
         asymmetric = solver.options.needs_fp_stream
         # The full-precision stream X̃ lives on the CPU when the blocks run on an accelerator.
         store = torch.device("cpu") if self.device.type != "cpu" else self.device
         fp = FullPrecisionStream(store, self.device, self.report.timing)
         inputs, kwargs_list, fp_inputs, fp_kwargs = self.start_streams(stream_fp or asymmetric, asymmetric, store)
         for i in tqdm(self.todo(), desc=f"astroquant {cfg.method}", unit="block", initial=self.first,
-                      total=len(self.blocks)):
+                      total=len(self.blocks), disable=not self.ranks.is_writer):
             name, block = self.names[i], self.blocks[i]
             if self.pre is not None:
                 with self.report.timing("preconditioning"):
@@ -320,7 +341,11 @@ class _Run:
             targets = block_targets(name, block, self.should_convert)
             homes = {**onload_experts(block, name), **offload.onload(targets)}
             self.read_block(i)
-            result = calibrate_block(block, name, targets, solver, stream, fp_stream, fp, devices)
+            result = calibrate_block(block, name, targets, solver, stream, fp_stream, fp, self.ranks, self.window_ids)
+            if self.ranks.active:  # every rank must hold what rank 0 writes
+                self.ranks.check_same(distributed.packed_digest(
+                    {f"{n}.{k}": v for n, s in result.solved.items() for k, v in s.layer.state_dict().items()}),
+                    f"packed layers of {name}")
             self.report.add_block(name, result)
             self.finish_block(i, self.install(result, targets, homes), result.outputs, result.fp_outputs)
             inputs, fp_inputs = result.outputs, result.fp_outputs

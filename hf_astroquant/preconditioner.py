@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .config import AstroQuantConfig
+from .distributed import Ranks
 from .online_rotation import input_rotation_of
 from .stream import run_block
 
@@ -17,11 +18,14 @@ class Preconditioner:
     logits), scales per block on the inputs the block sees (before its full-precision stream and
     its calibration; checked on the block's output)."""
 
-    def __init__(self, model: nn.Module, cfg: AstroQuantConfig, blocks, names: list[str], transform: str):
-        """`transform`: "rotate", "scale" or "adaptive" (transform="auto" resolved: folding.choose_transform)."""
+    def __init__(self, model: nn.Module, cfg: AstroQuantConfig, blocks, names: list[str], transform: str,
+                 ranks: Ranks | None = None):
+        """`transform`: "rotate", "scale" or "adaptive" (transform="auto" resolved: folding.choose_transform);
+        `ranks`: the scale search's statistics are summed over them (each holds a share of the windows)."""
         from . import folding as pc
 
         self.pc, self.model, self.cfg, self.blocks, self.names = pc, model, cfg, blocks, names
+        self.ranks = ranks or Ranks()
         self.transform = transform
         self.sites = pc.check_foldable(model, blocks, names, transform)
         self.record: dict[str, Any] = {"transform": transform, "blocks": {n: {} for n in names}}
@@ -74,14 +78,18 @@ class Preconditioner:
         if not sites:
             return
         pc, block, bs = self.pc, self.blocks[i], self.sites[i]
-        stats = pc.SiteStats(bs, sites)
+        from .block_solve import statistics_dtype
+
+        stats = pc.SiteStats(bs, sites, statistics_dtype(self.cfg, self.ranks))
         try:
             outs = [run_block(block, x, kw) for x, kw in zip(inputs[:1], kwargs_list[:1])]
             for x, kw in zip(inputs[1:], kwargs_list[1:]):
                 run_block(block, x, kw)
         finally:
             stats.close()
-        alphas = pc.scale_block(self.model, bs, stats.h, sites, self.cfg.bits, self.cfg.group_size, self.cfg.sym)
+        self.ranks.sum([stats.h[site] for site in sorted(stats.h)])  # every rank's windows
+        h = {site: t.to(torch.float32) for site, t in stats.h.items()}
+        alphas = pc.scale_block(self.model, bs, h, sites, self.cfg.bits, self.cfg.group_size, self.cfg.sym)
         if any(a > 0 for a in alphas.values()):
             pc.check_kept(outs[0], run_block(block, inputs[0], kwargs_list[0]), weight_dtype(self.model),
                           f"the scales of {bs.name}")

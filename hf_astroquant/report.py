@@ -39,6 +39,8 @@ class QuantizationReport:
     phase_seconds: dict[str, float] = field(default_factory=dict)
     # refine_steps: per block, the output loss [with the solved scales, with the tuned ones]
     refine_loss: dict[str, list[float]] = field(default_factory=dict)
+    # under torch.distributed: {"world_size", "reduced_bytes", "broadcast_bytes"} (this rank's view)
+    distributed: dict[str, int] = field(default_factory=dict)
 
     @contextmanager
     def timing(self, phase: str):
@@ -130,6 +132,9 @@ def run_record(model, report: QuantizationReport) -> dict:
         record["asym_alpha"] = dict(report.asym_alpha)
     if report.choices:
         record["choices"] = {k: dict(v) for k, v in report.choices.items()}
+    record["world_size"] = int(report.distributed.get("world_size", 1))
+    if report.distributed:
+        record["distributed"] = dict(report.distributed)
     block_name, blocks = find_blocks(model)
     left = full_precision.full_precision_weights({f"{block_name}.{i}": b for i, b in enumerate(blocks)}, QUANTIZED_LAYERS)
     full_precision.warn_full_precision(left, len(blocks))

@@ -9,6 +9,8 @@ Layout of ``resume_dir``:
   block_00000.safetensors    the packed tensors of block 0 (``<module name>.<buffer>``)
   stream_00002.safetensors   the inputs of block 2: the quantized stream ``q.<batch>`` and, for
                              the asymmetric solvers, the full-precision stream ``fp.<batch>``
+                             (under torch.distributed one file per rank, ``stream_00002.rank001…``,
+                             each rank's share of the windows; rank 0 writes the rest)
 
 Every file is written to a temporary name and renamed into place, and ``state.json`` is renamed
 last, so a run killed at any instant leaves a directory that describes only complete blocks;
@@ -50,6 +52,7 @@ from torch import nn
 
 from . import offload
 from .blocks import block_targets, place_layer
+from .distributed import Ranks
 from .digests import combined_digest, file_digest, stored_weights, tensor_digest, weights_digests
 from .experts import onload_experts
 from .checkpoint import validate
@@ -90,13 +93,16 @@ def weights_dtype(model: nn.Module) -> str:
 
 
 def fingerprint(cfg, model: nn.Module, windows: list[torch.Tensor], batch_size: int,
-                blocks: Iterable[nn.Module]) -> dict:
+                blocks: Iterable[nn.Module], world_size: int = 1) -> dict:
     """What must match for a resume: result-changing options, the data, the load dtype, the model's
     class and config, and the content of its weights outside `blocks` (the blocks' own are checked
-    block by block: `block_digest`)."""
+    block by block: `block_digest`); under torch.distributed also the number of ranks (each holds its
+    own share of the stream)."""
     options = {k: v for k, v in cfg.to_dict().items() if k not in _NOT_FINGERPRINTED}
     windows_digest = combined_digest({str(i): tensor_digest("", w) for i, w in enumerate(windows)})
+    ranks = {"world_size": world_size} if world_size > 1 else {}
     return _json({
+        **ranks,
         "options": options,
         "calibration": windows_digest[:32] + f"/batch={batch_size}",
         "dtype": weights_dtype(model),
@@ -120,6 +126,9 @@ def _differences(theirs: dict, ours: dict) -> list[str]:
         parts.append("calibration data or batch size")
     if theirs.get("dtype") != ours["dtype"]:
         parts.append(f"dtype ({theirs.get('dtype')} -> {ours['dtype']})")
+    if theirs.get("world_size", 1) != ours.get("world_size", 1):
+        parts.append(f"number of ranks ({theirs.get('world_size', 1)} -> {ours.get('world_size', 1)}: each rank's share "
+                     "of the stream is its own; resume with the same torchrun --nproc-per-node)")
     a, b = theirs.get("model") if isinstance(theirs.get("model"), dict) else {}, ours["model"]
     if a.get("class") != b["class"]:
         parts.append(f"model class ({a.get('class')} -> {b['class']})")
@@ -178,16 +187,21 @@ def _validate(state) -> str | None:
 class ResumeDir:
     """Reads and writes one resume directory."""
 
-    def __init__(self, path: str | os.PathLike, fingerprint: dict):
+    def __init__(self, path: str | os.PathLike, fingerprint: dict, ranks: Ranks | None = None):
+        """`ranks`: under torch.distributed every rank reads the directory and writes its own share of the
+        stream; rank 0 writes the rest (the blocks, state.json) once every rank's share is written."""
         self.path = Path(path)
         self.fingerprint = fingerprint
+        self.ranks = ranks or Ranks()
         self.blocks: dict[str, str] = {}  # block name -> weights digest, of the finished blocks
         self.files: dict[str, dict] = {}  # file name -> {"size", "digest"}, of the files state.json refers to
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"resume_dir={str(path)!r} exists and is not a directory")
         self.path.mkdir(parents=True, exist_ok=True)
-        for stale in self.path.glob("*.tmp"):  # a write that a killed run left unfinished
-            stale.unlink()
+        if self.ranks.is_writer:
+            for stale in self.path.glob("*.tmp"):  # a write that a killed run left unfinished
+                stale.unlink()
+        self.ranks.barrier()  # (no rank writes before the stale files are gone)
 
     def _where(self) -> str:
         return f"resume_dir {str(self.path)!r}"
@@ -265,8 +279,8 @@ class ResumeDir:
         return self._load(f"block_{index:05d}.safetensors")
 
     def stream(self, index: int) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-        """The quantized and full-precision inputs of block `index`, per batch."""
-        name = f"stream_{index:05d}.safetensors"
+        """The quantized and full-precision inputs of block `index`, per batch (this rank's)."""
+        name = self._stream_file(index)
         tensors = self._load(name)
         try:
             q = [tensors[f"q.{b}"] for b in range(sum(k.startswith("q.") for k in tensors))]
@@ -281,24 +295,38 @@ class ResumeDir:
         """Record block `index` (named `name`, its weights' `digest`) as finished: its packed tensors,
         the inputs of the next block, the report so far, each file's size and digest; then drop the
         stream the previous checkpoint needed."""
+        last = index + 1 == n_blocks
+        mine = None
+        if next_inputs is not None and not last:  # each rank's share of the stream, by that rank
+            stream = {f"q.{b}": x for b, x in enumerate(next_inputs)}
+            stream.update({f"fp.{b}": x for b, x in enumerate(next_fp_inputs or [])})
+            keep = self._stream_file(index + 1)
+            mine = (keep, atomic_save_tensors(stream, self.path / keep))
+        streams = dict(s for s in self.ranks.gather(mine) if s is not None)  # written, on every rank
+        if self.ranks.is_writer:
+            self._record(index, name, digest, packed, streams, report, n_blocks)
+        self.ranks.barrier()  # every rank goes on once the block is recorded: a kill after this resumes after it
+
+    def _record(self, index: int, name: str, digest: str, packed: dict[str, torch.Tensor], streams: dict[str, dict],
+                report: dict[str, Any], n_blocks: int) -> None:
+        """Rank 0's part of `save_block`: the block's file, then state.json naming every rank's stream."""
         block_file = f"block_{index:05d}.safetensors"
         self.files[block_file] = atomic_save_tensors(packed, self.path / block_file)
         for old in [f for f in self.files if f.startswith("stream_")]:
             del self.files[old]
-        last = index + 1 == n_blocks
-        keep = None
-        if next_inputs is not None and not last:
-            keep = f"stream_{index + 1:05d}.safetensors"
-            stream = {f"q.{b}": x for b, x in enumerate(next_inputs)}
-            stream.update({f"fp.{b}": x for b, x in enumerate(next_fp_inputs or [])})
-            self.files[keep] = atomic_save_tensors(stream, self.path / keep)
+        self.files.update(streams)
         self.blocks[name] = digest
         state = {"format": FORMAT, "fingerprint": self.fingerprint, "blocks_done": index + 1, "n_blocks": n_blocks,
                  "blocks": self.blocks, "files": self.files, "report": report}
         atomic_write_bytes(self.path / _STATE, json.dumps(state, indent=1).encode())
         for old in self.path.glob("stream_*.safetensors"):
-            if old.name != keep:
+            if old.name not in streams:
                 old.unlink()
+
+    def _stream_file(self, index: int) -> str:
+        if self.ranks.active:
+            return f"stream_{index:05d}.rank{self.ranks.rank:03d}.safetensors"
+        return f"stream_{index:05d}.safetensors"
 
 
 def load_block(model: nn.Module, name: str, block: nn.Module, should_convert, cfg: AstroQuantConfig,

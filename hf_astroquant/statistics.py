@@ -1,5 +1,7 @@
 """Per-Linear calibration statistics: H = 2·X·Xᵀ/N, and against the full-precision stream
-D = 2·ΔX·Xᵀ/N and G = 2·ΔX·ΔXᵀ/N, accumulated in fp32 batch by batch."""
+D = 2·ΔX·Xᵀ/N and G = 2·ΔX·ΔXᵀ/N, accumulated batch by batch in fp32, or in fp64 and rounded to
+fp32 once (`statistics_dtype`): then the sums do not depend on how the windows are split into
+batches or ranks."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import torch
 class Stats:
     """Sums over calibration tokens for one Linear input: Σxᵀx over n tokens, and with the
     full-precision input x̃ (Δx = x̃ − x) Σ Δxᵀx and, when asked, Σ Δxᵀ Δx over the n_fp tokens
-    that have one (fp_samples: the first windows of a batch); fp32."""
+    that have one (fp_samples: the first windows of a batch); in the statistics dtype until
+    `normalize`, fp32 after."""
 
     h: torch.Tensor
     n: int
@@ -25,10 +28,11 @@ class Stats:
         once: the Linears of one stage share these statistics, and a scaled copy per Linear would
         double the memory."""
         if not self.normalized:
-            self.h.mul_(2.0 / self.n)
-            for t in (self.d, self.g):
-                if t is not None:
-                    t.mul_(2.0 / self.n_fp)
+            self.h = _scaled(self.h, 2.0 / self.n)
+            # no token with a full-precision input (an expert routed only outside fp_samples' windows):
+            # no D or G, rather than 0/0
+            self.d = _scaled(self.d, 2.0 / self.n_fp) if self.d is not None and self.n_fp else None
+            self.g = _scaled(self.g, 2.0 / self.n_fp) if self.g is not None and self.n_fp else None
             self.normalized = True
         return self
 
@@ -41,6 +45,11 @@ class Stats:
         return self
 
 
+def _scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """t·factor as fp32: in place for fp32 sums; fp64 sums are scaled in fp64 and rounded once."""
+    return t.mul_(factor) if t.dtype == torch.float32 else t.mul_(factor).to(torch.float32)
+
+
 def _sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     """a + b (in place into a) where a batch without full-precision windows contributes None."""
     if a is None or b is None:
@@ -48,10 +57,11 @@ def _sum(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return a.add_(b)
 
 
-def input_stats(x: torch.Tensor, x_fp: torch.Tensor | None = None, with_g: bool = False) -> Stats:
+def input_stats(x: torch.Tensor, x_fp: torch.Tensor | None = None, with_g: bool = False,
+                dtype: torch.dtype = torch.float32) -> Stats:
     """Statistics of one batch of inputs x (windows, ..., in), and of the full-precision inputs
-    x_fp of its first windows (all of them, or fewer with fp_samples)."""
-    x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    x_fp of its first windows (all of them, or fewer with fp_samples), summed in `dtype`."""
+    x = x.reshape(-1, x.shape[-1]).to(dtype)
     h = x.t() @ x
     if not torch.isfinite(torch.diagonal(h)).all():  # a NaN/Inf input shows on the diagonal; cheaper than scanning x
         raise NonFiniteInput()
@@ -59,7 +69,7 @@ def input_stats(x: torch.Tensor, x_fp: torch.Tensor | None = None, with_g: bool 
     if x_fp is not None:
         x_fp = x_fp.reshape(-1, x.shape[-1])
         x = x[:x_fp.shape[0]]  # windows lead, so the first windows are the first rows
-        dx = x_fp.to(device=x.device, dtype=torch.float32) - x
+        dx = x_fp.to(device=x.device, dtype=dtype) - x
         stats.d = dx.t() @ x
         stats.n_fp = x.shape[0]
         if not torch.isfinite(torch.diagonal(stats.d)).all():

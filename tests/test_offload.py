@@ -97,52 +97,10 @@ def test_meta_weights_without_hooks_are_refused():
         execution_device(layer)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(method="gptaq"), dict(calibration_batch_size=4, desc_act=True)])
-def test_a_stage_spread_over_devices_gives_the_same_checkpoint(tiny4, kw):
-    # Two CPU "devices": the stage's Linears are solved in parallel threads and copied back, the
-    # path that spreads q/k/v and gate/up over GPUs. On one device type the result must not move.
-    import threading
-
-    import hf_astroquant.pipeline as pipeline
-
-    class Threads(pipeline.BlockListener):  # which thread solved each Linear
-        def __init__(self):
-            self.solved_in = {}
-
-        def before_solve(self, name, weight, hessian, d):
-            self.solved_in[name] = threading.current_thread()
-
-    with pipeline.listening(Threads()) as seen:
-        spread = AutoModelForCausalLM.from_pretrained(tiny4, quantization_config=_cfg(solve_devices=["cpu", "cpu"],
-                                                                                        **kw))
-    plain = AutoModelForCausalLM.from_pretrained(tiny4, quantization_config=_cfg(**kw))
-    # q/k/v went out together, to worker threads
-    assert seen.solved_in["model.layers.0.self_attn.q_proj"] is not threading.main_thread()
-    assert len({seen.solved_in[f"model.layers.0.self_attn.{p}_proj"] for p in "qkv"}) == 2
-    a, b = spread.state_dict(), plain.state_dict()
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert "solve_devices" not in spread.config.quantization_config.to_dict()
-
-
-def test_solve_devices_auto_reads_the_accelerators_of_the_device_map():
-    from hf_astroquant.block_solve import solve_devices
-
-    model = torch.nn.Module()
-    model.hf_device_map = {"model.layers.0": 0, "model.layers.1": "cuda:1", "lm_head": "cpu", "x": "disk"}
-    assert solve_devices(AstroQuantConfig(solve_devices="auto"), model) == [torch.device("cuda:0"),
-                                                                            torch.device("cuda:1")]
-    model.hf_device_map = {"": "cpu"}
-    assert solve_devices(AstroQuantConfig(solve_devices="auto"), model) is None  # nothing to spread over
-    assert solve_devices(AstroQuantConfig(solve_devices=["auto"]), model) is None  # the CLI's form
-    assert solve_devices(AstroQuantConfig(solve_devices=["cpu", "meta"]), model) == [torch.device("cpu"),
-                                                                                     torch.device("meta")]
-
-
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
-def test_a_stage_spread_over_two_gpus(tiny4):
-    cfg = _cfg(solve_devices=["cuda:0", "cuda:1"])
-    model = AutoModelForCausalLM.from_pretrained(tiny4, quantization_config=cfg, device_map={"": 0})
-    assert all(m.qweight.device == torch.device("cuda:0") for m in model.modules() if isinstance(m, QuantLinear))
+def test_solve_devices_is_retired_with_a_pointer_to_torchrun():
+    # one multi-device path: torch.distributed (tests/test_distributed.py)
+    with pytest.raises(TypeError, match="solve_devices was retired.*torchrun --nproc-per-node"):
+        AstroQuantConfig(solve_devices=["cpu", "cpu"])
 
 
 def test_tied_embeddings_offloaded_to_disk(tmp_path):

@@ -66,7 +66,7 @@ def test_every_option_has_one_group_help_and_a_default_its_own_check_accepts():
         assert o.group in GROUPS and len(o.help) > 15, o.name
         assert o.check(o.default) == o.default, o.name
     assert {o.name for o in AstroQuantConfig.OPTIONS if not o.saved} == {
-        "dataset", "tokenizer", "backend", "resume_dir", "solve_devices"}
+        "dataset", "tokenizer", "backend", "resume_dir"}
 
 
 def test_the_docs_options_table_is_the_generated_one():

@@ -236,7 +236,9 @@ def _summary_rows(directory: Path, q: dict, report: dict, fmt: str) -> list[tupl
         ratio = report["quantized_packed_bytes"] / report["quantized_fp16_bytes"]
         rows.append(("quantized layers: packed / fp16 bytes", f"{ratio:.3f}"))
     if report.get("seconds") is not None:
-        rows.append(("quantization time", f"{report['seconds']:.0f} s ({report.get('device', 'cpu')})"))
+        ranks = report.get("world_size")
+        spread = f", {ranks} ranks (torch.distributed)" if isinstance(ranks, int) and ranks > 1 else ""
+        rows.append(("quantization time", f"{report['seconds']:.0f} s ({report.get('device', 'cpu')}{spread})"))
     if report.get("expert_tokens"):
         rows.append(("mixture of experts", full_precision.experts_summary(report)))
     if "full_precision_weights" in report:  # weight matrices inside the blocks that were not quantized

@@ -44,7 +44,21 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, config: AstroQuan
     and of the quantized model is measured in windows of `eval_seqlen` tokens (at most `eval_windows`)
     and recorded. `device_map`, `max_memory` ({device: size}) and `offload_folder` place the model as
     from_pretrained does. `base_model` and `license` go into the card. `overwrite` replaces an earlier
-    output of ours at `out`, never a folder it did not write."""
+    output of ours at `out`, never a folder it did not write.
+
+    Under torchrun (or an initialized torch.distributed process group) every rank calls this: each
+    calibrates on its share of the windows (distributed.py), and rank 0 alone evaluates and writes
+    `out`; the other ranks return their model with an empty summary."""
+    from .. import distributed
+
+    with distributed.from_environment() as ranks:
+        return _quantize(model, out, config, ranks, eval_data=eval_data, eval_seqlen=eval_seqlen,
+                         eval_windows=eval_windows, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                         offload_folder=offload_folder, base_model=base_model, license=license, overwrite=overwrite)
+
+
+def _quantize(model, out, config: AstroQuantConfig, ranks, *, eval_data, eval_seqlen, eval_windows, dtype,
+              device_map, max_memory, offload_folder, base_model, license, overwrite) -> QuantizeResult:  # noqa: A002
     from ..calibration import check_source
     from ..eval import evaluation_text, perplexity
     from ..export.card import write_card
@@ -58,8 +72,20 @@ def quantize(model: str | os.PathLike, out: str | os.PathLike, config: AstroQuan
     check_source(config.dataset)
     eval_text = evaluation_text(os.fspath(eval_data)) if eval_data else None
     placement = _placement(device_map, max_memory, offload_folder)
+    if ranks.active:
+        import torch
+
+        if "device_map" not in placement and torch.cuda.is_available():
+            placement["device_map"] = {"": torch.cuda.current_device()}  # one device per rank (from_environment's)
+        if "offload_folder" in placement:  # each rank offloads its own copy: never two writers on one file
+            placement["offload_folder"] = os.path.join(placement["offload_folder"], f"rank{ranks.rank:03d}")
     tok_name = config.tokenizer if _is_path(config.tokenizer) else None
     data = config.dataset if _is_path(config.dataset) else None
+    if not ranks.is_writer:  # calibrate its share; rank 0 evaluates and writes
+        cfg, tok = _with_tokenizer(config, tok_name, source, shown, load_kwargs, False)
+        qmodel, seconds, _, _ = _load_and_quantize(shown, cfg, source, load_kwargs, tok, None, eval_seqlen,
+                                                   eval_windows, dtype, placement)
+        return QuantizeResult(out=out, model=qmodel, config=cfg, seconds=seconds, perplexity={}, report={}, rows=[])
     tmp_out = output_dir.prepare(out, overwrite, {"MODEL": shown, "--tokenizer": tok_name, "--dataset": data,
                                                   "--eval-data": eval_data},
                                  folders={"--offload-folder": offload_folder, "--resume-dir": config.resume_dir})
@@ -142,6 +168,7 @@ def _quantize_summary(shown: str, cfg, model, out: Path, seconds: float, ppl: di
                        f"{' act-order' if cfg.desc_act else ''}{' mse' if cfg.mse else ''}"),
             ("layers quantized", len(model.config.quantization_config.quantized_modules or [])),
             ("quantization time (load + calibrate)", f"{seconds:.1f} s"),
+            *([("ranks (torch.distributed)", report["world_size"])] if report.get("world_size", 1) > 1 else []),
             ("peak RSS", format_bytes(report["peak_rss_bytes"])),
             ("checkpoint size", format_bytes(sum(p.stat().st_size for p in out.glob("*.safetensors"))))]
     if report.get("quantized_fp16_bytes"):
