@@ -147,6 +147,9 @@ def test_two_ranks_give_the_single_process_result(models, tmp_path, model, metho
     assert two.get("expert_fallback") == one.get("expert_fallback")
     if model == "moe":
         assert one["expert_fallback"]  # the fallback path ran, on counts summed over ranks
+    if (model, method) == ("moe", "gptaq"):  # and a second two-rank run is the first one
+        _run_two(models, model, tmp_path / "again", *extra)
+        assert _tensors_equal(tmp_path / "two", tmp_path / "again")
     assert "2 ranks (torch.distributed)" in (tmp_path / "two" / "README.md").read_text()
 
 
