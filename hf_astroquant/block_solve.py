@@ -38,7 +38,7 @@ from .experts import BlockExperts
 from .layer_solve import LayerSolver, SolvedLayer, set_weight, stage_factors
 from .memory import release_weight
 from .refinement import refine_block, slice_kwargs
-from .statistics import NonFiniteInput, Stats, input_stats
+from .statistics import NonFiniteInput, Stats, input_stats, summing_dtype
 from .stream import FullPrecisionStream, StopForward, pre_hooks, run_block, tensor_bytes
 
 logger = logging.getLogger("hf_astroquant")
@@ -131,7 +131,7 @@ def solve_block(targets: dict[str, nn.Linear], batches: list[torch.Tensor], kwar
     ranks = ranks or Ranks()
     solved: dict[str, SolvedLayer] = {}
     names = {mod: name for name, mod in targets.items()}
-    input_hessian = _statistics_taker(solver, fp_source, experts, statistics_dtype(solver.cfg, ranks))
+    input_hessian = _statistics_taker(solver, fp_source, experts, summing_dtype(solver.cfg.statistics_dtype, ranks.active))
 
     def solve(name, linear, stats, device, factors):
         if experts is not None and name in experts and stats.n < solver.cfg.min_expert_tokens:
@@ -166,13 +166,6 @@ def solve_block(targets: dict[str, nn.Linear], batches: list[torch.Tensor], kwar
             experts.start_counting()
         outputs = [run_block(block, x, kw) for x, kw in zip(batches, kwargs_list)]
     return outputs, solved, [n for n in targets if n not in solved]
-
-
-def statistics_dtype(cfg: AstroQuantConfig, ranks: Ranks) -> torch.dtype:
-    """The dtype the statistics are summed in: `cfg.statistics_dtype`, or for auto float64 under
-    torch.distributed (so that the result does not depend on the number of ranks) and float32 in one process."""
-    chosen = cfg.statistics_dtype or ("float64" if ranks.active else "float32")
-    return torch.float64 if chosen == "float64" else torch.float32
 
 
 def _statistics_taker(solver: LayerSolver, fp_source, experts: BlockExperts | None, dtype: torch.dtype):

@@ -191,18 +191,6 @@ class Ranks:
                 "broadcast_bytes": self.broadcast_bytes}
 
 
-def packed_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """One digest of named tensors (a block's packed layers), to compare across ranks."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def current() -> Ranks:
     """The job this process is part of: the default process group when one is initialized, else one rank."""
     import torch.distributed as dist

@@ -343,8 +343,8 @@ class _Run:
             self.read_block(i)
             result = calibrate_block(block, name, targets, solver, stream, fp_stream, fp, self.ranks, self.window_ids)
             if self.ranks.active:  # every rank must hold what rank 0 writes
-                self.ranks.check_same(distributed.packed_digest(
-                    {f"{n}.{k}": v for n, s in result.solved.items() for k, v in s.layer.state_dict().items()}),
+                self.ranks.check_same(digests.combined_digest(digests.weights_digests(
+                    (f"{n}.{k}", v) for n, s in result.solved.items() for k, v in s.layer.state_dict().items())),
                     f"packed layers of {name}")
             self.report.add_block(name, result)
             self.finish_block(i, self.install(result, targets, homes), result.outputs, result.fp_outputs)

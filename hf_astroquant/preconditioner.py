@@ -9,6 +9,7 @@ from torch import nn
 
 from .config import AstroQuantConfig
 from .distributed import Ranks
+from .statistics import summing_dtype
 from .online_rotation import input_rotation_of
 from .stream import run_block
 
@@ -78,9 +79,7 @@ class Preconditioner:
         if not sites:
             return
         pc, block, bs = self.pc, self.blocks[i], self.sites[i]
-        from .block_solve import statistics_dtype
-
-        stats = pc.SiteStats(bs, sites, statistics_dtype(self.cfg, self.ranks))
+        stats = pc.SiteStats(bs, sites, summing_dtype(self.cfg.statistics_dtype, self.ranks.active))
         try:
             outs = [run_block(block, x, kw) for x, kw in zip(inputs[:1], kwargs_list[:1])]
             for x, kw in zip(inputs[1:], kwargs_list[1:]):

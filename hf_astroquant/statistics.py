@@ -45,6 +45,14 @@ class Stats:
         return self
 
 
+def summing_dtype(option: str | None, distributed: bool) -> torch.dtype:
+    """The dtype the statistics are summed in: the `statistics_dtype` option, or for auto (None)
+    float64 under torch.distributed (so the result does not depend on the number of ranks) and
+    float32 in one process."""
+    chosen = option or ("float64" if distributed else "float32")
+    return torch.float64 if chosen == "float64" else torch.float32
+
+
 def _scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
     """t·factor as fp32: in place for fp32 sums; fp64 sums are scaled in fp64 and rounded once."""
     return t.mul_(factor) if t.dtype == torch.float32 else t.mul_(factor).to(torch.float32)
