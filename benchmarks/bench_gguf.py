@@ -15,8 +15,12 @@ Rows:
   calibration windows, then `llama-quantize --imatrix`; both tools built from the llama.cpp sources
   the llama-cpp-python package ships, by `bash benchmarks/build_llamacpp_tools.sh`);
 - `gptq-TYPE`: quantized with AstroQuantConfig(gguf_type=TYPE) (GPTQ, the defaults), exported;
-- `best-TYPE`: the same with GPTAQ and Astro (`BEST`);
-- `fp16`: the F16 file itself.
+- `best-TYPE`: the same with GPTAQ and Astro (`BEST`, no residual rotation);
+- `preset-TYPE`: `AstroQuantConfig.recommended(bits, "best", gguf_type=TYPE)`, what
+  `quantize --preset best --gguf-type TYPE` runs (bits: the type's main width, 2 to 4);
+- `fp16`: the F16 file itself;
+- `try-TYPE`: any options (`--options '{"method": "gptaq", ...}'`, AstroQuantConfig's keyword arguments),
+  to the table `gguf-tries` under the label `try-TYPE-TAG` (`--tag`): how the GGUF presets were chosen.
 Each row gives llama.cpp's perplexity, the file size, llama.cpp's greedy decode tokens/s (2 threads,
 64 tokens after a 128-token prompt) and, for ours, our own PyTorch perplexity of the same weights
 (embedding / output replaced by the file's), so `ppl_gap` is llama.cpp against PyTorch. `torch-int4`
@@ -46,11 +50,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
+from hf_astroquant.gguf.types import FILE_TYPES  # noqa: E402
 import results_rows  # noqa: E402
 
 TYPES = ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")
+TRY_OPTIONS: dict = {}  # --options, for the `try-TYPE` rows
 BEST = dict(method="gptaq", astro=True)
-ROWS = (["fp16"] + [f"{kind}-{t}" for t in TYPES for kind in ("llamacpp", "imatrix", "gptq", "best")]
+ROWS = (["fp16"] + [f"{kind}-{t}" for t in TYPES for kind in ("llamacpp", "imatrix", "gptq", "best", "preset")]
         + ["torch-int4", "decode", "rounded"])
 WORK = protocol.CACHE / "bench-gguf"
 TOOLS = protocol.CACHE / "llamacpp-tools" / "bin"  # llama-imatrix, llama-quantize: build_llamacpp_tools.sh
@@ -65,6 +71,12 @@ def f16_file() -> Path:
     return path
 
 
+def preset_bits(file_type: str) -> int:
+    from hf_astroquant.presets import gguf_preset_bits
+
+    return gguf_preset_bits(file_type)
+
+
 def ours(kind: str, file_type: str, windows: torch.Tensor) -> tuple[Path, object, float]:
     """(GGUF path, the quantized model, seconds from_pretrained took) for one of our rows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -73,9 +85,14 @@ def ours(kind: str, file_type: str, windows: torch.Tensor) -> tuple[Path, object
     from hf_astroquant.gguf.export import export_gguf
 
     ckpt = protocol.smollm2_checkpoint()
-    options = dict(gguf_type=file_type, dataset=windows, **(BEST if kind == "best" else {}))
+    if kind == "preset":
+        cfg = AstroQuantConfig.recommended(preset_bits(file_type), "best", gguf_type=file_type, dataset=windows)
+    elif kind == "try":
+        cfg = AstroQuantConfig(gguf_type=file_type, dataset=windows, **TRY_OPTIONS)
+    else:
+        cfg = AstroQuantConfig(gguf_type=file_type, dataset=windows, **(BEST if kind == "best" else {}))
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, quantization_config=AstroQuantConfig(**options))
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, quantization_config=cfg)
     seconds = time.perf_counter() - start
     path = WORK / f"smollm2-{kind}-{file_type}.gguf"
     with tempfile.TemporaryDirectory() as d:
@@ -200,7 +217,13 @@ def run_row(name: str, test_windows: torch.Tensor, calib: torch.Tensor, prompt: 
         return dict(row, **measure_file(path, test_windows, prompt))
     path, model, seconds = ours(kind, file_type, calib)
     row["quant_seconds"] = round(seconds, 1)
+    q = model.config.quantization_config
     row["options"] = BEST if kind == "best" else {}
+    if kind == "preset":  # what the preset became on this model, for this file
+        row["preset"] = dict(q.preset)
+        row["ran"] = {"method": q.method, "transform": (q.transforms_applied or {}).get("transform", "none"),
+                      "astro": q.astro, "damp_percent": q.damp_percent, "refine_steps": q.refine_steps,
+                      "refine_rounding_lr": q.refine_rounding_lr}
     row.update(measure_file(path, test_windows, prompt))
     row["torch_ppl"] = round(perplexity(with_file_embeddings(model, path), test_windows.reshape(-1), 2048,
                                         progress=False), 3)
@@ -212,11 +235,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="+", default=ROWS, help=f"any of {ROWS}")
     ap.add_argument("--windows", type=int, default=8, help="perplexity windows of 2048 tokens")
+    ap.add_argument("--options", default="{}", help="try-TYPE rows: AstroQuantConfig options as JSON")
+    ap.add_argument("--tag", default="", help="try-TYPE rows: the label's suffix")
     ap.add_argument("--files", default="smollm2-gptq-*.gguf",
                     help="the `rounded` row's files (a pattern in the bench's cache folder); every quantized one: "
                          "'smollm2-*-*.gguf'")
     args = ap.parse_args()
-    unknown = sorted(set(args.rows) - set(ROWS))
+    TRY_OPTIONS.update(json.loads(args.options))
+    unknown = sorted(r for r in set(args.rows) - set(ROWS) if not (r.startswith("try-") and r[4:] in FILE_TYPES))
     if unknown:
         raise SystemExit(f"unknown rows {unknown}; choose from {ROWS}")
     from transformers import AutoTokenizer
@@ -235,11 +261,16 @@ def main() -> None:
         row = run_row(name, test_windows, calib, prompt, tok, args.files)
         row.update(ppl_windows=args.windows, threads=2)
         command = results_rows.command([__file__, "--rows", name, "--windows", str(args.windows)]
-                                       + ["--files", args.files] * (name == "rounded"), env=("LLAMACPP_PYTHON",))
+                                       + ["--files", args.files] * (name == "rounded")
+                                       + ["--options", args.options, "--tag", args.tag] * name.startswith("try-"),
+                                       env=("LLAMACPP_PYTHON",))
         if name == "decode":  # a later measurement of each file's decode speed: updates that column of its row
             rows = [results_rows.row("gguf", "fp16" if stem == "f16" else stem, {"decode_tok_s": speed}, command=command)
                     for stem, speed in row["decode_tok_s"].items()]
             results_rows.append_rows(rows, merge=True)
+        elif name.startswith("try-"):
+            row["options"] = TRY_OPTIONS
+            results_rows.append_rows([results_rows.row("gguf-tries", f"{name}-{args.tag}", row, command=command)])
         else:
             table = "gguf-rounded" if name == "rounded" else "gguf"
             results_rows.append_rows([results_rows.row(table, name, row, command=command)])

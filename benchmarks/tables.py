@@ -144,7 +144,7 @@ def defaults_columns(rows: list[dict]) -> list:
 
 
 GGUF_KINDS = {"llamacpp": "llama.cpp's quantizer", "imatrix": "llama.cpp's quantizer + imatrix", "gptq": "ours, GPTQ",
-              "best": "ours, GPTAQ + Astro"}
+              "best": "ours, GPTAQ + Astro", "preset": "ours, `--preset best`"}
 GGUF_ROWS = ["fp16"] + [f"{k}-{t}" for t in ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K") for k in GGUF_KINDS] + ["torch-int4"]
 GGUF_NAMES = {"fp16": ("F16", "(our export)"), "torch-int4": ("(W4 g64 packed, PyTorch int4 path, bf16)", "ours")}
 

@@ -13,7 +13,7 @@ from .modules import QuantLinear, set_backend
 from .quantizer import AstroQuantizer
 from .workflows import evaluate, push, quantize  # the CLI's workflows (hf_astroquant.workflows)
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 
 
 def _register() -> None:

@@ -57,7 +57,7 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls: type = AstroQu
     from .presets import QUALITIES
 
     parser.add_argument("--preset", choices=QUALITIES, default=None,
-                        help="start from a measured preset at --bits (2, 3 or 4): fast (the defaults, every model "
+                        help="start from a measured preset at --bits (2, 3 or 4; with --gguf-type, the type's main width by default): fast (the defaults, every model "
                              "family), balanced (adds a rotation) or best (the lowest perplexity we measured); other "
                              "flags override it (default: no preset)")
     helps = option_help(config_cls)
@@ -70,7 +70,10 @@ def config_from_args(args: argparse.Namespace, config_cls: type = AstroQuantConf
     options = {n: getattr(args, n) for n in config_cls._option_names() if getattr(args, n, None) is not None}
     options.update(extra)
     if getattr(args, "preset", None):
-        return config_cls.recommended(bits=options.pop("bits", 4), quality=args.preset, **options)
+        from .presets import gguf_preset_bits
+
+        default = gguf_preset_bits(options["gguf_type"]) if options.get("gguf_type") else 4
+        return config_cls.recommended(bits=options.pop("bits", default), quality=args.preset, **options)
     return config_cls(**options)
 
 

@@ -101,17 +101,17 @@ class AstroQuantConfig(QuantizationConfigMixin):
     def recommended(cls, bits: int = 4, quality: str = "balanced", **overrides: Any) -> "AstroQuantConfig":
         """A measured preset (`presets.PRESETS`): quality "fast", "balanced" or "best" at 2, 3 or 4 bits;
         `overrides` (any option, the data included) go on top."""
-        from .presets import preset_options
-
-        from .presets import GGUF_UNSERVED
+        from .presets import GGUF_CHANGED, GGUF_UNSERVED, preset_options
 
         options = preset_options(bits, quality)
         preset: dict[str, Any] = {"quality": quality, "bits": bits}
         if overrides.get("gguf_type") is not None:  # the GGUF type fixes the grid; the file holds no more
             options = {k: v for k, v in options.items() if k not in GGUF_FIXED}
             left = {k: v for k, v in GGUF_UNSERVED.items() if k in options and options[k] != v}
+            changed = {k: v for k, v in GGUF_CHANGED.get((quality, bits), {}).items() if options.get(k) != v}
             options.update(left)
-            preset.update(engine="gguf", left_out=sorted(left))
+            options.update(changed)
+            preset.update(engine="gguf", left_out=sorted(left), changed=dict(sorted(changed.items())))
         preset["options"] = sorted(set(options) - set(overrides))
         return cls(**{**options, **overrides, "preset": preset})
 

@@ -110,13 +110,25 @@ def check_foldable(model: nn.Module, blocks, names: list[str], transform: str) -
     return sites
 
 
-def choose_transform(model: nn.Module, blocks, names: list[str], method: str) -> tuple[str, str]:
-    """transform="auto": (the transform to run, why): "rotate" where the residual rotation folds exactly,
-    else "scale" (it needs calibration data, so not with method="rtn"), else "none"; the reason names
-    what refused the others."""
+def embeddings_tied(model: nn.Module) -> bool:
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    return (emb is not None and head is not None and getattr(head, "weight", None) is not None
+            and (head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr()))
+
+
+def choose_transform(model: nn.Module, blocks, names: list[str], method: str,
+                     keep_tied: bool = False) -> tuple[str, str]:
+    """transform="auto": (the transform to run, why): "rotate" where the residual rotation folds exactly
+    (and, with `keep_tied`, would not untie tied embeddings), else "scale" (it needs calibration data, so
+    not with method="rtn"), else "none"; the reason names what refused the others."""
     try:
         check_foldable(model, blocks, names, "rotate")
-        return "rotate", "the residual rotation folds exactly into this model"
+        if keep_tied and embeddings_tied(model):
+            refused = ("the input and output embeddings are tied and a GGUF file stores them once; the residual "
+                       "rotation would store lm_head as a second matrix, a larger file than llama.cpp's of the "
+                       "same type")
+        else:
+            return "rotate", "the residual rotation folds exactly into this model"
     except TransformError as err:
         refused = err.reason
     if method == "rtn":
@@ -221,7 +233,7 @@ def check_kept(before: torch.Tensor, after: torch.Tensor, dtype: torch.dtype, wh
 
 
 def _untie(model: nn.Module, emb: nn.Module, head: nn.Module) -> bool:
-    if not (head.weight is emb.weight or head.weight.data_ptr() == emb.weight.data_ptr()):
+    if not embeddings_tied(model):
         return False
     # lm_head must become E·diag(γ_final)·Q while the embedding becomes E·Q: untie them
     head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)

@@ -24,6 +24,7 @@ SUPPORTED_METHODS = ("rtn", "gptq", "gptaq", "rescomp")
 SUPPORTED_ROUNDING = ("gptq", "successive", "beam")
 SUPPORTED_TRANSFORMS = ("none", "rotate", "scale", "adaptive", "auto")
 SUPPORTED_STATISTICS_DTYPES = ("float32", "float64")
+SUPPORTED_UNQUANTIZED_DTYPES = ("float32", "float16", "bfloat16")
 # Bounds on the options that scale a run's work or memory: generous (tens of times what anyone has
 # measured a gain with), so they refuse only slips such as 10**6 before anything long starts.
 MAX_WINDOWS = 65536  # calibration windows, and windows per batch
@@ -95,6 +96,15 @@ OPTIONS: tuple[Option, ...] = (
            shell=dict(nargs="+", metavar="PATTERN")),
            "modules kept in full precision: full names, dotted fragments (mlp.down_proj) or regexes; "
            "lm_head is always kept"),
+    Option("unquantized_dtype", "grid", None, Maybe(OneOf(SUPPORTED_UNQUANTIZED_DTYPES), ("auto",)),
+           "the dtype the checkpoint stores the unquantized tensors in (embeddings, lm_head, norms, routers); "
+           "auto: the source checkpoint's (bfloat16 for most Hub models), whatever dtype calibration ran in",
+           "The auto dtype is the floating dtype most of the source's tensors are stored in (read from its "
+           "safetensors headers); a source without safetensors files (a GGUF file, a model built in memory) keeps "
+           "the loaded dtype. Only narrowing is done. At the end of the run the in-memory values are rounded to "
+           "that dtype too (their storage dtype stays), so a reload computes exactly what the quantized model did; "
+           "a value beyond float16's range is refused by name. The resolved dtype is saved "
+           "(hf_astroquant/unquantized_dtype.py).", none_word="auto"),
     # ------------------------------------------------------------------ solver
     Option("method", "solver", "gptq", OneOf(SUPPORTED_METHODS),
            "solver: rtn (round to nearest, no data), gptq, gptaq (fits the full-precision output; carries a "

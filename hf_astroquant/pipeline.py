@@ -147,7 +147,8 @@ class _Run:
             return self.cfg.transform
         from .folding import choose_transform
 
-        chosen, why = choose_transform(self.model, self.blocks, self.names, self.cfg.method)
+        chosen, why = choose_transform(self.model, self.blocks, self.names, self.cfg.method,
+                                       keep_tied=self.cfg.gguf_type is not None)
         self.report.choices["transform"] = {"asked": "auto", "chose": chosen, "why": why}
         logger.info("astroquant: transform='auto' runs %r here: %s", chosen, why)
         return chosen

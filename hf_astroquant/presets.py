@@ -20,6 +20,13 @@ post-norm families Gemma 2/3, OLMo 2, GLM-4, and multimodal projectors: docs/fam
 and its reason are in the report and the card, never an error. On the benchmark's model (a pre-norm
 Llama) "auto" is the rotation, so each preset is still exactly its measured row. The online rotation
 of best is served by transformers only: the exports refuse it (best with online_rotation="none" exports).
+
+With gguf_type a preset becomes what a GGUF file holds: no online rotation and no refinement
+(GGUF_UNSERVED), what GGUF_CHANGED names measured for llama.cpp, and for "auto" per-channel scales
+instead of the residual rotation where the input and output embeddings are tied (the rotation would
+store lm_head a second time: a file larger than llama.cpp's of the same type). The CLI takes the
+preset's width from the GGUF type (`gguf_preset_bits`). Measured in llama.cpp by
+benchmarks/bench_gguf.py (rows `preset-TYPE`).
 """
 
 from __future__ import annotations
@@ -49,8 +56,15 @@ PRESETS: dict[tuple[str, int], tuple[dict[str, Any], str]] = {
 
 # What a GGUF file cannot hold, and what a preset uses in its place there: llama.cpp runs no online
 # rotation of a layer's input, and the block-output refinement tunes the GPTQ-style grid's scales (GGUF
-# blocks keep their own). The folded residual rotation, the solver and Astro stay.
+# blocks keep their own). The folded residual rotation (per-channel scales where the embeddings are tied:
+# transform="auto", folding.choose_transform), the solver and Astro stay.
 GGUF_UNSERVED = {"online_rotation": "none", "refine_steps": 0, "refine_rounding_lr": 0.0}
+# What a preset changes for a GGUF file, measured in llama.cpp (docs/serving.md#what-best-becomes-in-a-gguf-file):
+# best's ten-fold damping at 4 bits goes with its online rotation; on the GGUF grids without it, Q4_0's
+# perplexity was higher than with the default damping.
+GGUF_CHANGED: dict[tuple[str, int], dict[str, Any]] = {
+    ("best", 4): {"damp_percent": 0.01},
+}
 
 
 def preset_options(bits: Any, quality: Any) -> dict[str, Any]:
@@ -64,3 +78,13 @@ def preset_options(bits: Any, quality: Any) -> dict[str, Any]:
                          "use AstroQuantConfig(bits=8))")
     options, _row = PRESETS[(quality, bits)]
     return {**_GRID, **options}
+
+
+def gguf_preset_bits(gguf_type: str) -> int:
+    """The preset width for a GGUF file type: its main tensor type's code width, within the presets' 2 to 4
+    (Q2_K: 2, Q3_K_M: 3, Q4_0 and every wider type: 4)."""
+    from .gguf.types import FILE_TYPES, TENSOR_TYPES
+
+    if gguf_type not in FILE_TYPES:
+        raise ValueError(f"gguf_type={gguf_type!r} is not valid; allowed: {', '.join(FILE_TYPES)}")
+    return min(max(PRESET_BITS), max(min(PRESET_BITS), TENSOR_TYPES[FILE_TYPES[gguf_type][0]].bits))

@@ -15,7 +15,7 @@ from torch import nn
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from . import experts, model_limits
+from . import experts, model_limits, unquantized_dtype
 from .calibration import prepare_calibration
 from .checkpoint import guard, validate
 from .checkpoint.save_hooks import install_save_hooks
@@ -37,6 +37,7 @@ class AstroQuantizer(HfQuantizer):
         self.modules_to_not_convert: list[str] = []
         self.report = None
         self.calibration = None  # prepare_calibration's (windows, record), made in validate_environment
+        self.source_dtype = None  # the source checkpoint's dtype (unquantized_dtype.py)
 
     def validate_environment(self, *args, **kwargs):
         if not self.pre_quantized:
@@ -69,6 +70,9 @@ class AstroQuantizer(HfQuantizer):
         if not self.pre_quantized:
             if self.calibration is not None:  # before the weights load: data the model cannot read fails now
                 model_limits.check_windows(self.calibration[0], model)
+            # headers only: the dtype the source stores its tensors in (unquantized_dtype.py)
+            self.source_dtype = unquantized_dtype.source_dtype(guard.read_headers(
+                [f for f in kwargs.get("checkpoint_files") or [] if str(f).endswith(".safetensors")]))
             return
         names = cfg.quantized_modules
         if names is None:  # older or hand-written configs: every Linear not excluded
@@ -122,6 +126,9 @@ class AstroQuantizer(HfQuantizer):
             cfg.calibration = self.report.calibration or None
             cfg.transforms_applied = self.report.transforms or None
             cfg.input_rotated_modules = self.report.input_rotated or None
+            saved_dtype = unquantized_dtype.resolve(cfg.unquantized_dtype, self.source_dtype)
+            unquantized_dtype.round_in_memory(model, QUANTIZED_LAYERS, saved_dtype)
+            cfg.unquantized_dtype = unquantized_dtype.name_of(saved_dtype)
             model.config.quantization_config = cfg
             logger.info("astroquant: quantized %d Linear layers in %.1f s", len(quantized), self.report.seconds)
             model.astroquant_report = run_record(model, self.report)
@@ -138,8 +145,10 @@ class AstroQuantizer(HfQuantizer):
 
     def get_state_dict_and_metadata(self, model):
         """The model's state dict plus the load guard (checkpoint/guard.py); metadata for the header."""
-        state_dict = model.state_dict()
-        key = guard.guard_key(self.quantization_config.quantized_modules)
+        cfg = self.quantization_config
+        state_dict = unquantized_dtype.cast_state_dict(model.state_dict(), cfg.quantized_modules,
+                                                       unquantized_dtype.resolve(cfg.unquantized_dtype, None))
+        key = guard.guard_key(cfg.quantized_modules)
         if key is not None:
             state_dict[key] = guard.guard_tensor()
         return state_dict, dict(guard.GUARD_METADATA)

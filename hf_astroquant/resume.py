@@ -67,7 +67,7 @@ FORMAT = 2  # 2: identity by content (weights digests, per-file digests)
 _STATE = "state.json"
 # Keys of the saved config that a run fills in itself (what the data was, what it quantized): not what
 # it was asked. (Options that are not saved, backend and resume_dir among them, are not in it at all.)
-_NOT_FINGERPRINTED = ("calibration", "quantized_modules")
+_NOT_FINGERPRINTED = ("calibration", "quantized_modules", "unquantized_dtype")  # (the last applies after the blocks)
 # Keys of the model's config that say where it came from rather than what it computes (the load
 # dtype is its own entry of the fingerprint, read off the weights).
 _CONFIG_NOT_FINGERPRINTED = ("_name_or_path", "name_or_path", "transformers_version", "quantization_config",

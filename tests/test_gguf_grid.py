@@ -180,10 +180,10 @@ def test_gguf_type_on_other_families(tmp_path, family):
 
 @pytest.mark.parametrize("quality,bits", [("fast", 4), ("balanced", 2), ("best", 4), ("best", 3), ("best", 2)])
 def test_a_preset_for_a_gguf_file_keeps_what_the_file_holds(quality, bits):
-    """With gguf_type a preset leaves out what a GGUF file cannot hold (the online rotation, the
-    block-output refinement) unless the caller asks for it, and says so in its record."""
+    """With gguf_type a preset leaves out what a GGUF file cannot hold (the online rotation) unless the
+    caller asks for it, and says so in its record; what GGUF_CHANGED changes is applied and recorded."""
     from hf_astroquant import AstroQuantConfig
-    from hf_astroquant.presets import GGUF_UNSERVED, PRESETS
+    from hf_astroquant.presets import GGUF_CHANGED, GGUF_UNSERVED, PRESETS
 
     cfg = AstroQuantConfig.recommended(bits, quality, gguf_type="Q4_K_M")
     asked = PRESETS[(quality, bits)][0]
@@ -192,28 +192,67 @@ def test_a_preset_for_a_gguf_file_keeps_what_the_file_holds(quality, bits):
     assert cfg.preset["left_out"] == sorted(k for k, v in GGUF_UNSERVED.items() if asked.get(k, v) != v)
     assert (cfg.method, cfg.astro, cfg.transform) == (asked["method"], asked.get("astro", False),
                                                       asked.get("transform", "none"))
+    changed = GGUF_CHANGED.get((quality, bits), {})
+    assert cfg.preset["changed"] == {k: v for k, v in changed.items() if asked.get(k) != v}
+    assert cfg.damp_percent == changed.get("damp_percent", asked.get("damp_percent", 0.01))
     if quality == "best":  # asked for anyway: the refusal names it
         with pytest.raises(ValueError, match="online_rotation='down' is not valid; allowed: 'none' with gguf_type"):
             AstroQuantConfig.recommended(bits, quality, gguf_type="Q4_K_M", online_rotation="down")
 
 
-def test_the_best_gguf_preset_runs_end_to_end_and_the_card_says_what_it_left_out(tmp_path, capsys):
-    """`quantize --preset best --gguf-type Q4_K_M`, then `export --format gguf`: the residual rotation,
-    GPTAQ and Astro on the GGUF grids; the card names the preset and what a GGUF file cannot hold."""
+@pytest.mark.parametrize("family,transform,bits", [("llama3", "rotate", "4"), ("smollm", "scale", "3")])
+def test_the_best_gguf_preset_runs_end_to_end_and_the_card_says_what_it_left_out(tmp_path, family, transform, bits):
+    """`quantize --preset best --gguf-type Q4_K_M`, then `export --format gguf`: the residual rotation (per-channel
+    scales where the embeddings are tied: the rotation would store lm_head twice), GPTAQ and Astro on the GGUF
+    grids; the card names the preset, what a GGUF file cannot hold and why the transform was chosen."""
+    from gguf import GGUFReader
     from test_gguf_writer import build_family
 
     from hf_astroquant import cli
 
-    build_family("smollm", tmp_path / "fp")  # a Llama with a BPE tokenizer, as a GGUF file needs
+    build_family(family, tmp_path / "fp")  # a Llama with a BPE tokenizer, as a GGUF file needs
     (tmp_path / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    assert cli.main(["quantize", str(tmp_path / "fp"), "--out", str(tmp_path / "q"), "--preset", "best", "--bits", "3",
+    assert cli.main(["quantize", str(tmp_path / "fp"), "--out", str(tmp_path / "q"), "--preset", "best", "--bits", bits,
                      "--gguf-type", "Q4_K_M", "--dataset", str(tmp_path / "calib.txt"), "--n-samples", "4",
                      "--seqlen", "32"]) == 0
     config = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
-    assert config["transforms_applied"]["transform"] == "rotate" and config["astro"] and config["method"] == "gptaq"
-    assert config["preset"]["left_out"] == ["online_rotation", "refine_rounding_lr", "refine_steps"]
+    assert config["transforms_applied"]["transform"] == transform and config["astro"] and config["method"] == "gptaq"
+    left = "`online_rotation`" + (", `refine_rounding_lr`, `refine_steps`" if bits == "3" else "")
+    assert config["preset"]["left_out"] == ["online_rotation"] + (["refine_rounding_lr", "refine_steps"] if bits == "3"
+                                                                  else [])
     card = (tmp_path / "q" / "README.md").read_text()
-    assert "`best` at 3 bits, for a GGUF file (left out: `online_rotation`, `refine_rounding_lr`, `refine_steps`)" in card
-    assert "residual rotation folds exactly" in card
+    changed = "; `damp_percent=0.01`" if bits == "4" else ""  # best's 4-bit damping goes with its online rotation
+    assert f"`best` at {bits} bits, for a GGUF file (left out: {left}{changed})" in card
+    assert ("residual rotation folds exactly" if transform == "rotate" else "a GGUF file stores them once") in card
     assert cli.main(["export", str(tmp_path / "q"), "--format", "gguf", "--out", str(tmp_path / "q.gguf")]) == 0
-    assert (tmp_path / "q.gguf").stat().st_size > 0
+    names = {t.name for t in GGUFReader(str(tmp_path / "q.gguf")).tensors}
+    assert ("output.weight" in names) == (family == "llama3")  # the tied embedding is stored once
+
+
+@pytest.mark.parametrize("argv,bits,damp", [(["--gguf-type", "Q2_K"], 2, 0.01), (["--gguf-type", "Q3_K_M"], 3, 0.01),
+                                            (["--gguf-type", "Q4_0"], 4, 0.01), (["--gguf-type", "Q2_K", "--bits", "4"], 4, 0.01),
+                                            (["--gguf-type", "Q4_0", "--damp-percent", "0.1"], 4, 0.1)])
+def test_the_cli_preset_takes_its_width_from_the_gguf_type(argv, bits, damp):
+    """`quantize --preset best --gguf-type Q2_K` is best at 2 bits, unless --bits says otherwise; a flag still
+    overrides what the preset changes for GGUF."""
+    from hf_astroquant.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["quantize", "m", "--out", "o", "--preset", "best", *argv])
+    cfg = config_from_args(args)
+    assert cfg.preset["bits"] == bits and cfg.damp_percent == damp and cfg.preset["engine"] == "gguf"
+
+
+@pytest.mark.parametrize("name", ["Q3_K", "Q6_K"])
+def test_a_signed_k_quant_never_gets_a_zero_step_and_gptq_stays_finite(name):
+    """Per-channel scales can leave a sub-block far below its super-block's largest step; its integer step
+    would round to 0, and GPTQ's w/a would then turn the layer into NaN (a Q2_K SmolLM2 did)."""
+    W = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))
+    W[:, 16:32] *= 1e-4
+    grid = fit_gguf_grid(W, name)
+    assert (grid.a != 0).all()
+    codes = quantize_codes(W, grid)
+    assert _bitwise_equal(dequantize(codes, grid), decode(pack(codes, grid), name))
+    X = torch.randn(512, 256, generator=torch.Generator().manual_seed(1))
+    result, _ = solve_linear(W, 2 * X.T @ X / 512, SolverOptions(bits=4, group_size=128, sym=False, mse=True,
+                                                                 method="gptq", tensor_type=name))
+    assert torch.isfinite(result.weight).all()

@@ -212,7 +212,9 @@ def _summary_rows(directory: Path, q: dict, report: dict, fmt: str) -> list[tupl
     preset = q.get("preset")
     if isinstance(preset, dict):  # (a saved file may hold anything: what is not the record's shape is not shown)
         left = preset.get("left_out") if isinstance(preset.get("left_out"), list) else []
-        gguf = (f", for a GGUF file (left out: {', '.join(f'`{o}`' for o in left) or 'nothing'})"
+        changed = preset.get("changed") if isinstance(preset.get("changed"), dict) else {}
+        changed_text = "".join(f"; `{k}={v!r}`" for k, v in changed.items())
+        gguf = (f", for a GGUF file (left out: {', '.join(f'`{o}`' for o in left) or 'nothing'}{changed_text})"
                 if preset.get("engine") == "gguf" else "")
         rows.append(("preset", f"`{preset.get('quality')}` at {preset.get('bits')} bits{gguf}"))
     choices = report.get("choices")

@@ -12,7 +12,8 @@ Every type de-quantizes a sub-block of columns (per output row) as ŵ = a·(q �
 2. Legacy types store s (and m) in fp16: a = fp16(s), b = fp16(m).
    K-quants store them as integers of `scale_bits` bits times one fp16 factor per 256 columns:
    unsigned  d = fp16(max s / (2^k − 1)),  sc = round(s/d),  dmin = fp16(max m / (2^k − 1)),  m' = round(m/dmin)
-   signed    d = fp16(−x_s / 2^(k−1)) for x_s the largest-magnitude s,  sc = round(s/d) ∈ [−2^(k−1), 2^(k−1) − 1]
+   signed    d = fp16(−x_s / 2^(k−1)) for x_s the largest-magnitude s,  sc = round(s/d) ∈ [−2^(k−1), 2^(k−1) − 1],
+             never 0 (±1 instead: a zero step cannot be solved onto)
    and a = d·sc, b = dmin·m' in fp32 (the order llama.cpp and gguf-py multiply in). With
    `search` each sub-block then tries sc ± 1 (and m' ± 1) and keeps the best.
 
@@ -121,6 +122,9 @@ def _quantize_steps(s, m, t: TensorType):
         d = _fp16(smax / -half)
         d = torch.where(d == 0, torch.ones_like(d), d)
         sc = torch.round(S / d[:, None]).clamp_(-half, half - 1)
+        # a sub-block far below its super-block's largest step would get step 0, which no solver can round
+        # onto (w/a): it gets the smallest step of its sign instead
+        sc = torch.where(sc == 0, torch.where(S / d[:, None] < 0, -1.0, 1.0), sc)
         return d, sc, None, None
     top = 2**t.scale_bits - 1
     d = _fp16(S.amax(1) / top)
