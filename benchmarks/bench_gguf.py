@@ -51,6 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol  # noqa: E402
 from hf_astroquant.gguf.types import FILE_TYPES  # noqa: E402
+from hf_astroquant.presets import gguf_preset_bits  # noqa: E402
 import results_rows  # noqa: E402
 
 TYPES = ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")
@@ -71,12 +72,6 @@ def f16_file() -> Path:
     return path
 
 
-def preset_bits(file_type: str) -> int:
-    from hf_astroquant.presets import gguf_preset_bits
-
-    return gguf_preset_bits(file_type)
-
-
 def ours(kind: str, file_type: str, windows: torch.Tensor) -> tuple[Path, object, float]:
     """(GGUF path, the quantized model, seconds from_pretrained took) for one of our rows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -86,7 +81,7 @@ def ours(kind: str, file_type: str, windows: torch.Tensor) -> tuple[Path, object
 
     ckpt = protocol.smollm2_checkpoint()
     if kind == "preset":
-        cfg = AstroQuantConfig.recommended(preset_bits(file_type), "best", gguf_type=file_type, dataset=windows)
+        cfg = AstroQuantConfig.recommended(gguf_preset_bits(file_type), "best", gguf_type=file_type, dataset=windows)
     elif kind == "try":
         cfg = AstroQuantConfig(gguf_type=file_type, dataset=windows, **TRY_OPTIONS)
     else:

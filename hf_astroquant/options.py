@@ -18,13 +18,14 @@ from .checks import (Boolean, Custom, Integer, Maybe, Number, OneOf, check_asym_
 from .gguf.types import FILE_TYPES
 from .modules.kernels import BACKENDS
 from .online_rotation import ONLINE_ROTATIONS
+from .unquantized_dtype import DTYPES as UNQUANTIZED_DTYPES
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_METHODS = ("rtn", "gptq", "gptaq", "rescomp")
 SUPPORTED_ROUNDING = ("gptq", "successive", "beam")
 SUPPORTED_TRANSFORMS = ("none", "rotate", "scale", "adaptive", "auto")
 SUPPORTED_STATISTICS_DTYPES = ("float32", "float64")
-SUPPORTED_UNQUANTIZED_DTYPES = ("float32", "float16", "bfloat16")
+SUPPORTED_UNQUANTIZED_DTYPES = tuple(UNQUANTIZED_DTYPES)
 # Bounds on the options that scale a run's work or memory: generous (tens of times what anyone has
 # measured a gain with), so they refuse only slips such as 10**6 before anything long starts.
 MAX_WINDOWS = 65536  # calibration windows, and windows per batch

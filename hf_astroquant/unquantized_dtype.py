@@ -15,6 +15,7 @@ checkpoint holds exactly). Only narrowing is done: a float32 target leaves a bfl
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import torch
@@ -30,10 +31,7 @@ def source_dtype(headers: dict[str, tuple[tuple[int, ...], str]]) -> torch.dtype
     elements: Counter = Counter()
     for shape, kind in headers.values():
         if kind in _SAFETENSORS:
-            n = 1
-            for s in shape:
-                n *= s
-            elements[_SAFETENSORS[kind]] += n
+            elements[_SAFETENSORS[kind]] += math.prod(shape)
     return elements.most_common(1)[0][0] if elements else None
 
 
@@ -52,7 +50,7 @@ def narrows(tensor: torch.Tensor, dtype: torch.dtype | None) -> bool:
     """Whether saving `tensor` in `dtype` rounds it: a floating tensor wider than `dtype`, or as wide in
     another format (float16 against bfloat16)."""
     return (dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype
-            and tensor.element_size() >= torch.empty(0, dtype=dtype).element_size())
+            and tensor.element_size() >= dtype.itemsize)
 
 
 def cast(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
